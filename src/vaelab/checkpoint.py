@@ -1,0 +1,264 @@
+"""Run folders and checkpoints: the one place that writes and reads model files.
+
+A run folder::
+
+    config.json        the resolved TrainConfig, model spec, versions, seed
+    metrics.jsonl      one JSON line per finished epoch (rewritten atomically each epoch)
+    checkpoints/step-00001290/
+        model.safetensors   weights (data, never code)
+        state.pt            optimiser, schedule, RNG, epoch, step, metrics (weights_only load)
+        manifest.json       step, epoch, model spec, SHA-256 of the two files above
+    model.safetensors  final weights        model.json  spec + SHA-256 of the weights
+    summary.json       final test metrics
+
+A checkpoint folder is written under a temporary name and renamed into place, so it is either
+whole or absent; its manifest's checksums catch truncation and bit flips afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from vaelab.errors import CheckpointError
+from vaelab.io import _fsync_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from vaelab.models import ConvVAE, ModelSpec, build_model
+
+CHECKPOINT_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+FORMAT_VERSION = 1
+
+
+def weights_bytes(model: torch.nn.Module, spec: ModelSpec) -> bytes:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return st_save(tensors, metadata={"vaelab_spec": json.dumps(spec.to_dict())})
+
+
+def _describe(spec: ModelSpec) -> str:
+    return f"a {spec.kind} (latent {spec.latent_dim}, channels {list(spec.channels)}, " \
+        f"hidden {spec.enc_hidden}/{spec.dec_hidden})"
+
+
+def check_spec(found: ModelSpec, expected: ModelSpec | None, where: Path) -> None:
+    if expected is not None and found != expected:
+        raise CheckpointError(
+            f"{where} holds {_describe(found)}, but {_describe(expected)} was expected"
+        )
+
+
+def load_weights(model: torch.nn.Module, data: bytes, where: Path) -> None:
+    """Load safetensors bytes into ``model``; any mismatch is a CheckpointError naming ``where``."""
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
+    own = model.state_dict()
+    if set(tensors) != set(own):
+        raise CheckpointError(f"{where}: its tensors do not match the model's")
+    for k, v in tensors.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(
+                f"{where}: tensor {k} has shape {list(v.shape)}, model has {list(own[k].shape)}"
+            )
+    model.load_state_dict(tensors)
+
+
+def _verified_bytes(path: Path, expected_sha: str, where: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read {path.name} ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != expected_sha:
+        raise CheckpointError(f"{where}: {path.name} fails its checksum (truncated or altered)")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(
+    run_dir: Path, model: torch.nn.Module, spec: ModelSpec, state: dict[str, Any],
+    *, step: int, epoch: int, keep: int = KEEP_CHECKPOINTS,
+) -> Path:
+    """Write checkpoint ``step-<step>`` atomically and keep only the newest ``keep``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        atomic_write_bytes(tmp / "model.safetensors", weights_bytes(model, spec))
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {
+            "format": FORMAT_VERSION, "step": step, "epoch": epoch, "spec": spec.to_dict(),
+            "files": {n: sha256_file(tmp / n) for n in ("model.safetensors", "state.pt")},
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, newest first (temporary folders are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    epoch: int
+    spec: ModelSpec
+    weights: bytes
+    state: dict[str, Any]
+
+
+def read_checkpoint(path: Path, expected: ModelSpec | None = None) -> Checkpoint:
+    """Read and verify one checkpoint folder; CheckpointError if anything is off."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = manifest["files"]
+        spec = ModelSpec.from_dict(manifest["spec"])
+        step, epoch = int(manifest["step"]), int(manifest["epoch"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no manifest.json (incomplete checkpoint)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: manifest.json is corrupted ({e})") from None
+    check_spec(spec, expected, path)
+    weights = _verified_bytes(path / "model.safetensors", files["model.safetensors"], path)
+    raw = _verified_bytes(path / "state.pt", files["state.pt"], path)
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{path}: state.pt cannot be loaded safely ({e})") from None
+    return Checkpoint(path, step, epoch, spec, weights, state)
+
+
+def latest_checkpoint(
+    run_dir: Path, expected: ModelSpec | None = None
+) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint that verifies, and a message for each newer one refused.
+
+    A checkpoint of the wrong model kind or shape is not skipped: it raises, since falling back
+    would hide a mix-up of runs.
+    """
+    refused: list[str] = []
+    for path in list_checkpoints(run_dir):
+        try:
+            return read_checkpoint(path, expected), refused
+        except CheckpointError as e:
+            if "was expected" in str(e):
+                raise
+            refused.append(str(e))
+    return None, refused
+
+
+# --------------------------------------------------------------------------------------------
+# Final weights and whole runs
+# --------------------------------------------------------------------------------------------
+def save_final(run_dir: Path, model: torch.nn.Module, spec: ModelSpec) -> None:
+    data = weights_bytes(model, spec)
+    atomic_write_bytes(Path(run_dir) / "model.safetensors", data)
+    atomic_write_json(
+        Path(run_dir) / "model.json",
+        {"spec": spec.to_dict(), "sha256": hashlib.sha256(data).hexdigest()},
+    )
+
+
+def load_model(path: Path, device: str | torch.device = "cpu",
+               expected: ModelSpec | None = None) -> ConvVAE:
+    """Load a model from a run folder's final weights (``model.safetensors`` + ``model.json``)."""
+    run = Path(path)
+    try:
+        meta = json.loads((run / "model.json").read_text())
+        spec = ModelSpec.from_dict(meta["spec"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{run}: no model.json: the run has not finished "
+                              "(resume it with `vaelab train --resume`)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run}/model.json is corrupted ({e})") from None
+    check_spec(spec, expected, run)
+    data = _verified_bytes(run / "model.safetensors", meta["sha256"], run)
+    model = build_model(spec)
+    load_weights(model, data, run)
+    return model.to(device).eval()
+
+
+@dataclass
+class Run:
+    """A finished run, as ``load_run`` gives it back."""
+
+    path: Path
+    model: ConvVAE
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise CheckpointError(f"{path}: line {i} is not valid JSON") from None
+    return rows
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
+    """Give back a finished run's model (eval mode, on ``device``), config, metrics and summary."""
+    run = Path(path)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {run} does not exist")
+    if not (run / "config.json").exists():
+        raise CheckpointError(f"{run} is not a vaelab run folder (no config.json)")
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{run}/config.json is corrupted ({e})") from None
+    model = load_model(run, device)
+    summary: dict[str, Any] = {}
+    if (run / "summary.json").exists():
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{run}/summary.json is corrupted ({e})") from None
+    return Run(run, model, config, read_metrics(run), summary)

@@ -1,0 +1,210 @@
+"""Convolutional VAE and conditional VAE for 28x28 images. No loss inside: see objectives.
+
+Inference network (encoder)  q_phi(z | x[, c]) = N(mu, diag sigma^2)
+Generative network (decoder) p_theta(x | z[, c]) with logits eta = decoder(z[, c])
+Prior                        p(z) = N(0, I), the same for every class
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vaelab.errors import CheckpointError, ConfigError
+from vaelab.objectives import reparameterize
+
+MODEL_KINDS = ("vae", "cvae")
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "gelu": nn.GELU}
+
+
+class VAEOutput(NamedTuple):
+    """What ``forward`` returns: the posterior's parameters, one sample and its decoding."""
+
+    mu: Tensor  # [B, D]
+    logvar: Tensor  # [B, D]  log sigma^2
+    z: Tensor  # [B, D]  one sample z ~ q(z|x)
+    logits: Tensor  # [B, 1, H, W]  decoder logits eta
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model; saved beside its weights as JSON."""
+
+    kind: str = "vae"
+    latent_dim: int = 2
+    channels: tuple[int, int] = (32, 64)
+    enc_hidden: int = 512
+    dec_hidden: int = 512
+    activation: str = "relu"
+    num_classes: int = 10
+    image_size: int = 28
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"unknown model '{self.kind}': choose vae or cvae")
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent size must be >= 1, got {self.latent_dim}")
+        if len(self.channels) != 2 or min(self.channels) < 1:
+            raise ConfigError(f"channels must be two positive integers, got {self.channels}")
+        if min(self.enc_hidden, self.dec_hidden) < 1:
+            raise ConfigError("hidden sizes must be >= 1")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.image_size % 4 != 0 or self.image_size < 4:
+            raise ConfigError(f"image size must be a multiple of 4, got {self.image_size}")
+        if self.num_classes < 1:
+            raise ConfigError("num_classes must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise CheckpointError(f"model spec has unknown fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class ConvEncoder(nn.Module):
+    """x [B, C, H, W] -> (mu, logvar) [B, D]: two stride-2 4x4 convolutions, then an MLP."""
+
+    def __init__(self, in_channels: int, spec: ModelSpec) -> None:
+        super().__init__()
+        c1, c2 = spec.channels
+        act = ACTIVATIONS[spec.activation]
+        s = spec.image_size // 4
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 4, 2, 1), act(),
+            nn.Conv2d(c1, c2, 4, 2, 1), act(),
+            nn.Flatten(),
+            nn.Linear(c2 * s * s, spec.enc_hidden), act(),
+            nn.Linear(spec.enc_hidden, 2 * spec.latent_dim),
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.net(x).chunk(2, dim=1)
+        return mu, logvar
+
+
+class ConvDecoder(nn.Module):
+    """z [B, D_in] -> logits [B, 1, H, W]: an MLP to a c2 x H/4 x W/4 map, two transposed convs."""
+
+    def __init__(self, in_features: int, spec: ModelSpec) -> None:
+        super().__init__()
+        c1, c2 = spec.channels
+        act = ACTIVATIONS[spec.activation]
+        s = spec.image_size // 4
+        self.net = nn.Sequential(
+            nn.Linear(in_features, spec.dec_hidden), act(),
+            nn.Linear(spec.dec_hidden, c2 * s * s), act(),
+            nn.Unflatten(1, (c2, s, s)),
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(),
+            nn.ConvTranspose2d(c1, 1, 4, 2, 1),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+    @torch.no_grad()
+    def set_output_bias(self, pixel_mean: float) -> None:
+        """Start the output at the data's mean intensity: bias = logit(mean)."""
+        p = min(max(pixel_mean, 1e-3), 1 - 1e-3)
+        self.net[-1].bias.fill_(float(torch.logit(torch.tensor(p))))
+
+
+class ConvVAE(nn.Module):
+    """The study's convolutional VAE: conv encoder -> (mu, log sigma^2); linear -> ConvTranspose."""
+
+    conditional = False
+
+    def __init__(self, spec: ModelSpec | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        spec = spec or ModelSpec(kind="vae", **kwargs)
+        self.spec = spec
+        self.latent_dim = spec.latent_dim
+        self.encoder = ConvEncoder(1 + self._extra_channels(), spec)
+        self.decoder = ConvDecoder(spec.latent_dim + self._extra_features(), spec)
+
+    def _extra_channels(self) -> int:
+        return 0
+
+    def _extra_features(self) -> int:
+        return 0
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """q(z|x): the posterior's mean and log-variance, each [B, D]."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """p(x|z): Bernoulli logits [B, 1, H, W]."""
+        return self.decoder(z)
+
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> VAEOutput:
+        mu, logvar = self.encode(x, y)
+        z = reparameterize(mu, logvar, generator)
+        return VAEOutput(mu, logvar, z, self.decode(z, y))
+
+
+class ConvCVAE(ConvVAE):
+    """The study's conditional VAE.
+
+    Encoder q(z|x, c): the label is embedded to a 1 x H x W map and concatenated to the image as
+    an extra channel. Decoder p(x|z, c): z is concatenated with the one-hot label. The prior
+    p(z) = N(0, I) does not depend on c, so z is free to carry style and c carries the class.
+    """
+
+    conditional = True
+
+    def __init__(self, spec: ModelSpec | None = None, **kwargs: Any) -> None:
+        spec = spec or ModelSpec(kind="cvae", **kwargs)
+        super().__init__(spec)
+        n = spec.image_size
+        self.label_map = nn.Embedding(spec.num_classes, n * n)
+
+    def _extra_channels(self) -> int:
+        return 1
+
+    def _extra_features(self) -> int:
+        return self.spec.num_classes
+
+    def _check_labels(self, y: Tensor | None, batch: int) -> Tensor:
+        if y is None:
+            raise ConfigError("a CVAE needs the class labels y")
+        if y.shape != (batch,):
+            raise ConfigError(f"labels must have shape [{batch}], got {list(y.shape)}")
+        return y
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y = self._check_labels(y, x.shape[0])
+        n = self.spec.image_size
+        c = self.label_map(y).view(-1, 1, n, n).to(x.dtype)
+        return self.encoder(torch.cat([x, c.contiguous(memory_format=_memory_format(x))], 1))
+
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        y = self._check_labels(y, z.shape[0])
+        onehot = F.one_hot(y, self.spec.num_classes).to(z.dtype)
+        return self.decoder(torch.cat([z, onehot], 1))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def build_model(spec: ModelSpec) -> ConvVAE:
+    """A fresh model for ``spec`` (``ConvVAE`` or ``ConvCVAE``)."""
+    return ConvCVAE(spec) if spec.kind == "cvae" else ConvVAE(spec)

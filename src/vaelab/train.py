@@ -1,0 +1,457 @@
+"""The training loop: on-device batches, beta annealing, metrics, checkpoints and exact resume.
+
+``train(config, out)`` runs a whole training and returns the final test metrics. Everything a
+resume needs (weights, optimiser, beta schedule, RNG states, epoch, step within the epoch, the
+epoch's running sums and all metrics so far) is in every checkpoint, so a run killed at any
+moment and resumed ends with the same weights and metrics as one never interrupted (on CPU,
+same seed and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaelab import __version__
+from vaelab.checkpoint import latest_checkpoint, load_weights, save_checkpoint, save_final
+from vaelab.config import TrainConfig
+from vaelab.data import Batcher, Dataset, load_dataset
+from vaelab.errors import CheckpointError, ConfigError, NumericalError, VaelabError
+from vaelab.evaluate import evaluate_elbo
+from vaelab.io import atomic_write_json, atomic_write_text
+from vaelab.models import ConvVAE, build_model
+from vaelab.objectives import BetaSchedule, elbo_terms, make_beta_schedule, training_loss
+
+REFRESH_STEPS = 25  # read the device-side sums this often (progress bar, NaN check)
+
+
+class Interrupted(VaelabError):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``resume_command`` continues the run."""
+
+    def __init__(self, message: str, resume_command: str, signum: int) -> None:
+        super().__init__(message)
+        self.resume_command = resume_command
+        self.signum = signum
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: ConvVAE
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware computes it natively (CUDA with bf16), else fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def versions() -> dict[str, str]:
+    import matplotlib
+    import safetensors
+
+    return {
+        "vaelab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "safetensors": safetensors.__version__,
+        "matplotlib": matplotlib.__version__, "platform": platform.platform(),
+    }
+
+
+def resume_command(out: Path) -> str:
+    return f"vaelab train --resume --out {out}"
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder
+# --------------------------------------------------------------------------------------------
+def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool) -> TrainConfig:
+    """Create or reopen the run folder; on resume the saved config is the one used."""
+    cfg_path = out / "config.json"
+    if resume:
+        if not cfg_path.exists():
+            raise CheckpointError(f"cannot resume: {out} holds no run (no config.json)")
+        try:
+            saved = json.loads(cfg_path.read_text())["config"]
+            return TrainConfig.from_dict(saved).validate()
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot resume: {cfg_path} is corrupted ({e})") from None
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            what = "a run" if cfg_path.exists() else "other files"
+            raise ConfigError(
+                f"output folder {out} already holds {what}: use --resume to continue it "
+                "or --force to replace it"
+            )
+        if cfg_path.exists() or (out / "checkpoints").exists():
+            shutil.rmtree(out)
+        else:
+            raise ConfigError(f"--force replaces only run folders; {out} holds other files")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg_path, {
+        "config": config.to_dict(), "model": config.model_spec().to_dict(),
+        "versions": versions(), "seed": config.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(sys.argv),
+    })
+    return config
+
+
+def write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the model, optimiser, schedules and RNG of one run; ``fit()`` runs it to the end."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out: str | os.PathLike,
+        *,
+        resume: bool = False,
+        force: bool = False,
+        progress: bool = True,
+        dataset: Dataset | None = None,
+        detect_anomaly: bool = False,
+        tensorboard: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.out = Path(out)
+        config.validate()
+        self.config = cfg = prepare_run_dir(self.out, config, resume=resume, force=force)
+        self.progress = progress
+        self.detect_anomaly = detect_anomaly
+        self.log = log or (lambda s: None)
+        self.device = pick_device(cfg.device)
+        self.precision = pick_precision(cfg.precision, self.device)
+        torch.manual_seed(cfg.seed)
+
+        self.data = dataset or load_dataset(cfg.dataset, val_size=cfg.val_size, limit=cfg.limit)
+        self.batcher = Batcher(self.data.train, cfg.batch_size, device=self.device, seed=cfg.seed)
+        self.steps_per_epoch = len(self.batcher)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+        self.spec = cfg.model_spec()
+        self.model = build_model(self.spec)
+        mean = float(self.data.train.images.float().mean() / 255) if len(self.data.train) else 0.5
+        self.model.decoder.set_output_bias(mean)
+        self.model.to(self.device)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=fused)
+        self.schedule: BetaSchedule = make_beta_schedule(
+            cfg.beta_schedule, steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=cfg.warmup_epochs, beta=cfg.beta, cycles=cfg.cycles,
+            total_epochs=cfg.epochs,
+        )
+        self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.epoch = 0  # the epoch in progress (0-based)
+        self.step_in_epoch = 0
+        self.step = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.sums = self._zero_sums()
+        self.epoch_seconds = 0.0
+        self._stop_signal: int | None = None
+        self.tb = self._tensorboard() if tensorboard else None
+        if resume:
+            self._restore()
+
+    # ---- state --------------------------------------------------------------------------
+    def _zero_sums(self) -> dict[str, torch.Tensor]:
+        d = self.config.latent_dim
+        return {
+            "terms": torch.zeros(4, device=self.device, dtype=torch.float64),
+            "kl_dim": torch.zeros(d, device=self.device, dtype=torch.float64),
+            "count": torch.zeros((), device=self.device, dtype=torch.float64),
+            "bad_step": torch.full((), -1, device=self.device, dtype=torch.int64),
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state().cpu()},
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "epoch_seconds": self.epoch_seconds,
+            "metrics": json.dumps(self.metrics),
+        }
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.out, self.model, self.spec, self.state(),
+                               step=self.step, epoch=self.epoch)
+
+    def _restore(self) -> None:
+        ckpt, refused = latest_checkpoint(self.out, self.spec)
+        for message in refused:
+            self.log(f"refused checkpoint: {message}; falling back to an older one")
+        if ckpt is None:
+            if refused:
+                self.log("no good checkpoint left: starting the run again from scratch")
+            self._reset_metrics_file()
+            return
+        load_weights(self.model, ckpt.weights, ckpt.path)
+        s = ckpt.state
+        try:
+            self.optimizer.load_state_dict(s["optimizer"])
+            self.schedule.load_state_dict(s["schedule"])
+            torch.set_rng_state(s["rng"]["torch"])
+            self.noise.set_state(s["rng"]["noise"].to(self.noise.get_state().device))
+            self.epoch, self.step_in_epoch, self.step = s["epoch"], s["step_in_epoch"], s["step"]
+            self.sums = {k: v.to(self.device) for k, v in s["sums"].items()}
+            self.epoch_seconds = float(s["epoch_seconds"])
+            self.metrics = json.loads(s["metrics"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{ckpt.path}: state.pt lacks what a resume needs ({e})"
+            ) from None
+        write_metrics(self.out, self.metrics)
+        self.log(f"resumed from {ckpt.path.name} (epoch {self.epoch + 1}, step {self.step})")
+
+    def _reset_metrics_file(self) -> None:
+        write_metrics(self.out, [])
+
+    # ---- signals ------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+    # ---- the loop -----------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        if self.config.lr_schedule == "cosine":
+            return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))
+        return self.config.lr
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        cfg = self.config
+        beta = self.schedule.beta
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=self.precision == "bf16")
+        with autocast:
+            out = self.model(x, y if self.model.conditional else None, generator=self.noise)
+        terms = elbo_terms(x, out.mu.float(), out.logvar.float(), out.logits.float(),
+                           cfg.likelihood)
+        loss = training_loss(terms, beta, cfg.free_bits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        b = x.shape[0]
+        with torch.no_grad():
+            s = self.sums
+            s["terms"] += torch.stack([terms.recon.sum(), terms.kl.sum(), terms.neg_elbo.sum(),
+                                       loss * b]).double()
+            s["kl_dim"] += terms.kl_per_dim.sum(0).double()
+            s["count"] += b
+            bad = ~torch.isfinite(loss)
+            s["bad_step"] = torch.where(bad & (s["bad_step"] < 0), self.step, s["bad_step"])
+        self.step += 1
+        self.step_in_epoch += 1
+
+    def _check_finite(self) -> None:
+        bad = int(self.sums["bad_step"])
+        if bad >= 0:
+            raise NumericalError(
+                f"the loss became NaN/Inf at epoch {self.epoch + 1}, step {bad}; the last good "
+                f"checkpoint is kept in {self.out / 'checkpoints'}. Usual causes: a learning rate "
+                "too high, corrupted input data, or log-variance overflow; try a lower --lr, or "
+                "--detect-anomaly to find the operation"
+            )
+
+    def _epoch_metrics(self) -> dict[str, Any]:
+        cfg = self.config
+        s = self.sums
+        n = max(float(s["count"]), 1.0)
+        recon, kl, nelbo, loss = (s["terms"] / n).tolist()
+        row: dict[str, Any] = {
+            "epoch": self.epoch + 1, "step": self.step,
+            "beta": self.schedule.value(self.step - 1), "lr": self.lr_at(self.step - 1),
+            "train_recon": recon, "train_kl": kl, "train_neg_elbo": nelbo, "train_loss": loss,
+            "train_kl_per_dim": (s["kl_dim"] / n).tolist(),
+        }
+        for name, split in (("val", self.data.val), ("test", self.data.test)):
+            if len(split) == 0:
+                continue
+            ev = evaluate_elbo(self.model, split, likelihood=cfg.likelihood,
+                               batch_size=cfg.eval_batch_size, seed=cfg.seed)
+            row.update({f"{name}_recon": ev["recon"], f"{name}_kl": ev["kl"],
+                        f"{name}_neg_elbo": ev["neg_elbo"], f"{name}_kl_per_dim": ev["kl_per_dim"]})
+        self.model.train()
+        row["seconds"] = self.epoch_seconds
+        row["images_per_s"] = n / max(self.epoch_seconds, 1e-9)
+        return row
+
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        old_handlers = self._install_signal_handlers()
+        self.model.train()
+        try:
+            with torch.autograd.set_detect_anomaly(self.detect_anomaly), self._bar() as bar:
+                task = bar.add_task("train", total=self.total_steps, completed=self.step,
+                                    status="") if bar else None
+                while self.epoch < cfg.epochs:
+                    self._run_epoch(bar, task)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if self.tb is not None:
+                self.tb.close()
+        return self._finish()
+
+    def _run_epoch(self, bar: Any, task: Any) -> None:
+        cfg = self.config
+        t0 = time.perf_counter()
+        batches = islice(self.batcher.epoch(self.epoch), self.step_in_epoch, None)
+        for x, y in batches:
+            self.train_step(x, y)
+            if self.step_in_epoch % REFRESH_STEPS == 0:
+                self._check_finite()
+                if bar is not None:
+                    n = max(float(self.sums["count"]), 1.0)
+                    r, k = (self.sums["terms"][:2] / n).tolist()
+                    bar.update(task, completed=self.step, status=(
+                        f"epoch {self.epoch + 1}/{cfg.epochs}  recon {r:6.2f}  KL {k:5.2f}  "
+                        f"beta {self.schedule.beta:.2f}"))
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self._check_finite()
+                self.epoch_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.checkpoint()
+            if self._stop_signal is not None:
+                self._interrupt(t0)
+        self._check_finite()
+        self.epoch_seconds += time.perf_counter() - t0
+        row = self._epoch_metrics()
+        self.metrics.append(row)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.sums = self._zero_sums()
+        self.epoch_seconds = 0.0
+        write_metrics(self.out, self.metrics)
+        self.checkpoint()
+        self._tensorboard_epoch(row)
+        self.log(
+            f"epoch {row['epoch']:>3}/{cfg.epochs}  train -ELBO {row['train_neg_elbo']:7.2f}  "
+            + (f"test recon {row['test_recon']:7.2f}  KL {row['test_kl']:5.2f}  "
+               f"-ELBO {row['test_neg_elbo']:7.2f}  " if "test_recon" in row else "")
+            + f"beta {row['beta']:.2f}  {row['images_per_s']:,.0f} img/s"
+        )
+        if self._stop_signal is not None:
+            self._interrupt(time.perf_counter())
+
+    def _interrupt(self, t0: float) -> None:
+        self.epoch_seconds += time.perf_counter() - t0
+        self._check_finite()
+        path = self.checkpoint()
+        sig = self._stop_signal or signal.SIGINT
+        name = signal.Signals(sig).name
+        raise Interrupted(
+            f"{name}: saved {path.name} at epoch {self.epoch + 1}, step {self.step}",
+            resume_command(self.out), sig,
+        )
+
+    def _finish(self) -> TrainResult:
+        save_final(self.out, self.model, self.spec)
+        last = self.metrics[-1] if self.metrics else {}
+        summary = {
+            "model": self.config.model, "epochs": self.epoch, "steps": self.step,
+            "test": {k[5:]: last[k] for k in ("test_recon", "test_kl", "test_neg_elbo",
+                                               "test_kl_per_dim") if k in last},
+            "val": {k[4:]: last[k] for k in ("val_recon", "val_kl", "val_neg_elbo") if k in last},
+            "train_seconds": sum(m["seconds"] for m in self.metrics),
+            "device": str(self.device), "precision": self.precision,
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        return TrainResult(self.out, self.model.eval(), self.metrics, summary)
+
+    # ---- optional outputs ---------------------------------------------------------------
+    def _bar(self) -> Any:
+        from contextlib import nullcontext
+
+        if not self.progress:
+            return nullcontext(None)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        )
+
+    def _tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: "
+                              "pip install 'vaelab[tensorboard]'") from None
+        return SummaryWriter(log_dir=str(self.out / "tensorboard"))
+
+    def _tensorboard_epoch(self, row: dict[str, Any]) -> None:
+        if self.tb is None:
+            return
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self.tb.add_scalar(k.replace("_", "/", 1), v, row["epoch"])
+        with torch.inference_mode():
+            self.model.eval()
+            x = self.data.test.images[:32].to(self.device).unsqueeze(1).float() / 255
+            y = self.data.test.labels[:32].to(self.device)
+            yy = y if self.model.conditional else None
+            mu, _ = self.model.encode(x, yy)
+            recon = torch.sigmoid(self.model.decode(mu, yy))
+            z = torch.randn(32, self.config.latent_dim,
+                            generator=torch.Generator().manual_seed(0)).to(self.device)
+            samples = torch.sigmoid(self.model.decode(z, yy))
+            self.model.train()
+        self.tb.add_images("reconstructions", torch.cat([x, recon]).cpu(), row["epoch"])
+        self.tb.add_images("samples", samples.cpu(), row["epoch"])
+
+
+def train(config: TrainConfig, out: str | os.PathLike, **kwargs: Any) -> TrainResult:
+    """Train ``config`` into run folder ``out``; see ``Trainer`` for the keyword options."""
+    return Trainer(config, out, **kwargs).fit()
