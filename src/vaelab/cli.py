@@ -7,6 +7,8 @@ code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -187,25 +189,223 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = run.config["config"]
     ds = load_dataset(cfg["dataset"], val_size=cfg["val_size"], limit=cfg.get("limit"))
     ev = evaluate_elbo(run.model, ds.test, likelihood=cfg["likelihood"], seed=args.seed)
+    if args.samples < 0:
+        raise VaelabError(f"--samples must be >= 0, got {args.samples}")
+    bar = not args.json and sys.stdout.isatty()
+    if args.full:
+        from vaelab.evaluate import full_evaluation
+
+        full = full_evaluation(run, ds, num_samples=args.samples, seed=args.seed, progress=bar)
+        ev["log_px"] = full.pop("log_px")
+        ev.update({k: full[k] for k in ("active_units", "knn", "aggregate_posterior",
+                                        "closest_pairs")})
+    elif args.samples > 0:
+        from vaelab.evaluate import log_px_estimate
+
+        ev["log_px"] = log_px_estimate(run.model, ds.test, num_samples=args.samples,
+                                       likelihood=cfg["likelihood"], seed=args.seed,
+                                       progress=bar)
     if args.json:
         print(json.dumps(ev, indent=2))
         return 0
-    table = Table("model", "recon", "KL", "-ELBO", "images", title=f"test set: {run.path}",
-                  caption="nats per image; -ELBO at beta = 1")
+    lp = ev.get("log_px")
+    extra = ("-log p(x)", "gap") if lp else ()
+    table = Table("model", "recon", "KL", "-ELBO", *extra, "images",
+                  title=f"test set: {run.path}",
+                  caption="nats per image; -ELBO at beta = 1"
+                  + (f"; log p(x) importance sampled, K = {lp['num_samples']}" if lp else ""))
     table.add_row(cfg["model"], f"{ev['recon']:.2f}", f"{ev['kl']:.2f}",
-                  f"{ev['neg_elbo']:.2f}", f"{ev['n']:,}")
+                  f"{ev['neg_elbo']:.2f}",
+                  *((f"{lp['neg_log_px']:.2f}", f"{lp['gap']:.2f}") if lp else ()), f"{ev['n']:,}")
     _console().print(table)
+    if args.full:
+        from vaelab.report import evaluation_blocks, render_terminal
+
+        render_terminal(evaluation_blocks({cfg["model"]: ev}, log_px=False), _console())
     return 0
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="test-set metrics of a finished run",
                        description="Evaluate a finished run on the test set: reconstruction, "
-                       "KL and -ELBO in nats per image (beta = 1).")
+                       "KL and -ELBO in nats per image (beta = 1), and the importance-sampled "
+                       "log p(x) (Burda et al. 2015) with its gap to the ELBO.")
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's z samples")
+    p.add_argument("--samples", type=int, default=1000, metavar="K",
+                   help="importance samples per image for the log p(x) estimate (default "
+                   "1000; 0 skips it)")
+    p.add_argument("--full", action="store_true",
+                   help="also active units, kNN digit accuracy in latent space, the aggregate "
+                   "posterior's moments and the closest digit pairs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_evaluate)
+
+
+# --------------------------------------------------------------------------------------------
+# vaelab plot
+# --------------------------------------------------------------------------------------------
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vaelab.checkpoint import load_run
+    from vaelab.data import load_dataset
+    from vaelab.plots import draw_all, select_figures
+
+    run = load_run(args.run)
+    names = select_figures(run, args.figure)  # unknown or CVAE-only names fail before drawing
+    cfg = run.config["config"]
+    ds = load_dataset(cfg["dataset"], val_size=cfg["val_size"], limit=cfg.get("limit"))
+    out = args.out if args.out is not None else run.path / "figures"
+    written = draw_all(run, ds, out, formats=args.format, names=names)
+    for paths in written.values():
+        for path in paths:
+            print(path)
+    return 0
+
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw the study's figures of a finished run",
+                       description="Draw figures of a finished run into a folder: curves, "
+                       "latent, traversal, interpolation-linear, interpolation-spherical, "
+                       "reconstructions, samples, and for a CVAE cvae-interpolation, "
+                       "style-transfer, samples-per-class. `all` draws every one that applies.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--figure", nargs="+", default=["all"], metavar="NAME",
+                   help="figure name(s), or all (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/figures)")
+    p.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"],
+                   help="file formats (default: png pdf)")
+    p.set_defaults(func=cmd_plot)
+
+
+# --------------------------------------------------------------------------------------------
+# vaelab classifier / reproduce
+# --------------------------------------------------------------------------------------------
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    from vaelab.classifier import train_classifier
+
+    console = _console()
+    meta = train_classifier(args.dataset, args.out, epochs=args.epochs, seed=args.seed,
+                            limit=args.limit, device=args.device, force=args.force,
+                            log=None if args.quiet else console.print)
+    console.print(f"[bold]test accuracy[/bold] {100 * meta['test_accuracy']:.2f}% on "
+                  f"{meta['test_images']:,} images ({meta['seconds']:.0f} s)   "
+                  f"classifier: {meta['path']}")
+    return 0
+
+
+def add_classifier(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classifier", help="train the CNN digit classifier that judges CVAE "
+                       "samples",
+                       description="A small CNN (conv 32 - pool - conv 64 - pool - fc 128, "
+                       "dropout) trained with Adam on every training image; a few epochs reach "
+                       "about 99% test accuracy on MNIST. `vaelab reproduce` uses it to check "
+                       "that the CVAE draws the digit it is asked for.")
+    csub = p.add_subparsers(dest="classifier_command", required=True, metavar="{train}")
+    t = csub.add_parser("train", help="train and save a classifier into a folder",
+                        description="Train the digit classifier and save it (safetensors "
+                        "weights + classifier.json with the spec, SHA-256 and test accuracy).",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--out", required=True, type=Path, help="folder to write")
+    t.add_argument("--epochs", type=_positive_int, default=3, help="epochs")
+    t.add_argument("--dataset", default="mnist", help="mnist or idx:DIR")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--limit", type=_positive_int, default=None,
+                   help="use only the first N images of each split")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train")
+    t.add_argument("--force", action="store_true", help="replace a classifier already in --out")
+    t.add_argument("--quiet", action="store_true", help="no epoch lines")
+    t.set_defaults(func=cmd_classifier_train)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from vaelab.report import reproduce
+
+    reproduce(args.out, runs=args.runs, quick=args.quick, ablations=args.ablations,
+              seeds=args.seeds, num_samples=args.samples, force=args.force,
+              dataset=args.dataset, formats=args.format, progress=sys.stdout.isatty(),
+              console=_console())
+    return 0
+
+
+def add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce", help="reproduce the whole study in one command: train, evaluate, report",
+        description="Reproduce the VAE vs CVAE study into one folder. Trains the VAE and the "
+        "CVAE with the `seed` preset (latent 2, 30 epochs, 10-epoch KL warm-up) into "
+        "OUT/runs/{vae,cvae}, unless finished runs are given with --runs (their kind is read "
+        "from their config); trains the CNN digit classifier into OUT/classifier; evaluates "
+        "each run on the test set (reconstruction, KL, -ELBO, importance-sampled log p(x), "
+        "active units, kNN digit accuracy in latent space, the aggregate posterior against "
+        "N(0, I), the closest digit pairs, and the classifier's accuracy on CVAE samples of "
+        "each class); draws every figure into OUT/figures; and writes OUT/results.json (every "
+        "number), OUT/README.md (tables, figures, captions and the command that redraws each) "
+        "and OUT/index.html (self-contained, works offline). The terminal shows the VAE vs "
+        "CVAE table beside the study's numbers. Re-running on the same folder reuses finished "
+        "runs, the classifier and up-to-date figures, and resumes unfinished runs.",
+        epilog="Examples: `vaelab reproduce --out study --quick` (a first look in a minute or "
+        "two); `vaelab reproduce --out study` (the full study: hours on a CPU, minutes on a "
+        "GPU); `vaelab reproduce --out study --runs runs/vae runs/cvae --samples 5000`.")
+    p.add_argument("--out", required=True, type=Path, help="report folder to write")
+    p.add_argument("--runs", nargs="+", type=Path, default=None, metavar="RUN",
+                   help="finished run folders to use instead of training (one VAE and/or one "
+                   "CVAE; a missing kind is trained)")
+    p.add_argument("--quick", action="store_true",
+                   help="the `quick` preset: a few hundred images, one epoch, a one-epoch "
+                   "classifier, 50 importance samples; for tests and a first look")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train without KL warm-up (constant beta = 1) and one run per "
+                   "extra seed of --seeds for both models; report mean ± std over seeds")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
+                   help="seeds of the runs (the first for the main runs; the rest only with "
+                   "--ablations; default 0 1 2)")
+    p.add_argument("--samples", type=int, default=None, metavar="K",
+                   help="importance samples per image for log p(x) (default 1000, 50 with "
+                   "--quick; 0 skips the estimate)")
+    p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR (default: mnist)")
+    p.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"],
+                   help="figure file formats (default: png pdf; index.html embeds the PNGs)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that is not a vaelab report (nothing there is "
+                   "deleted), retrain runs and the classifier whose settings changed, and "
+                   "redraw every figure")
+    p.set_defaults(func=cmd_reproduce)
+
+
+# --------------------------------------------------------------------------------------------
+# vaelab bench
+# --------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vaelab.bench import markdown, run_bench
+
+    results = run_bench(models=tuple(args.models), rounds=args.rounds, steps=args.steps,
+                        device=args.device, quality=args.quality, num_samples=args.samples,
+                        dataset=args.dataset, out=args.out, log=print)
+    print(markdown(results))
+    return 0
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmark training and evaluation against the plain tutorial recipe",
+        description="Measure, in one run and alternating the contenders, the training "
+        "throughput of vaelab and of the plain reference (benchmarks/reference.py: the same "
+        "network trained with a per-sample Dataset, DataLoader, fp32 eager and .item() every "
+        "step), the evaluation speed (test -ELBO, importance-sampled log p(x)), peak memory, "
+        "and with --quality the training time until the test -ELBO reaches the study's "
+        "numbers. Writes BENCHMARKS.md (and .json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=["vae", "cvae"], default=["vae", "cvae"])
+    p.add_argument("--rounds", type=_positive_int, default=3, help="alternating rounds")
+    p.add_argument("--steps", type=_positive_int, default=40, help="training steps per round")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quality", action="store_true",
+                   help="also measure time to the study's -ELBO (trains up to 30 epochs each)")
+    p.add_argument("--samples", type=int, default=1000,
+                   help="importance samples for the log p(x) timing (0: skip)")
+    p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR")
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
+    p.set_defaults(func=cmd_bench)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(sub)
     add_train(sub)
     add_evaluate(sub)
+    add_bench(sub)
+    add_plot(sub)
+    add_classifier(sub)
+    add_reproduce(sub)
     return parser
 
 
@@ -228,7 +432,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VAELAB_DEBUG") == "1"
     parser = build_parser()
-    args = parser.parse_args(argv)
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            args = parser.parse_args(argv)
+    except SystemExit:
+        # argparse prints its usage, then "PROG: error: ..."; one line is enough (--help has
+        # the rest). Exit code 2 as argparse gives it.
+        text = usage.getvalue()
+        lines = [ln for ln in text.splitlines() if ": error: " in ln]
+        if text:
+            print(text.rstrip() if debug or not lines else lines[-1], file=sys.stderr)
+        raise
     try:
         return int(args.func(args) or 0)
     except VaelabError as e:

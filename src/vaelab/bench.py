@@ -1,0 +1,264 @@
+"""``vaelab bench``: vaelab's training and evaluation against the plain tutorial recipe.
+
+The contenders run in one process, alternating round by round so that machine drift (thermal,
+other load) hits both. The reference (``benchmarks/reference.py``) uses vaelab's own network, so
+the throughput ratio compares only how the training is driven: data pipeline, synchronisation,
+memory format, optimiser implementation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from vaelab.config import resolve_config
+from vaelab.data import Dataset, load_dataset
+from vaelab.errors import ConfigError
+from vaelab.evaluate import evaluate_elbo
+from vaelab.io import atomic_write_text
+from vaelab.models import build_model
+from vaelab.train import Trainer, versions
+
+STUDY_NEG_ELBO = {"vae": 144.59, "cvae": 129.16}
+
+
+def load_reference() -> ModuleType:
+    """Import ``benchmarks/reference.py`` from the source tree vaelab is installed from."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[2], Path.cwd()):
+        path = root / "benchmarks" / "reference.py"
+        if path.exists():
+            spec = importlib.util.spec_from_file_location("vaelab_reference", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    raise ConfigError("vaelab bench needs benchmarks/reference.py: run it from a source checkout")
+
+
+def _vaelab_trainer(model: str, ds: Dataset, run_dir: Path, **overrides: Any) -> Trainer:
+    cfg = resolve_config("seed", model=model, dataset=ds.name, **overrides)
+    return Trainer(cfg, run_dir, dataset=ds, progress=False, force=True)
+
+
+def _time_vaelab_steps(trainer: Trainer, steps: int) -> float:
+    """Seconds for ``steps`` training steps exactly as ``Trainer.fit`` runs them."""
+    it = trainer.batcher.epoch(trainer.epoch)
+    done = 0
+    t0 = time.perf_counter()
+    while done < steps:
+        for x, y in it:
+            trainer.train_step(x, y)
+            done += 1
+            if done == steps:
+                break
+        else:
+            trainer.epoch += 1
+            it = trainer.batcher.epoch(trainer.epoch)
+    float(trainer.sums["count"])  # one sync at the end, as the trainer's refresh does
+    return time.perf_counter() - t0
+
+
+def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
+               batch_size: int = 128) -> dict[str, Any]:
+    """Images/s of vaelab's training step and of the reference, alternating rounds."""
+    ref = load_reference()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _vaelab_trainer(model, ds, Path(tmp) / "run", device=device)
+        torch.manual_seed(0)
+        ref_model = build_model(trainer.spec)
+        ours, theirs = [], []
+        _time_vaelab_steps(trainer, 5)  # warm-up
+        ref.train_reference(ref_model, ds.train, epochs=1, max_steps=5, device=device)
+        for _ in range(rounds):
+            ours.append(steps * batch_size / _time_vaelab_steps(trainer, steps))
+            r = ref.train_reference(ref_model, ds.train, epochs=1, max_steps=steps,
+                                    device=device)
+            theirs.append(r["images_per_s"])
+    a, b = statistics.median(ours), statistics.median(theirs)
+    return {"vaelab": a, "reference": b, "ratio": a / b, "rounds": rounds, "steps": steps}
+
+
+def time_to_quality(ds: Dataset, model: str, *, device: str, max_epochs: int = 30,
+                    log=print) -> dict[str, Any]:
+    """Training seconds (evaluation excluded) until the test -ELBO first reaches the study's
+    number, for vaelab's defaults and for the reference recipe."""
+    ref = load_reference()
+    target = STUDY_NEG_ELBO[model]
+    out: dict[str, Any] = {"target": target}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _vaelab_trainer(model, ds, Path(tmp) / "run", device=device, epochs=max_epochs)
+        reached = None
+        seconds = 0.0
+        while trainer.epoch < max_epochs:
+            trainer._run_epoch(None, None)
+            row = trainer.metrics[-1]
+            seconds += row["seconds"]
+            log(f"  vaelab {model} epoch {row['epoch']}: test -ELBO {row['test_neg_elbo']:.2f}")
+            if row["test_neg_elbo"] <= target:
+                reached = (row["epoch"], seconds)
+                break
+        out["vaelab"] = _reached(reached, seconds)
+
+        torch.manual_seed(0)
+        ref_model = build_model(trainer.spec)
+        eval_seconds = 0.0
+        state: dict[str, Any] = {"reached": None}
+
+        def on_epoch_end(epoch: int, elapsed: float) -> bool:
+            nonlocal eval_seconds
+            train_seconds = elapsed - eval_seconds
+            t0 = time.perf_counter()
+            ev = evaluate_elbo(ref_model, ds.test)
+            ref_model.train()
+            eval_seconds += time.perf_counter() - t0
+            log(f"  reference {model} epoch {epoch + 1}: test -ELBO {ev['neg_elbo']:.2f}")
+            if ev["neg_elbo"] <= target:
+                state["reached"] = (epoch + 1, train_seconds)
+                return True
+            return False
+
+        r = ref.train_reference(ref_model, ds.train, epochs=max_epochs,
+                                on_epoch_end=on_epoch_end, device=device)
+        out["reference"] = _reached(state["reached"], r["seconds"] - eval_seconds)
+    v, rr = out["vaelab"]["seconds"], out["reference"]["seconds"]
+    out["ratio"] = v / rr if out["vaelab"]["reached"] and out["reference"]["reached"] else None
+    return out
+
+
+def _reached(reached: tuple[int, float] | None, seconds: float) -> dict[str, Any]:
+    if reached is None:
+        return {"reached": False, "epoch": None, "seconds": seconds}
+    return {"reached": True, "epoch": reached[0], "seconds": reached[1]}
+
+
+def evaluation_speed(ds: Dataset, model: str, *, device: str, num_samples: int) -> dict[str, Any]:
+    """Seconds for the test -ELBO over the whole test set and for the importance-sampled
+    log p(x) with ``num_samples`` samples per image (on an untrained model of the same shape)."""
+    from vaelab import evaluate
+
+    spec = resolve_config("seed", model=model).model_spec()
+    torch.manual_seed(0)
+    m = build_model(spec).to(device)
+    t0 = time.perf_counter()
+    evaluate_elbo(m, ds.test)
+    t_elbo = time.perf_counter() - t0
+    out: dict[str, Any] = {"test_elbo_s": t_elbo, "images": len(ds.test)}
+    if num_samples and hasattr(evaluate, "log_px_estimate"):
+        t0 = time.perf_counter()
+        evaluate.log_px_estimate(m, ds.test, num_samples=num_samples)
+        out["log_px_s"] = time.perf_counter() - t0
+        out["num_samples"] = num_samples
+    return out
+
+
+def peak_rss_of_training(dataset: str, *, limit: int | None = None) -> float:
+    """Peak RSS (MB) of a real `vaelab train` process: one epoch of the seed preset (on the
+    first ``limit`` images of each split when given: the whole data set is loaded either way)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "vaelab", "train", "--model", "vae", "--epochs", "1",
+               "--dataset", dataset, "--out", str(Path(tmp) / "run"), "--quiet"]
+        if limit:
+            cmd += ["--limit", str(limit), "--val-size", "100"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        subprocess.run(cmd, check=True, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(before, after) / 1024.0
+
+
+def machine() -> dict[str, Any]:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), **versions()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, steps: int = 40,
+              device: str = "auto", quality: bool = False, num_samples: int = 1000,
+              dataset: str = "mnist", out: Path | None = None, log=print) -> dict[str, Any]:
+    """The whole benchmark; writes the Markdown report to ``out`` when given."""
+    from vaelab.train import pick_device
+
+    dev = str(pick_device(device))
+    ds = load_dataset(dataset)
+    results: dict[str, Any] = {"machine": machine(), "device": dev, "models": {}}
+    for model in models:
+        log(f"{model}: throughput: {rounds} alternating rounds of {steps} steps")
+        r: dict[str, Any] = {"throughput": throughput(ds, model, rounds=rounds, steps=steps,
+                                                      device=dev)}
+        log(f"{model}: evaluation speed")
+        r["evaluation"] = evaluation_speed(ds, model, device=dev, num_samples=num_samples)
+        if quality:
+            log(f"{model}: time to the study's quality")
+            r["time_to_quality"] = time_to_quality(ds, model, device=dev, log=log)
+        results["models"][model] = r
+    log("peak RSS of a training process")
+    results["peak_rss_mb"] = peak_rss_of_training(dataset, limit=10000)
+    results["command"] = "vaelab " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "vaelab bench"
+    if out is not None:
+        atomic_write_text(out, markdown(results))
+        atomic_write_text(Path(out).with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# Benchmarks", "",
+        f"Measured with `{results['command']}` on {m['cpu']} ({m['cores']} cores, "
+        f"{m['torch_threads']} torch threads), device `{results['device']}`, torch "
+        f"{m['torch']}, Python {m['python']}.", "",
+        "## Training throughput (images/s, seed preset, batch 128, median of alternating rounds)",
+        "", "| model | vaelab | reference | ratio |", "|---|---:|---:|---:|",
+    ]
+    for name, r in results["models"].items():
+        t = r["throughput"]
+        lines.append(f"| {name} | {t['vaelab']:,.0f} | {t['reference']:,.0f} | "
+                     f"{t['ratio']:.2f}x |")
+    lines += ["", "## Evaluation (seconds over the 10,000 test images)", "",
+              "| model | test -ELBO | log p(x), K samples |", "|---|---:|---:|"]
+    for name, r in results["models"].items():
+        e = r["evaluation"]
+        lp = f"{e['log_px_s']:.1f} (K = {e['num_samples']})" if "log_px_s" in e else "-"
+        lines.append(f"| {name} | {e['test_elbo_s']:.2f} | {lp} |")
+    if any("time_to_quality" in r for r in results["models"].values()):
+        lines += ["", "## Time to the study's quality (training seconds, evaluation excluded)",
+                  "", "| model | target -ELBO | vaelab | reference | ratio |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, r in results["models"].items():
+            q = r.get("time_to_quality")
+            if not q:
+                continue
+
+            def cell(c: dict[str, Any]) -> str:
+                if not c["reached"]:
+                    return f"not reached ({c['seconds']:.0f} s)"
+                return f"{c['seconds']:.0f} s (epoch {c['epoch']})"
+
+            ratio = f"{q['ratio']:.2f}" if q["ratio"] is not None else "-"
+            lines.append(f"| {name} | {q['target']} | {cell(q['vaelab'])} | "
+                         f"{cell(q['reference'])} | {ratio} |")
+    lines += ["", f"Peak RSS of a one-epoch `vaelab train` process: "
+              f"{results['peak_rss_mb']:,.0f} MB.", ""]
+    return "\n".join(lines)
