@@ -1,0 +1,66 @@
+"""The walkthrough notebook runs from top to bottom on small synthetic data (quick mode).
+
+Needs the optional packages nbformat, nbclient and ipykernel (skipped without them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaelab.data import write_idx
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.ipynb"
+
+
+def write_synthetic_idx(folder: Path, n_train: int = 300, n_test: int = 100) -> Path:
+    """Four MNIST-named IDX files: random strokes on black, labels 0-9."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for image in images:
+            r, c = rng.integers(4, 24, size=2)
+            image[r - 3 : r + 3, c - 1 : c + 1] = 255  # a vertical stroke
+            image[r - 1 : r + 1, c - 3 : c + 3] = 180  # crossed by a grey one
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+def test_notebook_is_valid_and_clean() -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert sum(c.cell_type == "markdown" for c in nb.cells) >= 5
+
+
+@pytest.mark.slow
+def test_notebook_runs_in_quick_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    data = write_synthetic_idx(tmp_path / "data")
+    out = tmp_path / "runs"
+    monkeypatch.setenv("VAELAB_NOTEBOOK_DATA", f"idx:{data}")
+    monkeypatch.setenv("VAELAB_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("VAELAB_NOTEBOOK_OUT", str(out))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel: no thread oversubscription
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "data" in o and "image/png" in o["data"]]
+    assert len(images) >= 5  # samples, beta, curves, latent scatter, reconstructions, grid
+    summary = json.loads((out / "vae" / "summary.json").read_text())
+    assert summary["epochs"] == 1
