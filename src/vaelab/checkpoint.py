@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from vaelab.errors import CheckpointError
-from vaelab.io import _fsync_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from vaelab.errors import CheckpointError, VaelabError
+from vaelab.io import _fsync_dir, atomic_write_bytes, atomic_write_json, sha256_file, write_error
 from vaelab.models import ConvVAE, ModelSpec, build_model
 
 CHECKPOINT_DIR = "checkpoints"
@@ -75,6 +75,16 @@ def load_weights(model: torch.nn.Module, data: bytes, where: Path) -> None:
     model.load_state_dict(tensors)
 
 
+def weights_spec(data: bytes) -> ModelSpec | None:
+    """The model spec a safetensors file records in its header (None if it records none)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n])["__metadata__"]
+        return ModelSpec.from_dict(json.loads(meta["vaelab_spec"]))
+    except Exception:  # noqa: BLE001 - no readable spec; the checksum and load judge the file
+        return None
+
+
 def _verified_bytes(path: Path, expected_sha: str, where: Path) -> bytes:
     try:
         data = path.read_bytes()
@@ -94,15 +104,18 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step-<step>`` atomically and keep only the newest ``keep``."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    except OSError as e:
+        raise write_error(e, final, what=f"checkpoint {final}",
+                          kept="the previous checkpoints are kept") from e
     try:
         atomic_write_bytes(tmp / "model.safetensors", weights_bytes(model, spec))
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(tmp / "state.pt", buf.getvalue())
         manifest = {
             "format": FORMAT_VERSION, "step": step, "epoch": epoch, "spec": spec.to_dict(),
             "files": {n: sha256_file(tmp / n) for n in ("model.safetensors", "state.pt")},
@@ -112,8 +125,11 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e, final, what=f"checkpoint {final}",
+                              kept="the previous checkpoints are kept") from e
         raise
     for old in list_checkpoints(run_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
@@ -143,12 +159,12 @@ def read_checkpoint(path: Path, expected: ModelSpec | None = None) -> Checkpoint
     path = Path(path)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
-        files = manifest["files"]
+        files = {n: str(manifest["files"][n]) for n in ("model.safetensors", "state.pt")}
         spec = ModelSpec.from_dict(manifest["spec"])
         step, epoch = int(manifest["step"]), int(manifest["epoch"])
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no manifest.json (incomplete checkpoint)") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, VaelabError) as e:  # VaelabError: a bad spec
         raise CheckpointError(f"{path}: manifest.json is corrupted ({e})") from None
     check_spec(spec, expected, path)
     weights = _verified_bytes(path / "model.safetensors", files["model.safetensors"], path)
@@ -201,10 +217,19 @@ def load_model(path: Path, device: str | torch.device = "cpu",
     except FileNotFoundError:
         raise CheckpointError(f"{run}: no model.json: the run has not finished "
                               "(resume it with `vaelab train --resume`)") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, VaelabError) as e:  # VaelabError: a bad spec
         raise CheckpointError(f"{run}/model.json is corrupted ({e})") from None
+    try:
+        held = weights_spec((run / "model.safetensors").read_bytes())
+    except OSError:
+        held = None  # _verified_bytes says why
+    if held is not None and held != spec:
+        raise CheckpointError(
+            f"{run}: model.safetensors holds {_describe(held)}, but model.json describes "
+            f"{_describe(spec)}: the two files are not from the same run"
+        )
     check_spec(spec, expected, run)
-    data = _verified_bytes(run / "model.safetensors", meta["sha256"], run)
+    data = _verified_bytes(run / "model.safetensors", str(meta.get("sha256")), run)
     model = build_model(spec)
     load_weights(model, data, run)
     return model.to(device).eval()
@@ -254,7 +279,11 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
         config = json.loads((run / "config.json").read_text())
     except ValueError as e:
         raise CheckpointError(f"{run}/config.json is corrupted ({e})") from None
-    model = load_model(run, device)
+    try:
+        trained = ModelSpec.from_dict(config["model"])
+    except Exception:  # noqa: BLE001 - an older or hand-made config.json: no cross-check
+        trained = None
+    model = load_model(run, device, expected=trained)
     summary: dict[str, Any] = {}
     if (run / "summary.json").exists():
         try:

@@ -20,21 +20,44 @@ from typing import IO, Any
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on a clean exit it replaces ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) from e
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
         raise
     _fsync_dir(path.parent)
+
+
+def write_error(e: OSError, path: str | os.PathLike, *, what: str = "",
+                kept: str = "") -> OSError:
+    """``e`` (a failed write of ``path``) as an OSError whose message says what happened.
+
+    A full disk raised from ``write()`` names no file; this reads, e.g., "cannot write
+    run/metrics.jsonl: no space left on device; run/metrics.jsonl is left as it was". The errno
+    is kept (``OSError(errno, ...)`` gives back ``PermissionError`` and the like), so callers can
+    still test for it; ``reason`` holds the bare cause, for a caller that re-describes it.
+    """
+    reason = getattr(e, "reason", None) or (e.strerror or str(e) or type(e).__name__)
+    reason = reason.rstrip(".")
+    reason = reason[:1].lower() + reason[1:]
+    message = f"cannot write {what or path}: {reason}; {kept or f'{path} is left as it was'}"
+    out = OSError(e.errno, message) if e.errno is not None else OSError(message)
+    out.reason = reason  # type: ignore[attr-defined]
+    return out
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -91,6 +91,25 @@ def resume_command(out: Path) -> str:
 # --------------------------------------------------------------------------------------------
 # The run folder
 # --------------------------------------------------------------------------------------------
+def check_run_dir(out: Path, *, force: bool) -> bool:
+    """Refuse an output folder that holds something, unless ``force`` and it is a run folder.
+
+    Writes nothing; True when the folder holds a run that ``--force`` is to replace.
+    """
+    if not (out.exists() and any(out.iterdir())):
+        return False
+    is_run = (out / "config.json").exists() or (out / "checkpoints").exists()
+    if not force:
+        what = "a run" if is_run else "other files"
+        raise ConfigError(
+            f"output folder {out} already holds {what}: use --resume to continue it "
+            "or --force to replace it"
+        )
+    if not is_run:
+        raise ConfigError(f"--force replaces only run folders; {out} holds other files")
+    return True
+
+
 def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool) -> TrainConfig:
     """Create or reopen the run folder; on resume the saved config is the one used."""
     cfg_path = out / "config.json"
@@ -102,17 +121,8 @@ def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool
             return TrainConfig.from_dict(saved).validate()
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"cannot resume: {cfg_path} is corrupted ({e})") from None
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            what = "a run" if cfg_path.exists() else "other files"
-            raise ConfigError(
-                f"output folder {out} already holds {what}: use --resume to continue it "
-                "or --force to replace it"
-            )
-        if cfg_path.exists() or (out / "checkpoints").exists():
-            shutil.rmtree(out)
-        else:
-            raise ConfigError(f"--force replaces only run folders; {out} holds other files")
+    if check_run_dir(out, force=force):
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_path, {
         "config": config.to_dict(), "model": config.model_spec().to_dict(),
@@ -147,7 +157,13 @@ class Trainer:
     ) -> None:
         self.out = Path(out)
         config.validate()
-        self.config = cfg = prepare_run_dir(self.out, config, resume=resume, force=force)
+        # Everything that can refuse the run (folder, device, data) is checked before anything
+        # is written: a bad input leaves the output folder as it was.
+        if resume:
+            self.config = cfg = prepare_run_dir(self.out, config, resume=True, force=force)
+        else:
+            check_run_dir(self.out, force=force)
+            self.config = cfg = config
         self.progress = progress
         self.detect_anomaly = detect_anomaly
         self.log = log or (lambda s: None)
@@ -180,6 +196,8 @@ class Trainer:
         self.sums = self._zero_sums()
         self.epoch_seconds = 0.0
         self._stop_signal: int | None = None
+        if not resume:
+            prepare_run_dir(self.out, cfg, resume=False, force=force)
         self.tb = self._tensorboard() if tensorboard else None
         if resume:
             self._restore()
@@ -210,6 +228,11 @@ class Trainer:
                                step=self.step, epoch=self.epoch)
 
     def _restore(self) -> None:
+        # a kill in the middle of a write leaves its temporary behind: never read, now removed
+        for stale in (self.out / "checkpoints").glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         ckpt, refused = latest_checkpoint(self.out, self.spec)
         for message in refused:
             self.log(f"refused checkpoint: {message}; falling back to an older one")
@@ -271,7 +294,12 @@ class Trainer:
                            cfg.likelihood)
         loss = training_loss(terms, beta, cfg.free_bits)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss.backward()
+        except RuntimeError as e:  # anomaly mode: "Function 'X' returned nan values ..."
+            if not (self.detect_anomaly and "returned nan values" in str(e)):
+                raise
+            raise self._numerical_error(self.step, f"autograd anomaly mode: {e}") from None
         self.optimizer.step()
         self.schedule.step()
         b = x.shape[0]
@@ -289,12 +317,17 @@ class Trainer:
     def _check_finite(self) -> None:
         bad = int(self.sums["bad_step"])
         if bad >= 0:
-            raise NumericalError(
-                f"the loss became NaN/Inf at epoch {self.epoch + 1}, step {bad}; the last good "
-                f"checkpoint is kept in {self.out / 'checkpoints'}. Usual causes: a learning rate "
-                "too high, corrupted input data, or log-variance overflow; try a lower --lr, or "
-                "--detect-anomaly to find the operation"
-            )
+            raise self._numerical_error(bad)
+
+    def _numerical_error(self, step: int, detail: str = "") -> NumericalError:
+        detail = (detail.strip().splitlines() or [""])[0].rstrip(".")
+        return NumericalError(
+            f"the loss became NaN/Inf at epoch {self.epoch + 1}, step {step}"
+            + (f" ({detail})" if detail else "")
+            + f"; the last good checkpoint is kept in {self.out / 'checkpoints'}. Usual causes: "
+            "a learning rate too high, corrupted input data, or log-variance overflow; try a "
+            + ("lower --lr" if detail else "lower --lr, or --detect-anomaly to find the operation")
+        )
 
     def _epoch_metrics(self) -> dict[str, Any]:
         cfg = self.config

@@ -1,0 +1,331 @@
+"""Nobody in: bad input through the CLI (issue part 4).
+
+Every bad input gets exit code 2, exactly one line on stderr, nothing on stdout, and nothing
+written: the output folder is not created, or is left byte-for-byte as it was. Most cases run
+``vaelab.cli.main`` in-process; two run ``python -m vaelab`` for real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vaelab.cli import main
+from vaelab.data import write_idx
+
+
+def write_synthetic_idx(folder: Path, n_train: int = 512, n_test: int = 64) -> Path:
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{part}-images-idx3-ubyte",
+                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{part}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, str] | None:
+    """Every file under ``folder`` with its SHA-256 (None: the folder does not exist)."""
+    if not folder.exists():
+        return None
+    if folder.is_file():
+        return {"": hashlib.sha256(folder.read_bytes()).hexdigest()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str], str]:
+    """``vaelab ARGS`` in-process: (exit code, stderr lines, stdout)."""
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, err.splitlines(), out
+
+
+def assert_refused(code: int, err: list[str], out: str, *expected: str) -> None:
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("vaelab") and ": error: " in err[0]
+    assert out == ""
+    for text in expected:
+        assert text in err[0], err[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_idx(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="module")
+def truncated_data(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = Path(shutil.copytree(data, tmp_path_factory.mktemp("bad") / "idx"))
+    images = folder / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-1000])
+    return folder
+
+
+def train_args(data: Path | str, out: Path, *extra: str) -> list[str]:
+    dataset = data if isinstance(data, str) else f"idx:{data}"
+    return ["train", "--out", str(out), "--preset", "quick", "--dataset", dataset,
+            "--val-size", "32", "--epochs", "1", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(train_args(data, out)) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@pytest.fixture
+def run_copy(finished: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------------------------
+# vaelab train: bad values
+# --------------------------------------------------------------------------------------------
+BAD_TRAIN = [
+    # (extra arguments, text the one line must hold)
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--latent-dim", "0"], "latent size must be >= 1, got 0"),
+    (["--lr", "0"], "learning rate must be > 0, got 0.0"),
+    (["--lr", "-1"], "learning rate must be > 0, got -1.0"),
+    (["--lr=-1"], "learning rate must be > 0, got -1.0"),
+    (["--lr", "nan"], "learning rate must be > 0, got nan"),
+    (["--batch-size", "0"], "batch size must be >= 1, got 0"),
+    (["--warmup-epochs", "-1"], "warm-up epochs must be >= 0"),
+    (["--checkpoint-every", "-3"], "checkpoint-every must be >= 0"),
+    (["--val-size", "100000"], "val_size 100000 is out of range"),
+    # argparse's own checks: same exit code, one line too
+    (["--model", "gan"], "argument --model: invalid choice: 'gan'"),
+    (["--lr-schedule", "warp"], "argument --lr-schedule: invalid choice: 'warp'"),
+    (["--beta-schedule", "sometimes"], "argument --beta-schedule: invalid choice: 'sometimes'"),
+    (["--likelihood", "gauss"], "argument --likelihood: invalid choice: 'gauss'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--epochs", "two"], "expected a whole number, got 'two'"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+]
+
+
+@pytest.mark.parametrize("extra, why", BAD_TRAIN, ids=[" ".join(a) for a, _ in BAD_TRAIN])
+def test_bad_train_value_exits_2_with_one_line_and_writes_nothing(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], why: str
+) -> None:
+    out = tmp_path / "run"
+    assert_refused(*cli(train_args(data, out, *extra), capsys), why)
+    assert not out.exists()
+
+
+def test_unknown_dataset_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert_refused(*cli(train_args("cifar10", out), capsys),
+                   "unknown dataset 'cifar10': choose mnist or idx:DIR")
+    assert not out.exists()
+
+
+def test_missing_dataset_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert_refused(*cli(train_args(f"idx:{tmp_path / 'nowhere'}", out), capsys),
+                   f"{tmp_path / 'nowhere'}: no such folder")
+    assert not out.exists()
+
+
+def test_truncated_data_file(
+    truncated_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert_refused(*cli(train_args(truncated_data, out), capsys),
+                   str(truncated_data / "train-images-idx3-ubyte"), "truncated IDX file")
+    assert not out.exists()
+
+
+def test_missing_out_option(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = train_args(data, Path("x"))
+    del args[1:3]
+    assert_refused(*cli(args, capsys), "the following arguments are required: --out")
+
+
+def test_no_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_refused(*cli([], capsys), "required: COMMAND")
+
+
+# --------------------------------------------------------------------------------------------
+# vaelab train: an output folder that already holds something
+# --------------------------------------------------------------------------------------------
+def test_output_folder_holding_a_different_run_is_refused_without_force(
+    data: Path, run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = snapshot(run_copy)
+    assert_refused(*cli(train_args(data, run_copy, "--seed", "7"), capsys),
+                   f"output folder {run_copy} already holds a run", "--resume", "--force")
+    assert snapshot(run_copy) == before
+
+
+def test_force_with_bad_input_keeps_the_old_run(
+    data: Path, truncated_data: Path, run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = snapshot(run_copy)
+    assert_refused(*cli(train_args(truncated_data, run_copy, "--force"), capsys),
+                   "truncated IDX file")
+    assert snapshot(run_copy) == before
+    assert_refused(*cli(train_args(data, run_copy, "--force", "--latent-dim", "0"), capsys),
+                   "latent size")
+    assert snapshot(run_copy) == before
+
+
+def test_output_folder_holding_a_different_run_is_replaced_with_force(
+    data: Path, run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = json.loads((run_copy / "config.json").read_text())["config"]
+    assert old["seed"] == 0 and old["latent_dim"] == 2
+    stale = run_copy / "checkpoints" / "step-99999999"
+    stale.mkdir()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, err, _ = cli(train_args(data, run_copy, "--force", "--seed", "7",
+                                      "--latent-dim", "3"), capsys)
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0 and err == []
+    new = json.loads((run_copy / "config.json").read_text())["config"]
+    assert new["seed"] == 7 and new["latent_dim"] == 3
+    assert not stale.exists()  # nothing of the old run is left
+    assert json.loads((run_copy / "model.json").read_text())["spec"]["latent_dim"] == 3
+
+
+def test_output_folder_holding_other_files_is_refused_even_with_force(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    before = snapshot(out)
+    assert_refused(*cli(train_args(data, out), capsys), "already holds other files")
+    assert_refused(*cli(train_args(data, out, "--force"), capsys),
+                   "--force replaces only run folders")
+    assert snapshot(out) == before
+
+
+def test_output_path_that_is_a_file(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "file"
+    out.write_text("precious")
+    assert_refused(*cli(train_args(data, out, "--force"), capsys), str(out))
+    assert out.read_text() == "precious"
+
+
+def test_resume_of_a_folder_holding_no_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "empty"
+    assert_refused(*cli(["train", "--resume", "--out", str(out)], capsys),
+                   f"cannot resume: {out} holds no run")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# vaelab evaluate: missing or incomplete run folders
+# --------------------------------------------------------------------------------------------
+def test_evaluate_a_finished_run_works(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = snapshot(finished)
+    code, err, out = cli(["evaluate", str(finished), "--json", "--samples", "0"], capsys)
+    assert code == 0 and err == []
+    assert json.loads(out)["n"] == 64
+    assert snapshot(finished) == before
+
+
+def _no_model_json(run: Path) -> None:  # killed before it finished
+    for name in ("model.json", "model.safetensors", "summary.json"):
+        (run / name).unlink()
+
+
+def _truncated_weights(run: Path) -> None:
+    w = run / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+
+
+def _bad_config(run: Path) -> None:
+    (run / "config.json").write_text("{not json")
+
+
+def _bad_model_json(run: Path) -> None:
+    (run / "model.json").write_text('{"spec": {"kind": "vae", "latent_dim": 2, "colour": 1}}')
+
+
+def _bad_metrics(run: Path) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "trunc')
+
+
+def _no_config(run: Path) -> None:
+    (run / "config.json").unlink()
+
+
+INCOMPLETE = [
+    (_no_model_json, "no model.json: the run has not finished"),
+    (_truncated_weights, "model.safetensors fails its checksum"),
+    (_bad_config, "config.json is corrupted"),
+    (_bad_model_json, "model.json is corrupted"),
+    (_bad_metrics, "metrics.jsonl: line 2 is not valid JSON"),
+    (_no_config, "is not a vaelab run folder (no config.json)"),
+]
+
+
+@pytest.mark.parametrize("damage, why", INCOMPLETE, ids=[f.__name__[1:] for f, _ in INCOMPLETE])
+def test_evaluate_an_incomplete_run_exits_2_naming_it(
+    run_copy: Path, capsys: pytest.CaptureFixture[str], damage: object, why: str
+) -> None:
+    damage(run_copy)  # type: ignore[operator]
+    before = snapshot(run_copy)
+    assert_refused(*cli(["evaluate", str(run_copy)], capsys), str(run_copy), why)
+    assert snapshot(run_copy) == before
+
+
+def test_evaluate_a_missing_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-run"
+    assert_refused(*cli(["evaluate", str(missing)], capsys),
+                   f"run folder {missing} does not exist")
+    assert not missing.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The same through a real process
+# --------------------------------------------------------------------------------------------
+def test_bad_input_in_a_real_process(truncated_data: Path, tmp_path: Path) -> None:
+    """``python -m vaelab``: the exit code and stderr a shell sees (one process: ~5 s)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("VAELAB_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "vaelab", *train_args(truncated_data, out)],
+                          env=env, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"vaelab: error: {truncated_data / 'train-images-idx3-ubyte'}: "
+                                  "truncated IDX file")
+    assert not out.exists()
