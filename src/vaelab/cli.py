@@ -112,7 +112,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vaelab.config import resolve_config
-    from vaelab.train import train
+    from vaelab.train import dist_env, train
 
     console = _console()
     config = resolve_config(args.preset, **_train_overrides(args))
@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    detect_anomaly=args.detect_anomaly, tensorboard=args.tensorboard,
                    log=None if args.quiet else console.print)
     t = result.summary.get("test", {})
-    if t:
+    if t and dist_env()[0] == 0:
         console.print(f"[bold]test[/bold] recon {t['recon']:.2f}  KL {t['kl']:.2f}  "
                       f"-ELBO {t['neg_elbo']:.2f} nats/image   run: {result.run_dir}")
     return 0
@@ -373,6 +373,33 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# vaelab explore
+# --------------------------------------------------------------------------------------------
+def cmd_explore(args: argparse.Namespace) -> int:
+    try:
+        from vaelab.explore import serve
+    except ImportError as e:
+        raise VaelabError(f"the explorer needs Starlette and uvicorn ({e}): "
+                          "pip install 'vaelab[explore]'") from None
+    serve(args.runs, host=args.host, port=args.port)
+    return 0
+
+
+def add_explore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explore", help="browse the latent space of finished runs in a web page",
+                       description="Serve a local page over finished runs: the encoded test "
+                       "set on the latent plane with the prior's 1/2/3-sigma circles, live "
+                       "decoding under the pointer, pins and interpolation, every class of a "
+                       "CVAE, and drawing or picking a digit to encode it. Needs the explore "
+                       "extra (pip install 'vaelab[explore]').")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="finished run folder(s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.set_defaults(func=cmd_explore)
+
+
+# --------------------------------------------------------------------------------------------
 # vaelab bench
 # --------------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -425,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot(sub)
     add_classifier(sub)
     add_reproduce(sub)
+    add_explore(sub)
     return parser
 
 

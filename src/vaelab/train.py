@@ -84,6 +84,12 @@ def versions() -> dict[str, str]:
     }
 
 
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a plain process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 def resume_command(out: Path) -> str:
     return f"vaelab train --resume --out {out}"
 
@@ -157,6 +163,10 @@ class Trainer:
     ) -> None:
         self.out = Path(out)
         config.validate()
+        self.rank, self.world_size, local_rank = dist_env()
+        self.distributed = self.world_size > 1
+        if self.distributed:
+            self._init_distributed(config)
         # Everything that can refuse the run (folder, device, data) is checked before anything
         # is written: a bad input leaves the output folder as it was.
         if resume:
@@ -164,15 +174,22 @@ class Trainer:
         else:
             check_run_dir(self.out, force=force)
             self.config = cfg = config
-        self.progress = progress
+        self.progress = progress and self.rank == 0
         self.detect_anomaly = detect_anomaly
-        self.log = log or (lambda s: None)
+        self.log = log if (log is not None and self.rank == 0) else (lambda s: None)
         self.device = pick_device(cfg.device)
+        if self.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
         self.precision = pick_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
 
         self.data = dataset or load_dataset(cfg.dataset, val_size=cfg.val_size, limit=cfg.limit)
-        self.batcher = Batcher(self.data.train, cfg.batch_size, device=self.device, seed=cfg.seed)
+        # under torchrun each rank takes its shard of every epoch; the global batch stays
+        # batch_size, so the optimisation is the single-process one
+        self.batcher = Batcher(self.data.train, cfg.batch_size // self.world_size,
+                               device=self.device, seed=cfg.seed, rank=self.rank,
+                               world_size=self.world_size)
         self.steps_per_epoch = len(self.batcher)
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
@@ -181,6 +198,12 @@ class Trainer:
         mean = float(self.data.train.images.float().mean() / 255) if len(self.data.train) else 0.5
         self.model.decoder.set_output_bias(mean)
         self.model.to(self.device)
+        self.net: torch.nn.Module = self.model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=fused)
         self.schedule: BetaSchedule = make_beta_schedule(
@@ -188,7 +211,8 @@ class Trainer:
             warmup_epochs=cfg.warmup_epochs, beta=cfg.beta, cycles=cfg.cycles,
             total_epochs=cfg.epochs,
         )
-        self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.noise = torch.Generator(device=self.device).manual_seed(
+            cfg.seed + 1 + 7919 * self.rank)
         self.epoch = 0  # the epoch in progress (0-based)
         self.step_in_epoch = 0
         self.step = 0
@@ -196,9 +220,10 @@ class Trainer:
         self.sums = self._zero_sums()
         self.epoch_seconds = 0.0
         self._stop_signal: int | None = None
-        if not resume:
+        if not resume and self.rank == 0:
             prepare_run_dir(self.out, cfg, resume=False, force=force)
-        self.tb = self._tensorboard() if tensorboard else None
+        self._barrier()
+        self.tb = self._tensorboard() if tensorboard and self.rank == 0 else None
         if resume:
             self._restore()
 
@@ -212,27 +237,92 @@ class Trainer:
             "bad_step": torch.full((), -1, device=self.device, dtype=torch.int64),
         }
 
+    # ---- distributed (torchrun) -----------------------------------------------------------
+    def _init_distributed(self, config: TrainConfig) -> None:
+        import torch.distributed as dist
+
+        if config.batch_size % self.world_size:
+            raise ConfigError(f"batch size {config.batch_size} does not split evenly over "
+                              f"{self.world_size} processes")
+        if not dist.is_initialized():
+            use_nccl = config.device != "cpu" and torch.cuda.is_available()
+            dist.init_process_group("nccl" if use_nccl else "gloo")
+            self._owns_process_group = True
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _global_sums(self) -> dict[str, torch.Tensor]:
+        """The epoch's running sums over all ranks (a collective call under torchrun)."""
+        if not self.distributed:
+            return self.sums
+        import torch.distributed as dist
+
+        out = {k: v.clone() for k, v in self.sums.items()}
+        for k in ("terms", "kl_dim", "count"):
+            dist.all_reduce(out[k])
+        dist.all_reduce(out["bad_step"], op=dist.ReduceOp.MAX)
+        return out
+
+    def _noise_states(self) -> list[torch.Tensor]:
+        state = self.noise.get_state().cpu()
+        if not self.distributed:
+            return [state]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _should_stop(self) -> bool:
+        if not self.distributed:
+            return self._stop_signal is not None
+        if self.step_in_epoch % REFRESH_STEPS:
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) and self._stop_signal is None:
+            self._stop_signal = int(flag)
+        return bool(int(flag))
+
+    # ---- state --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything a resume needs. Under torchrun the sums are the global ones (restored on
+        rank 0 only, since they add up) and every rank's noise generator state is kept."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state().cpu()},
+            "rng": {"torch": torch.get_rng_state(), "noise": self._noise_states()[0],
+                    "noise_per_rank": self._noise_states()},
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "world_size": self.world_size,
+            "sums": {k: v.cpu() for k, v in self._global_sums().items()},
             "epoch_seconds": self.epoch_seconds,
             "metrics": json.dumps(self.metrics),
         }
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.out, self.model, self.spec, self.state(),
-                               step=self.step, epoch=self.epoch)
+        state = self.state()  # collective under torchrun: every rank takes part
+        path = self.out / "checkpoints" / f"step-{self.step:08d}"
+        if self.rank == 0:
+            path = save_checkpoint(self.out, self.model, self.spec, state,
+                                   step=self.step, epoch=self.epoch)
+        self._barrier()
+        return path
 
     def _restore(self) -> None:
         # a kill in the middle of a write leaves its temporary behind: never read, now removed
-        for stale in (self.out / "checkpoints").glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in self.out.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        if self.rank == 0:
+            for stale in (self.out / "checkpoints").glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.out.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        self._barrier()
         ckpt, refused = latest_checkpoint(self.out, self.spec)
         for message in refused:
             self.log(f"refused checkpoint: {message}; falling back to an older one")
@@ -247,20 +337,31 @@ class Trainer:
             self.optimizer.load_state_dict(s["optimizer"])
             self.schedule.load_state_dict(s["schedule"])
             torch.set_rng_state(s["rng"]["torch"])
-            self.noise.set_state(s["rng"]["noise"].to(self.noise.get_state().device))
+            per_rank = s["rng"].get("noise_per_rank") or [s["rng"]["noise"]]
+            if len(per_rank) == self.world_size:
+                self.noise.set_state(per_rank[self.rank].to(self.noise.get_state().device))
+            else:
+                self.log(f"the checkpoint was written by {len(per_rank)} process(es), this run "
+                         f"has {self.world_size}: the noise generators are reseeded")
+                self.noise.manual_seed(self.config.seed + 1 + 7919 * self.rank + s["step"])
             self.epoch, self.step_in_epoch, self.step = s["epoch"], s["step_in_epoch"], s["step"]
             self.sums = {k: v.to(self.device) for k, v in s["sums"].items()}
+            if self.rank != 0:  # the saved sums are global: one rank carries them
+                self.sums = {k: v if k == "bad_step" else torch.zeros_like(v)
+                             for k, v in self.sums.items()}
             self.epoch_seconds = float(s["epoch_seconds"])
             self.metrics = json.loads(s["metrics"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"{ckpt.path}: state.pt lacks what a resume needs ({e})"
             ) from None
-        write_metrics(self.out, self.metrics)
+        if self.rank == 0:
+            write_metrics(self.out, self.metrics)
         self.log(f"resumed from {ckpt.path.name} (epoch {self.epoch + 1}, step {self.step})")
 
     def _reset_metrics_file(self) -> None:
-        write_metrics(self.out, [])
+        if self.rank == 0:
+            write_metrics(self.out, [])
 
     # ---- signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -289,7 +390,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=self.precision == "bf16")
         with autocast:
-            out = self.model(x, y if self.model.conditional else None, generator=self.noise)
+            out = self.net(x, y if self.model.conditional else None, generator=self.noise)
         terms = elbo_terms(x, out.mu.float(), out.logvar.float(), out.logits.float(),
                            cfg.likelihood)
         loss = training_loss(terms, beta, cfg.free_bits)
@@ -315,7 +416,7 @@ class Trainer:
         self.step_in_epoch += 1
 
     def _check_finite(self) -> None:
-        bad = int(self.sums["bad_step"])
+        bad = int(self._global_sums()["bad_step"] if self.distributed else self.sums["bad_step"])
         if bad >= 0:
             raise self._numerical_error(bad)
 
@@ -331,7 +432,7 @@ class Trainer:
 
     def _epoch_metrics(self) -> dict[str, Any]:
         cfg = self.config
-        s = self.sums
+        s = self._global_sums()
         n = max(float(s["count"]), 1.0)
         recon, kl, nelbo, loss = (s["terms"] / n).tolist()
         row: dict[str, Any] = {
@@ -367,7 +468,13 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.tb is not None:
                 self.tb.close()
-        return self._finish()
+        try:
+            return self._finish()
+        finally:
+            if getattr(self, "_owns_process_group", False):
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
 
     def _run_epoch(self, bar: Any, task: Any) -> None:
         cfg = self.config
@@ -389,7 +496,7 @@ class Trainer:
                 self.epoch_seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self.checkpoint()
-            if self._stop_signal is not None:
+            if self._should_stop():
                 self._interrupt(t0)
         self._check_finite()
         self.epoch_seconds += time.perf_counter() - t0
@@ -399,7 +506,8 @@ class Trainer:
         self.step_in_epoch = 0
         self.sums = self._zero_sums()
         self.epoch_seconds = 0.0
-        write_metrics(self.out, self.metrics)
+        if self.rank == 0:
+            write_metrics(self.out, self.metrics)
         self.checkpoint()
         self._tensorboard_epoch(row)
         self.log(
@@ -408,7 +516,7 @@ class Trainer:
                f"-ELBO {row['test_neg_elbo']:7.2f}  " if "test_recon" in row else "")
             + f"beta {row['beta']:.2f}  {row['images_per_s']:,.0f} img/s"
         )
-        if self._stop_signal is not None:
+        if self._should_stop():
             self._interrupt(time.perf_counter())
 
     def _interrupt(self, t0: float) -> None:
@@ -423,7 +531,8 @@ class Trainer:
         )
 
     def _finish(self) -> TrainResult:
-        save_final(self.out, self.model, self.spec)
+        if self.rank == 0:
+            save_final(self.out, self.model, self.spec)
         last = self.metrics[-1] if self.metrics else {}
         summary = {
             "model": self.config.model, "epochs": self.epoch, "steps": self.step,
@@ -433,7 +542,10 @@ class Trainer:
             "train_seconds": sum(m["seconds"] for m in self.metrics),
             "device": str(self.device), "precision": self.precision,
         }
-        atomic_write_json(self.out / "summary.json", summary)
+        summary["processes"] = self.world_size
+        if self.rank == 0:
+            atomic_write_json(self.out / "summary.json", summary)
+        self._barrier()
         return TrainResult(self.out, self.model.eval(), self.metrics, summary)
 
     # ---- optional outputs ---------------------------------------------------------------
