@@ -30,6 +30,8 @@ class TrainConfig:
     enc_hidden: int = 512
     dec_hidden: int = 512
     activation: str = "relu"
+    dec_mlp_layers: int = 1
+    dec_refine: int = 0
     likelihood: str = "bernoulli"
     batch_size: int = 128
     lr: float = 1e-3
@@ -95,6 +97,7 @@ class TrainConfig:
         return ModelSpec(
             kind=self.model, latent_dim=self.latent_dim, channels=self.channels,
             enc_hidden=self.enc_hidden, dec_hidden=self.dec_hidden, activation=self.activation,
+            dec_mlp_layers=self.dec_mlp_layers, dec_refine=self.dec_refine,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,6 +40,8 @@ class ModelSpec:
     enc_hidden: int = 512
     dec_hidden: int = 512
     activation: str = "relu"
+    dec_mlp_layers: int = 1
+    dec_refine: int = 0
     num_classes: int = 10
     image_size: int = 28
 
@@ -53,6 +55,8 @@ class ModelSpec:
             raise ConfigError(f"channels must be two positive integers, got {self.channels}")
         if min(self.enc_hidden, self.dec_hidden) < 1:
             raise ConfigError("hidden sizes must be >= 1")
+        if self.dec_mlp_layers < 1 or self.dec_refine < 0:
+            raise ConfigError("dec_mlp_layers must be >= 1 and dec_refine >= 0")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}"
@@ -98,18 +102,27 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """z [B, D_in] -> logits [B, 1, H, W]: an MLP to a c2 x H/4 x W/4 map, two transposed convs."""
+    """z [B, D_in] -> logits [B, 1, H, W]: an MLP (``dec_mlp_layers`` hidden layers) to a
+    c2 x H/4 x W/4 map, a stride-2 transposed conv to c1 x H/2 x W/2, ``dec_refine`` 3x3 convs
+    at that resolution, and a last stride-2 transposed conv to the logits."""
 
     def __init__(self, in_features: int, spec: ModelSpec) -> None:
         super().__init__()
         c1, c2 = spec.channels
         act = ACTIVATIONS[spec.activation]
         s = spec.image_size // 4
+        mlp: list[nn.Module] = [nn.Linear(in_features, spec.dec_hidden), act()]
+        for _ in range(spec.dec_mlp_layers - 1):
+            mlp += [nn.Linear(spec.dec_hidden, spec.dec_hidden), act()]
+        refine: list[nn.Module] = []
+        for _ in range(spec.dec_refine):
+            refine += [nn.Conv2d(c1, c1, 3, 1, 1), act()]
         self.net = nn.Sequential(
-            nn.Linear(in_features, spec.dec_hidden), act(),
+            *mlp,
             nn.Linear(spec.dec_hidden, c2 * s * s), act(),
             nn.Unflatten(1, (c2, s, s)),
             nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(),
+            *refine,
             nn.ConvTranspose2d(c1, 1, 4, 2, 1),
         )
 
