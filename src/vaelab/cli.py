@@ -297,9 +297,9 @@ def add_classifier(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classifier", help="train the CNN digit classifier that judges CVAE "
                        "samples",
                        description="A small CNN (conv 32 - pool - conv 64 - pool - fc 128, "
-                       "dropout) trained with Adam on every training image; a few epochs reach "
-                       "about 99% test accuracy on MNIST. `vaelab reproduce` uses it to check "
-                       "that the CVAE draws the digit it is asked for.")
+                       "batch norm, dropout) trained with Adam on every training image; a "
+                       "few epochs reach about 99% test accuracy on MNIST. `vaelab reproduce` "
+                       "uses it to check that the CVAE draws the digit it is asked for.")
     csub = p.add_subparsers(dest="classifier_command", required=True, metavar="{train}")
     t = csub.add_parser("train", help="train and save a classifier into a folder",
                         description="Train the digit classifier and save it (safetensors "

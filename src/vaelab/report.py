@@ -1,0 +1,762 @@
+"""Reproduce the whole study in one command: train, evaluate, draw, and write the report.
+
+``reproduce(out)`` fills one report folder::
+
+    vaelab-report.json   marks the folder as a vaelab report (so a re-run may reuse it)
+    runs/vae, runs/cvae  the two models (the ``seed`` preset), reused when already finished
+    runs/*-seed*, runs/*-no-warmup      ablation runs (``ablations=True``)
+    classifier/          the CNN that judges the CVAE's samples
+    figures/{vae,cvae}/  every figure of ``vaelab.plots``, PNG and PDF
+    results.json         every number
+    README.md            tables, figures with captions and the command that redraws each
+    index.html           the same, self-contained (images embedded), readable offline
+
+Every number is computed here; the only constants are the study's reference values
+(``STUDY``), shown beside ours. Every file goes through ``vaelab.io``'s atomic writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaelab.checkpoint import Run, load_run
+from vaelab.config import PRESETS, TrainConfig, resolve_config
+from vaelab.data import Dataset, load_dataset
+from vaelab.errors import CheckpointError, ConfigError
+from vaelab.io import atomic_write_json, atomic_write_text
+
+REPORT_FORMAT = 1
+MARKER = "vaelab-report.json"
+KINDS = ("vae", "cvae")
+
+# The study's published results, the only numbers not computed here: test-set nats per image
+# of each model, and the VAE's closest digit pairs in latent space.
+STUDY: dict[str, Any] = {
+    "vae": {"recon": 138.00, "kl": 6.59, "neg_elbo": 144.59},
+    "cvae": {"recon": 124.36, "kl": 4.80, "neg_elbo": 129.16},
+    "closest_pairs": [[4, 9], [3, 8], [1, 7]],
+}
+
+# (key in the comparison, label) of the main table's rows; lower is better for each.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("recon", "reconstruction"),
+    ("kl", "KL"),
+    ("neg_elbo", "-ELBO"),
+    ("neg_log_px", "-log p(x) (IS)"),
+)
+
+Block = tuple  # ("h1"|"h2"|"h3"|"p"|"code", text) | ("table", headers, rows) | ("figure", ...)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def reduction_pct(vae: float | None, cvae: float | None) -> float | None:
+    """Relative reduction of a lower-is-better number, CVAE vs VAE: 100 (vae - cvae) / vae."""
+    if vae is None or cvae is None or vae == 0:
+        return None
+    return 100.0 * (vae - cvae) / vae
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _f(x: float | None, nd: int = 2) -> str:
+    if x is None:
+        return "—"
+    text = f"{x:.{nd}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.00"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}%"
+
+
+def _pm(mean: float | None, std: float | None, nd: int = 2) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{nd}f}" if std is None else f"{mean:.{nd}f} ± {std:.{nd}f}"
+
+
+def _vec(v: Sequence[float], nd: int = 2) -> str:
+    return "[" + ", ".join(_f(x, nd) for x in v) + "]"
+
+
+def _mat(m: Sequence[Sequence[float]], nd: int = 2) -> str:
+    if len(m) <= 3:
+        return "[" + ", ".join(_vec(r, nd) for r in m) + "]"
+    return "diag " + _vec([m[i][i] for i in range(len(m))], nd)
+
+
+def run_metrics(ev: dict[str, Any]) -> dict[str, float | None]:
+    """The main table's numbers of one evaluated run."""
+    lp = ev.get("log_px")
+    return {"recon": ev["elbo"]["recon"], "kl": ev["elbo"]["kl"],
+            "neg_elbo": ev["elbo"]["neg_elbo"], "neg_log_px": lp["neg_log_px"] if lp else None}
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+# --------------------------------------------------------------------------------------------
+# Folders, runs and the classifier
+# --------------------------------------------------------------------------------------------
+def prepare_report_dir(out: Path, force: bool) -> None:
+    """Create ``out`` or accept it if empty or a vaelab report; anything else needs ``force``
+    (which writes beside the other files and never deletes them)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not force:
+        raise ConfigError(
+            f"output folder {out} holds files that are not a vaelab report: choose a new or "
+            "empty folder, or --force to write the report beside them"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).exists():
+        atomic_write_json(out / MARKER, {"format": REPORT_FORMAT, "kind": "vaelab-report",
+                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def load_given_runs(paths: Sequence[str | os.PathLike] | None) -> dict[str, Run]:
+    """Load finished runs given by the user and sort them by kind (from each run's config)."""
+    given: dict[str, Run] = {}
+    for p in paths or []:
+        run = load_run(p)
+        kind = run.config.get("config", {}).get("model", run.spec.kind)
+        if kind not in KINDS:
+            raise CheckpointError(f"{p}: unknown model kind '{kind}'")
+        if kind in given:
+            raise ConfigError(f"two {kind.upper()} runs given ({given[kind].path} and {p}): "
+                              "give at most one VAE and one CVAE")
+        given[kind] = run
+    return given
+
+
+def ensure_run(
+    path: Path, config: TrainConfig, *, force: bool, progress: bool,
+    log: Callable[[str], None], device: torch.device,
+) -> Run:
+    """The finished run in ``path`` trained with ``config``: reused if there, resumed if
+    unfinished, trained if absent. A run of another config is replaced only with ``force``."""
+    from vaelab.train import train
+
+    want = _config_dict(config)
+    saved = None
+    if (path / "config.json").exists():
+        try:
+            saved = json.loads((path / "config.json").read_text())["config"]
+        except (ValueError, KeyError, TypeError):
+            saved = None
+    if saved is not None and saved != want:
+        if not force:
+            diff = sorted(k for k in set(want) | set(saved) if want.get(k) != saved.get(k))
+            raise ConfigError(f"{path} holds a run with other settings ({', '.join(diff)}): "
+                              "use --force to train it again, or another --out")
+        log(f"{path}: settings changed, training again")
+        train(config, path, force=True, progress=progress, log=log)
+    elif saved is not None and (path / "model.json").exists():
+        log(f"{path}: finished run found, reused")
+    elif saved is not None:
+        log(f"{path}: unfinished run found, resuming")
+        train(config, path, resume=True, progress=progress, log=log)
+    else:
+        log(f"training {path} ({config.model}, preset {config.preset}, seed {config.seed}, "
+            f"{config.epochs} epochs)")
+        train(config, path, force=force, progress=progress, log=log)
+    return load_run(path, device)
+
+
+def ensure_classifier(
+    folder: Path, *, dataset: str, epochs: int, limit: int | None, seed: int, force: bool,
+    log: Callable[[str], None], device: torch.device,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The classifier in ``folder`` if trained with these settings, else a new one."""
+    from vaelab.classifier import load_classifier, read_classifier_meta, train_classifier
+
+    want = {"dataset": dataset, "epochs": epochs, "limit": limit, "seed": seed}
+    retrain = True
+    if (folder / "classifier.json").exists():
+        meta = read_classifier_meta(folder)
+        if all(meta.get(k) == v for k, v in want.items()):
+            log(f"{folder}: classifier found, reused")
+            retrain = False
+        elif not force:
+            raise ConfigError(f"{folder} holds a classifier trained otherwise: use --force to "
+                              "train it again, or another --out")
+    if retrain:
+        log(f"training the digit classifier ({epochs} epoch{'s' if epochs != 1 else ''})")
+        meta = train_classifier(dataset, folder, epochs=epochs, seed=seed, limit=limit,
+                                force=True, log=log)
+    meta = read_classifier_meta(folder)
+    return load_classifier(folder, device), meta
+
+
+FIGURE_MANIFEST = "figures.json"
+
+
+def draw_figures(
+    run: Run, dataset: Dataset, folder: Path, formats: Sequence[str], *, force: bool,
+    log: Callable[[str], None],
+) -> dict[str, list[Path]]:
+    """Every figure that applies to ``run``, drawn into ``folder`` by ``plots.draw_all``.
+
+    Figures already there for the same weights (the SHA-256 in the run's model.json, kept in
+    ``folder/figures.json``) and formats are reused unless ``force``.
+    """
+    from vaelab import plots
+
+    names = plots.select_figures(run, "all")
+    try:
+        sha = json.loads((run.path / "model.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sha = None
+    try:
+        manifest = json.loads((folder / FIGURE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    same = sha is not None and manifest.get("model_sha256") == sha and not force
+    drawn: dict[str, list[Path]] = {}
+    todo = []
+    for name in names:
+        paths = [folder / f"{name}.{f}" for f in formats]
+        if same and name in manifest.get("figures", {}) and all(p.exists() for p in paths):
+            drawn[name] = paths
+        else:
+            todo.append(name)
+    if todo:
+        log(f"drawing {len(todo)} figure{'s' if len(todo) != 1 else ''} of {run.path} "
+            f"into {folder}")
+        drawn.update(plots.draw_all(run, dataset, folder, formats=tuple(formats), names=todo))
+    else:
+        log(f"{folder}: figures up to date, reused")
+    atomic_write_json(folder / FIGURE_MANIFEST, {
+        "run": str(run.path), "model_sha256": sha,
+        "figures": {n: [p.name for p in drawn[n]] for n in names},
+    })
+    return {n: drawn[n] for n in names}
+
+
+def _annealing_pair(base: TrainConfig, kind: str) -> dict[str, tuple[str | None, TrainConfig]]:
+    """The two arms of the KL annealing ablation: (run name or None for the main run, config)."""
+    if base.beta_schedule == "constant":
+        warm = replace(base, beta_schedule="linear",
+                       warmup_epochs=PRESETS["seed"]["warmup_epochs"], beta=1.0)
+        return {"warmup": (f"{kind}-warmup", warm), "no_warmup": (None, base)}
+    return {"warmup": (None, base),
+            "no_warmup": (f"{kind}-no-warmup", replace(base, beta_schedule="constant", beta=1.0))}
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------
+def reproduce(
+    out: str | os.PathLike,
+    *,
+    runs: Sequence[str | os.PathLike] | None = None,
+    quick: bool = False,
+    ablations: bool = False,
+    seeds: Sequence[int] = (0, 1, 2),
+    num_samples: int | None = None,
+    progress: bool = True,
+    force: bool = False,
+    dataset: str = "mnist",
+    classifier_epochs: int | None = None,
+    formats: Sequence[str] = ("png", "pdf"),
+    console: Any = None,
+) -> dict[str, Any]:
+    """Run the whole study into folder ``out`` and return ``results.json``'s content.
+
+    Trains the VAE and the CVAE (``seed`` preset, or ``quick``: a few hundred images, one
+    epoch) into ``out/runs`` unless finished ``runs`` are given (their kind is read from their
+    config); trains or reuses the digit classifier in ``out/classifier``; evaluates each run
+    (``evaluate.full_evaluation`` with ``num_samples`` importance samples: default 1000, or 50
+    when ``quick``); draws every figure into ``out/figures``; writes ``results.json``,
+    ``README.md`` and ``index.html``; prints the summary table. ``ablations`` adds runs without
+    KL warm-up (constant beta = 1) and one run per extra seed of ``seeds`` for both models, and
+    reports mean ± std over seeds. A folder that is not empty and not a vaelab report is
+    refused unless ``force``; ``force`` also retrains runs whose saved settings differ.
+    """
+    from rich.console import Console
+
+    from vaelab.evaluate import full_evaluation
+    from vaelab.train import pick_device, versions
+
+    t_start = time.perf_counter()
+    console = console or Console(highlight=False)
+    log: Callable[[str], None] = console.print
+    out = Path(out)
+    preset = "quick" if quick else "seed"
+    num_samples = (50 if quick else 1000) if num_samples is None else num_samples
+    if num_samples < 0:
+        raise ConfigError(f"the number of importance samples must be >= 0, got {num_samples}")
+    seeds = list(dict.fromkeys(int(s) for s in seeds)) or [0]
+    formats = list(dict.fromkeys(["png", *formats]))  # index.html embeds the PNGs
+    device = pick_device("auto")
+    given = load_given_runs(runs)
+    prepare_report_dir(out, force)
+    timings: dict[str, float] = {}
+
+    # ---- runs ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    named: dict[str, Run] = {}
+    for kind in KINDS:
+        if kind in given:
+            named[kind] = given[kind]
+            named[kind].model.to(device)
+            log(f"{kind.upper()}: using the given run {given[kind].path}")
+        else:
+            cfg = resolve_config(preset, model=kind, dataset=dataset, seed=seeds[0])
+            named[kind] = ensure_run(out / "runs" / kind, cfg, force=force, progress=progress,
+                                     log=log, device=device)
+    seed_runs: dict[str, list[str]] = {k: [k] for k in KINDS}
+    annealing: dict[str, dict[str, str]] = {}
+    if ablations:
+        for kind in KINDS:
+            base = TrainConfig.from_dict(named[kind].config["config"]).validate()
+            for s in seeds:
+                if s == base.seed:
+                    continue
+                name = f"{kind}-seed{s}"
+                named[name] = ensure_run(out / "runs" / name, replace(base, seed=s),
+                                         force=force, progress=progress, log=log, device=device)
+                seed_runs[kind].append(name)
+            annealing[kind] = {}
+            for arm, (name, cfg) in _annealing_pair(base, kind).items():
+                if name is not None:
+                    named[name] = ensure_run(out / "runs" / name, cfg, force=force,
+                                             progress=progress, log=log, device=device)
+                annealing[kind][arm] = name or kind
+    timings["training"] = time.perf_counter() - t0
+
+    # ---- classifier ---------------------------------------------------------------------
+    t0 = time.perf_counter()
+    ccfg = named["cvae"].config["config"]
+    epochs = classifier_epochs or (1 if quick else 3)
+    classifier, classifier_meta = ensure_classifier(
+        out / "classifier", dataset=ccfg["dataset"], epochs=epochs, limit=ccfg.get("limit"),
+        seed=seeds[0], force=force, log=log, device=device)
+    timings["classifier"] = time.perf_counter() - t0
+
+    # ---- evaluation ---------------------------------------------------------------------
+    t0 = time.perf_counter()
+    datasets: dict[tuple, Dataset] = {}
+
+    def data_of(run: Run) -> Dataset:
+        c = run.config["config"]
+        key = (c["dataset"], c["val_size"], c.get("limit"))
+        if key not in datasets:
+            datasets[key] = load_dataset(c["dataset"], val_size=c["val_size"], limit=c.get("limit"))
+        return datasets[key]
+
+    evaluations: dict[str, dict[str, Any]] = {}
+    for name, run in named.items():
+        log(f"evaluating {name} ({run.path}): ELBO, log p(x) with K = {num_samples}, "
+            "active units, kNN, aggregate posterior, closest pairs"
+            + (", class accuracy of samples" if run.model.conditional else ""))
+        ev = full_evaluation(run, data_of(run), num_samples=num_samples, classifier=classifier,
+                             seed=0, per_class=50 if quick else 1000, progress=progress)
+        ev["config"] = run.config["config"]
+        ev["train_summary"] = run.summary
+        evaluations[name] = ev
+    timings["evaluation"] = time.perf_counter() - t0
+
+    # ---- figures ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    from vaelab import plots
+
+    figures: dict[str, dict[str, list[str]]] = {}
+    for kind in KINDS:
+        drawn = draw_figures(named[kind], data_of(named[kind]), out / "figures" / kind,
+                             formats, force=force, log=log)
+        figures[kind] = {
+            name: [os.path.relpath(Path(p), out) for p in paths] for name, paths in drawn.items()
+        }
+    timings["figures"] = time.perf_counter() - t0
+
+    # ---- results ------------------------------------------------------------------------
+    results: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "kind": "vaelab-report",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": reproduce_command(out, runs=[str(r.path) for r in given.values()],
+                                     quick=quick, ablations=ablations, seeds=seeds,
+                                     num_samples=num_samples, dataset=dataset,
+                                     formats=formats),
+        "versions": versions(),
+        "device": str(device),
+        "out": str(out),
+        "settings": {"quick": quick, "ablations": ablations, "seeds": seeds,
+                     "num_samples": num_samples, "dataset": dataset, "preset": preset,
+                     "given_runs": {k: str(r.path) for k, r in given.items()}},
+        "reference": {"values": STUDY, "reduction_pct": {
+            m: reduction_pct(STUDY["vae"][m], STUDY["cvae"][m]) for m in STUDY["vae"]}},
+        "closest_pairs": {name: [[p["a"], p["b"]] for p in ev["closest_pairs"]["pairs"]]
+                          for name, ev in evaluations.items()},
+        "runs": {name: {"path": str(run.path), "kind": run.spec.kind}
+                 for name, run in named.items()},
+        "evaluations": evaluations,
+        "comparison": comparison_rows(evaluations, seed_runs),
+        "seed_runs": seed_runs,
+        "classifier": {k: v for k, v in classifier_meta.items() if k != "history"}
+        | {"path": str(out / "classifier")},
+        "figures": figures,
+        "figure_captions": {name: spec.caption for name, spec in plots.FIGURES.items()},
+        "ablations": ablation_results(evaluations, seed_runs, annealing) if ablations else None,
+    }
+    timings["total"] = time.perf_counter() - t_start
+    results["timings"] = timings
+    atomic_write_json(out / "results.json", results)
+    blocks = report_blocks(results)
+    atomic_write_text(out / "README.md", render_markdown(blocks))
+    atomic_write_text(out / "index.html", render_html(blocks, out))
+    render_terminal([b for b in blocks if b[0] != "figure"], console)
+    log(f"report: {out / 'README.md'}  {out / 'index.html'}  numbers: {out / 'results.json'}")
+    return results
+
+
+def reproduce_command(
+    out: Path, *, runs: Sequence[str], quick: bool, ablations: bool, seeds: Sequence[int],
+    num_samples: int, dataset: str, formats: Sequence[str] = ("png", "pdf"),
+) -> str:
+    """The ``vaelab reproduce`` command line that makes this report again."""
+    parts = ["vaelab", "reproduce", "--out", shlex.quote(str(out))]
+    if runs:
+        parts += ["--runs", *(shlex.quote(r) for r in runs)]
+    if quick:
+        parts.append("--quick")
+    if ablations:
+        parts.append("--ablations")
+        if list(seeds) != [0, 1, 2]:
+            parts += ["--seeds", *(str(s) for s in seeds)]
+    if num_samples != (50 if quick else 1000):
+        parts += ["--samples", str(num_samples)]
+    if dataset != "mnist":
+        parts += ["--dataset", shlex.quote(dataset)]
+    if list(formats) != ["png", "pdf"]:
+        parts += ["--format", *formats]
+    return " ".join(parts)
+
+
+def comparison_rows(
+    evaluations: dict[str, dict[str, Any]], seed_runs: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """The main table: each metric for the VAE and the CVAE (mean ± std over the seed runs when
+    there are several), the relative reduction CVAE vs VAE, and the study's values."""
+    rows = []
+    for key, label in METRICS:
+        row: dict[str, Any] = {"metric": key, "label": label}
+        for kind in KINDS:
+            values = [run_metrics(evaluations[n])[key] for n in seed_runs[kind]]
+            mean, std = _mean_std(values)
+            row[kind], row[f"{kind}_std"], row[f"{kind}_values"] = mean, std, values
+            row[f"study_{kind}"] = STUDY[kind].get(key)
+        row["reduction_pct"] = reduction_pct(row["vae"], row["cvae"])
+        row["study_reduction_pct"] = reduction_pct(row["study_vae"], row["study_cvae"])
+        rows.append(row)
+    return rows
+
+
+def _direction(with_: float, without: float, nd: int = 2) -> str:
+    """How ``without`` compares with ``with_`` at the precision shown (``nd`` decimals)."""
+    diff = round(without, nd) - round(with_, nd)
+    if abs(diff) < 0.5 * 10**-nd:
+        return "the same"
+    return "higher" if diff > 0 else "lower"
+
+
+def ablation_results(
+    evaluations: dict[str, dict[str, Any]], seed_runs: dict[str, list[str]],
+    annealing: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    """KL annealing (with vs without warm-up) and the spread over seeds, with a sentence per
+    model that states what the numbers show."""
+    anneal: dict[str, Any] = {}
+    for kind, arms in annealing.items():
+        w, n = evaluations[arms["warmup"]], evaluations[arms["no_warmup"]]
+        entry = {"runs": arms, "warmup": {}, "no_warmup": {}}
+        for arm, ev in (("warmup", w), ("no_warmup", n)):
+            entry[arm] = {"kl": ev["elbo"]["kl"], "neg_elbo": ev["elbo"]["neg_elbo"],
+                          "recon": ev["elbo"]["recon"],
+                          "active_units": ev["active_units"]["count"],
+                          "latent_dim": ev["active_units"]["latent_dim"]}
+        a, b = entry["warmup"], entry["no_warmup"]
+        parts = []
+        for key, label in (("kl", "test KL"), ("neg_elbo", "-ELBO")):
+            way = _direction(a[key], b[key])
+            parts.append(f"{label} {b[key]:.2f} nats without the warm-up vs {a[key]:.2f} with it "
+                         + ("(the same to two decimals)" if way == "the same" else
+                            f"({way} without, {b[key] - a[key]:+.2f})"))
+        au = _direction(a["active_units"], b["active_units"], 0)
+        parts.append(f"active units {b['active_units']} of {b['latent_dim']} without vs "
+                     f"{a['active_units']} of {a['latent_dim']} with it"
+                     + ("" if au == "the same" else f" ({'more' if au == 'higher' else 'fewer'} "
+                        "without)"))
+        entry["text"] = f"{kind.upper()}: " + "; ".join(parts) + "."
+        anneal[kind] = entry
+    seeds: dict[str, Any] = {}
+    for kind, names in seed_runs.items():
+        seeds[kind] = {"runs": names,
+                       "seeds": [evaluations[n].get("seed") for n in names]}
+        for key, _ in METRICS:
+            values = [run_metrics(evaluations[n])[key] for n in names]
+            mean, std = _mean_std(values)
+            seeds[kind][key] = {"mean": mean, "std": std, "values": values}
+        au = [evaluations[n]["active_units"]["count"] for n in names]
+        mean, std = _mean_std(au)
+        seeds[kind]["active_units"] = {"mean": mean, "std": std, "values": au}
+    return {"kl_annealing": anneal, "seeds": seeds}
+
+
+# --------------------------------------------------------------------------------------------
+# The document: one list of blocks, rendered as Markdown, HTML and a terminal summary
+# --------------------------------------------------------------------------------------------
+def evaluation_blocks(
+    evaluations: dict[str, dict[str, Any]], *, log_px: bool = True, study: bool = False
+) -> list[Block]:
+    """Tables of log p(x), active units, kNN, aggregate posterior and closest digit pairs."""
+    blocks: list[Block] = []
+    rows = []
+    for name, ev in evaluations.items():
+        lp = ev.get("log_px") if log_px else None
+        if lp:
+            rows.append([name, _f(lp["neg_log_px"]), _f(lp["neg_elbo"]), _f(lp["gap"]),
+                         _f(lp["log_px_sem"]), str(lp["num_samples"]), f"{lp['n']:,}"])
+    if rows:
+        blocks += [("h3", "Importance-sampled log-likelihood"),
+                   ("p", "log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ "
+                         "q(z|x) (Burda et al. 2015); the same K samples give the ELBO, and the "
+                         "gap log p(x) - ELBO is what the bound loses."),
+                   ("table", ["run", "-log p(x)", "-ELBO (K samples)", "gap", "s.e.", "K",
+                              "images"], rows)]
+    blocks += [("h3", "Active units"),
+               ("p", "A_j = Var_x(E_q[z_j]); unit j is active when A_j > 0.01 "
+                     "(Burda et al. 2015)."),
+               ("table", ["run", "active", "Var(mu_j) per dimension"],
+                [[n, f"{ev['active_units']['count']} of {ev['active_units']['latent_dim']}",
+                  _vec(ev["active_units"]["variances"], 3)] for n, ev in evaluations.items()])]
+    blocks += [("h3", "k-nearest-neighbour digit accuracy in latent space"),
+               ("p", "Each test image's posterior mean takes the majority label of its k nearest "
+                     "training posterior means. A CVAE's encoder is given the label, so its codes "
+                     "need not carry the digit: there a low accuracy means z holds style only."),
+               ("table", ["run", "k", "accuracy", "training codes", "test codes"],
+                [[n, str(ev["knn"]["k"]), _pct(100 * ev["knn"]["accuracy"]),
+                  f"{ev['knn']['n_train']:,}", f"{ev['knn']['n_test']:,}"]
+                 for n, ev in evaluations.items()])]
+    blocks += [("h3", "Aggregate posterior vs the prior N(0, I)"),
+               ("p", "q(z) = mean over images of q(z|x): mean E[mu], covariance Cov(mu) + "
+                     "E[diag sigma^2]; KL is that of the moment-matched Gaussian to the prior."),
+               ("table", ["run", "E[mu]", "Cov(mu)", "Cov q(z)", "KL(q || p) (Gaussian fit)"],
+                [[n, _vec(ev["aggregate_posterior"]["posterior_means"]["mean"]),
+                  _mat(ev["aggregate_posterior"]["posterior_means"]["cov"]),
+                  _mat(ev["aggregate_posterior"]["aggregate"]["cov"]),
+                  _f(ev["aggregate_posterior"]["aggregate"]["kl_to_prior"], 3)]
+                 for n, ev in evaluations.items()])]
+    blocks += [("h3", "Closest digit pairs in latent space"),
+               ("p", "Distance between the class centroids of the posterior means."
+                + (" The study's VAE had "
+                   + ", ".join(f"{a}/{b}" for a, b in STUDY["closest_pairs"])
+                   + " closest." if study else "")),
+               ("table", ["run", "closest pairs (distance)"],
+                [[n, ", ".join(f"{p['a']}/{p['b']} ({p['distance']:.2f})"
+                               for p in ev["closest_pairs"]["pairs"])]
+                 for n, ev in evaluations.items()])]
+    return blocks
+
+
+def report_blocks(results: dict[str, Any]) -> list[Block]:
+    ev = results["evaluations"]
+    s = results["settings"]
+    seeds_note = ""
+    if any(len(r["vae_values"]) > 1 for r in results["comparison"]):
+        seeds_note = (" VAE and CVAE values are mean ± std over seeds "
+                      f"{', '.join(str(x) for x in s['seeds'])}.")
+    k = s["num_samples"]
+    blocks: list[Block] = [
+        ("h1", "vaelab: the VAE / CVAE study, reproduced"),
+        ("p", f"Preset `{s['preset']}` on `{s['dataset']}`, device {results['device']}, "
+              f"created {results['created']}. Every number below was computed by this run; the "
+              "study's columns are its published values."),
+        ("code", results["command"] or "vaelab reproduce"),
+        ("h2", "VAE vs CVAE (test set, nats per image)"),
+        ("table",
+         ["metric", "VAE", "CVAE", "reduction CVAE vs VAE", "study VAE", "study CVAE",
+          "study reduction"],
+         [[r["label"], _pm(r["vae"], r["vae_std"]), _pm(r["cvae"], r["cvae_std"]),
+           _pct(r["reduction_pct"]), _f(r["study_vae"]), _f(r["study_cvae"]),
+           _pct(r["study_reduction_pct"])] for r in results["comparison"]]),
+        ("p", "reduction = 100 (VAE - CVAE) / VAE; -ELBO = reconstruction + KL at beta = 1; "
+              + (f"-log p(x) is importance sampled with K = {k} samples per image."
+                 if k else "log p(x) was not estimated (0 samples).") + seeds_note),
+    ]
+    ca = ev.get("cvae", {}).get("cvae_class_accuracy")
+    clf = results["classifier"]
+    if ca:
+        blocks += [
+            ("h2", "Does the CVAE draw the digit it is asked for?"),
+            ("p", f"{ca['per_class_n']} samples z ~ N(0, I) per class, decoded under that class "
+                  "(Bernoulli means), labelled by the CNN classifier (test accuracy "
+                  f"{100 * clf['test_accuracy']:.2f}% on {clf['test_images']:,} real images, "
+                  f"{clf['epochs']} epoch{'s' if clf['epochs'] != 1 else ''})."),
+            ("table", ["class", *(str(c) for c in range(len(ca["per_class"]))), "all"],
+             [["accuracy", *(_pct(100 * a) for a in ca["per_class"]),
+               _pct(100 * ca["accuracy"])]]),
+        ]
+    blocks += [("h2", "The latent space"), *evaluation_blocks(ev, study=True)]
+    ab = results.get("ablations")
+    if ab:
+        blocks += [("h2", "Ablations"), ("h3", "KL annealing: linear warm-up vs constant beta = 1")]
+        rows = []
+        for kind, entry in ab["kl_annealing"].items():
+            for arm, label in (("warmup", "warm-up"), ("no_warmup", "no warm-up")):
+                a = entry[arm]
+                rows.append([kind.upper(), label, entry["runs"][arm], _f(a["recon"]),
+                             _f(a["kl"]), _f(a["neg_elbo"]),
+                             f"{a['active_units']} of {a['latent_dim']}"])
+        blocks.append(("table", ["model", "KL weight", "run", "recon", "KL", "-ELBO",
+                                 "active units"], rows))
+        blocks += [("p", entry["text"]) for entry in ab["kl_annealing"].values()]
+        blocks.append(("h3", "Seeds"))
+        rows = []
+        for kind, entry in ab["seeds"].items():
+            rows.append([kind.upper(), ", ".join(str(x) for x in entry["seeds"]),
+                         *(_pm(entry[key]["mean"], entry[key]["std"]) for key, _ in METRICS),
+                         _pm(entry["active_units"]["mean"], entry["active_units"]["std"], 1)])
+        blocks.append(("table", ["model", "seeds", *(label for _, label in METRICS),
+                                 "active units"], rows))
+    blocks.append(("h2", "Figures"))
+    captions = results["figure_captions"]
+    for kind, figs in results["figures"].items():
+        run_path = results["runs"][kind]["path"]
+        blocks.append(("h3", kind.upper()))
+        for name, paths in figs.items():
+            png = next((p for p in paths if p.endswith(".png")), paths[0] if paths else None)
+            if png is None:
+                continue
+            redraw = f"vaelab plot {shlex.quote(run_path)} --figure {name} --out " \
+                f"{shlex.quote(str(Path(results['out']) / 'figures' / kind))}"
+            blocks.append(("figure", png, captions.get(name, name), name, redraw,
+                           [p for p in paths if p != png]))
+    t = results["timings"]
+    blocks += [("h2", "Runtime"),
+               ("table", ["step", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()])]
+    return blocks
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + b[1], ""]
+        elif kind == "p":
+            lines += [b[1], ""]
+        elif kind == "code":
+            lines += ["```", b[1], "```", ""]
+        elif kind == "table":
+            headers, rows = b[1], b[2]
+            lines.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
+            lines.append("|" + "|".join("---" for _ in headers) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            lines.append("")
+        elif kind == "figure":
+            _, path, caption, name, command, others = b
+            lines += [f"![{name}]({path})", "", f"*{caption}*", "",
+                      f"Redraw: `{command}`"
+                      + (f" · also {', '.join(f'[{Path(p).suffix[1:]}]({p})' for p in others)}"
+                         if others else ""), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
+margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.6em 0 1.2em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{background:#f3f3f3}
+figure{display:inline-block;margin:.6em;vertical-align:top;max-width:520px}
+figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.9em;color:#444}
+code,pre{background:#f6f6f6;padding:.1em .3em;border-radius:3px}
+pre{padding:.6em;overflow-x:auto}
+"""
+
+
+def render_html(blocks: list[Block], root: Path) -> str:
+    """Self-contained HTML: inline CSS, PNG figures embedded as base64 data URIs, no links."""
+    e = html.escape
+    title = next((b[1] for b in blocks if b[0] == "h1"), "vaelab report")
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>{e(title)}</title><style>{_CSS}</style></head><body>"]
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            parts.append(f"<{kind}>{e(b[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{e(b[1])}</p>")
+        elif kind == "code":
+            parts.append(f"<pre><code>{e(b[1])}</code></pre>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(str(h))}</th>" for h in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>"
+                           for row in b[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "figure":
+            _, path, caption, name, command, _others = b
+            file = root / path
+            if file.suffix.lower() != ".png" or not file.exists():
+                parts.append(f"<p>{e(name)}: no PNG to show ({e(path)})</p>")
+                continue
+            data = base64.b64encode(file.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img alt="{e(name)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption><b>{e(name)}</b>: {e(caption)}<br>"
+                         f"<code>{e(command)}</code></figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_terminal(blocks: list[Block], console: Any) -> None:
+    """Tables as rich tables, headings as rules, paragraphs as text."""
+    from rich.table import Table
+    from rich.text import Text
+
+    for b in blocks:
+        kind = b[0]
+        if kind == "h1":
+            console.rule(f"[bold]{b[1]}")
+        elif kind in ("h2", "h3"):
+            console.print(Text(b[1], style="bold" if kind == "h2" else "bold dim"))
+        elif kind == "p":
+            console.print(Text(b[1]))
+        elif kind == "table":
+            table = Table()
+            for h in b[1]:
+                table.add_column(Text(str(h)))
+            for row in b[2]:
+                table.add_row(*(Text(str(c)) for c in row))
+            console.print(table)

@@ -1,0 +1,249 @@
+"""Tests for ``vaelab reproduce`` (vaelab.report): one quick study on synthetic IDX data.
+
+The study is run once per module (two one-epoch runs on a few hundred images, a one-epoch
+classifier, 5 importance samples, PNG figures at a low resolution) and its folder is checked;
+the CLI then re-runs it on a copy, which reuses the runs, the classifier and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaelab import plots
+from vaelab.cli import main
+from vaelab.data import MNIST_FILES, write_idx
+from vaelab.errors import CheckpointError, ConfigError
+from vaelab.report import (
+    MARKER,
+    STUDY,
+    ablation_results,
+    comparison_rows,
+    load_given_runs,
+    reduction_pct,
+    reproduce,
+)
+
+
+def write_block_digits(folder: Path, n_train: int = 240, n_test: int = 60) -> Path:
+    """IDX files where digit c is a bright block at a class-dependent place, plus noise."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) < 0.05).astype(np.uint8) * 255
+        for i, c in enumerate(labels):
+            r, col = divmod(int(c), 5)
+            images[i, 4 + 10 * r : 12 + 10 * r, 1 + 5 * col : 6 + 5 * col] = 255
+        write_idx(folder / MNIST_FILES[f"{part}_images"], images)
+        write_idx(folder / MNIST_FILES[f"{part}_labels"], labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def low_dpi():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(plots.STYLE, "savefig.dpi", 30)  # the tests check files, not pixels
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_block_digits(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, data_dir, low_dpi) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("study") / "report"
+    results = reproduce(out, quick=True, dataset=f"idx:{data_dir}", num_samples=5,
+                        progress=False, formats=("png",))
+    return out, results
+
+
+def test_reproduce_quick_writes_everything(study) -> None:
+    out, results = study
+    for name in (MARKER, "results.json", "README.md", "index.html"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    # every figure that applies to each model, as PNG
+    for kind in ("vae", "cvae"):
+        expected = {n for n, s in plots.FIGURES.items() if s.applies_to == "all" or kind == "cvae"}
+        assert set(results["figures"][kind]) == expected
+        for paths in results["figures"][kind].values():
+            assert all((out / p).is_file() and p.endswith(".png") for p in paths)
+    assert "samples-per-class" not in results["figures"]["vae"]
+    # both runs evaluated with every measure; the CVAE's samples judged by the classifier
+    for kind in ("vae", "cvae"):
+        ev = results["evaluations"][kind]
+        assert ev["model"] == kind and (out / "runs" / kind / "model.json").exists()
+        assert ev["log_px"]["num_samples"] == 5 and ev["log_px"]["gap"] >= 0
+        assert {"active_units", "knn", "aggregate_posterior", "closest_pairs"} <= set(ev)
+    ca = results["evaluations"]["cvae"]["cvae_class_accuracy"]
+    assert len(ca["per_class"]) == 10 and 0 <= ca["accuracy"] <= 1
+    assert results["evaluations"]["vae"]["cvae_class_accuracy"] is None
+    assert (out / "classifier" / "classifier.json").exists()
+    assert results["ablations"] is None
+
+
+def test_the_table_sets_ours_beside_the_study(study) -> None:
+    out, results = study
+    rows = {r["metric"]: r for r in results["comparison"]}
+    assert list(rows) == ["recon", "kl", "neg_elbo", "neg_log_px"]
+    vae, cvae = results["evaluations"]["vae"], results["evaluations"]["cvae"]
+    assert rows["recon"]["vae"] == vae["elbo"]["recon"]
+    assert rows["neg_log_px"]["cvae"] == cvae["log_px"]["neg_log_px"]
+    for key in ("recon", "kl", "neg_elbo"):
+        r = rows[key]
+        assert r["reduction_pct"] == pytest.approx(100 * (r["vae"] - r["cvae"]) / r["vae"])
+        assert (r["study_vae"], r["study_cvae"]) == (STUDY["vae"][key], STUDY["cvae"][key])
+    study_pct = [round(rows[k]["study_reduction_pct"], 1) for k in ("recon", "kl", "neg_elbo")]
+    assert study_pct == [9.9, 27.2, 10.7]
+    readme = (out / "README.md").read_text()
+    assert "| -ELBO | " in readme and "144.59" in readme and "129.16" in readme
+    assert "10.7%" in readme and f"{rows['neg_elbo']['vae']:.2f}" in readme
+    assert "The study's VAE had 4/9, 3/8, 1/7 closest." in readme
+    pairs = results["evaluations"]["vae"]["closest_pairs"]["pairs"]
+    assert results["closest_pairs"]["vae"] == [[p["a"], p["b"]] for p in pairs]
+    # each figure with its caption and the command that redraws it
+    for kind, figs in results["figures"].items():
+        for name, paths in figs.items():
+            assert f"]({paths[0]})" in readme
+            assert f"vaelab plot {out / 'runs' / kind} --figure {name}" in readme
+            assert plots.FIGURES[name].caption in readme
+
+
+def test_index_html_is_self_contained(study) -> None:
+    out, results = study
+    page = (out / "index.html").read_text()
+    n_figures = sum(len(f) for f in results["figures"].values())
+    assert page.count('src="data:image/png;base64,') == n_figures
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", page, re.I)
+    assert "<script" not in page and "<link" not in page
+    assert "reduction CVAE vs VAE" in page
+
+
+def test_cli_reproduce_reuses_a_finished_study(study, data_dir, tmp_path, capsys) -> None:
+    out, _ = study
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    code = main(["reproduce", "--quick", "--out", str(copy), "--dataset", f"idx:{data_dir}",
+                 "--samples", "3", "--format", "png"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "finished run found, reused" in text and "classifier found, reused" in text
+    assert "figures up to date, reused" in text
+    assert "study VAE" in text and "138.00" in text  # the rich table
+    results = json.loads((copy / "results.json").read_text())
+    assert results["evaluations"]["cvae"]["log_px"]["num_samples"] == 3
+    assert "--samples 3" in results["command"]
+
+
+def test_cli_reproduce_refuses_bad_runs_and_foreign_folders(tmp_path, capsys) -> None:
+    out = tmp_path / "report"
+    assert main(["reproduce", "--quick", "--out", str(out), "--runs",
+                 str(tmp_path / "no-such-run")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    assert main(["reproduce", "--quick", "--out", str(foreign)]) == 2
+    assert "not a vaelab report" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+
+
+def test_given_runs_are_sorted_by_kind(study) -> None:
+    out, _ = study
+    given = load_given_runs([out / "runs" / "cvae", out / "runs" / "vae"])
+    assert {k: r.path.name for k, r in given.items()} == {"cvae": "cvae", "vae": "vae"}
+    with pytest.raises(ConfigError, match="two VAE runs"):
+        load_given_runs([out / "runs" / "vae", out / "runs" / "vae"])
+    with pytest.raises(CheckpointError):
+        load_given_runs([out / "classifier"])
+
+
+def test_reproduce_refuses_a_run_trained_otherwise(study, data_dir, tmp_path) -> None:
+    out, _ = study
+    copy = tmp_path / "other"
+    shutil.copytree(out, copy)
+    with pytest.raises(ConfigError, match="other settings"):
+        reproduce(copy, quick=True, dataset=f"idx:{data_dir}", seeds=(7,), progress=False)
+
+
+def fake_eval(recon: float, kl: float, active: int, seed: int) -> dict:
+    return {"seed": seed, "elbo": {"recon": recon, "kl": kl, "neg_elbo": recon + kl},
+            "log_px": {"neg_log_px": recon + kl - 1.0},
+            "active_units": {"count": active, "latent_dim": 2}}
+
+
+def test_ablations_are_summarised_from_the_numbers() -> None:
+    evaluations = {
+        "vae": fake_eval(140.0, 6.0, 2, 0), "vae-seed1": fake_eval(142.0, 5.0, 2, 1),
+        "vae-no-warmup": fake_eval(150.0, 2.0, 1, 0),
+        "cvae": fake_eval(125.0, 5.0, 2, 0), "cvae-seed1": fake_eval(127.0, 5.0, 2, 1),
+        "cvae-no-warmup": fake_eval(124.0, 5.5, 2, 0),
+    }
+    seed_runs = {"vae": ["vae", "vae-seed1"], "cvae": ["cvae", "cvae-seed1"]}
+    annealing = {k: {"warmup": k, "no_warmup": f"{k}-no-warmup"} for k in ("vae", "cvae")}
+    ab = ablation_results(evaluations, seed_runs, annealing)
+    vae_text = ab["kl_annealing"]["vae"]["text"]
+    assert "test KL 2.00 nats without the warm-up vs 6.00 with it (lower without, -4.00)" \
+        in vae_text
+    assert "-ELBO 152.00 nats without the warm-up vs 146.00 with it (higher without" in vae_text
+    assert "active units 1 of 2 without vs 2 of 2 with it (fewer without)" in vae_text
+    cvae_text = ab["kl_annealing"]["cvae"]["text"]
+    assert "(higher without, +0.50)" in cvae_text and "(lower without, -0.50)" in cvae_text
+    s = ab["seeds"]["vae"]
+    assert s["recon"]["mean"] == pytest.approx(141.0)
+    assert s["recon"]["std"] == pytest.approx(np.std([140.0, 142.0], ddof=1))
+    rows = {r["metric"]: r for r in comparison_rows(evaluations, seed_runs)}
+    assert rows["recon"]["vae"] == pytest.approx(141.0)
+    assert rows["recon"]["vae_values"] == [140.0, 142.0]
+    assert rows["recon"]["reduction_pct"] == pytest.approx(reduction_pct(141.0, 126.0))
+
+
+def test_cli_evaluate_samples_and_full(study, capsys) -> None:
+    out, _ = study
+    run = str(out / "runs" / "cvae")
+    assert main(["evaluate", run, "--samples", "4", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["log_px"]["num_samples"] == 4 and ev["log_px"]["gap"] >= 0
+    assert "active_units" not in ev
+    assert main(["evaluate", run, "--samples", "0", "--json"]) == 0
+    assert "log_px" not in json.loads(capsys.readouterr().out)
+    assert main(["evaluate", run, "--samples", "3", "--full"]) == 0
+    text = capsys.readouterr().out
+    for heading in ("-log p(x)", "Active units", "k-nearest-neighbour", "Aggregate posterior",
+                    "Closest digit pairs"):
+        assert heading in text
+    assert main(["evaluate", run, "--samples", "-1"]) == 2
+
+
+def test_reproduce_with_ablations(study, data_dir, tmp_path) -> None:
+    out, _ = study
+    copy = tmp_path / "ablations"
+    shutil.copytree(out, copy)
+    results = reproduce(copy, quick=True, ablations=True, seeds=(0, 1), num_samples=3,
+                        dataset=f"idx:{data_dir}", progress=False, formats=("png",))
+    assert set(results["runs"]) == {"vae", "cvae", "vae-seed1", "cvae-seed1", "vae-no-warmup",
+                                    "cvae-no-warmup"}
+    assert results["runs"]["vae-no-warmup"]["path"].endswith("no-warmup")
+    cfg = results["evaluations"]["vae-no-warmup"]["config"]
+    assert (cfg["beta_schedule"], cfg["beta"]) == ("constant", 1.0)
+    assert results["evaluations"]["cvae-seed1"]["config"]["seed"] == 1
+    ab = results["ablations"]
+    for kind in ("vae", "cvae"):
+        arms = {"warmup": kind, "no_warmup": f"{kind}-no-warmup"}
+        assert ab["kl_annealing"][kind]["runs"] == arms
+        assert ab["kl_annealing"][kind]["text"].startswith(kind.upper() + ": test KL")
+        assert ab["seeds"][kind]["seeds"] == [0, 1]
+    row = {r["metric"]: r for r in results["comparison"]}["neg_elbo"]
+    assert len(row["vae_values"]) == 2 and row["vae_std"] is not None
+    readme = (copy / "README.md").read_text()
+    assert "KL annealing" in readme and " ± " in readme
+    assert ab["kl_annealing"]["vae"]["text"] in readme
