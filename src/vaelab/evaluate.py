@@ -407,8 +407,12 @@ def full_evaluation(
     k: int = 5,
     per_class: int = 1000,
     progress: bool = False,
+    logpx_images: int | None = None,
 ) -> dict[str, Any]:
     """Every test-set number of one run, as a JSON-ready dict.
+
+    ``logpx_images`` limits the importance-sampled log p(x) to the first N test images (it
+    costs ``num_samples`` decoder passes per image); None or 0: the whole test set.
 
     ``elbo`` (recon, KL, -ELBO, one z per image), ``log_px`` (importance sampled with
     ``num_samples`` draws per image; None if 0), ``active_units``, ``knn`` (test codes against
@@ -421,8 +425,9 @@ def full_evaluation(
     likelihood = cfg.get("likelihood", "bernoulli")
     out: dict[str, Any] = {"model": model.spec.kind, "run": str(run.path), "seed": cfg.get("seed")}
     out["elbo"] = evaluate_elbo(model, dataset.test, likelihood=likelihood, seed=seed)
+    logpx_split = dataset.test.subset(logpx_images) if logpx_images else dataset.test
     out["log_px"] = log_px_estimate(
-        model, dataset.test, num_samples=num_samples, likelihood=likelihood, seed=seed,
+        model, logpx_split, num_samples=num_samples, likelihood=likelihood, seed=seed,
         progress=progress,
     ) if num_samples > 0 else None
     test_mu, test_lv = encode_split(model, dataset.test)

@@ -63,6 +63,10 @@ Block = tuple  # ("h1"|"h2"|"h3"|"p"|"code", text) | ("table", headers, rows) | 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+# log p(x) with K = 1000 costs 1000 decoder passes per image: on a 2-core CPU the first 1,000 test
+# images take minutes where all 10,000 take an hour. ``--logpx-images 0`` uses them all.
+DEFAULT_LOGPX_IMAGES = 1000
+
 def reduction_pct(vae: float | None, cvae: float | None) -> float | None:
     """Relative reduction of a lower-is-better number, CVAE vs VAE: 100 (vae - cvae) / vae."""
     if vae is None or cvae is None or vae == 0:
@@ -277,6 +281,7 @@ def reproduce(
     ablations: bool = False,
     seeds: Sequence[int] = (0, 1, 2),
     num_samples: int | None = None,
+    logpx_images: int | None = None,
     progress: bool = True,
     force: bool = False,
     dataset: str = "mnist",
@@ -307,6 +312,9 @@ def reproduce(
     out = Path(out)
     preset = "quick" if quick else "seed"
     num_samples = (50 if quick else 1000) if num_samples is None else num_samples
+    logpx_images = DEFAULT_LOGPX_IMAGES if logpx_images is None else logpx_images
+    if logpx_images < 0:
+        raise ConfigError(f"--logpx-images must be >= 0 (0: all), got {logpx_images}")
     if num_samples < 0:
         raise ConfigError(f"the number of importance samples must be >= 0, got {num_samples}")
     seeds = list(dict.fromkeys(int(s) for s in seeds)) or [0]
@@ -370,11 +378,13 @@ def reproduce(
 
     evaluations: dict[str, dict[str, Any]] = {}
     for name, run in named.items():
-        log(f"evaluating {name} ({run.path}): ELBO, log p(x) with K = {num_samples}, "
+        log(f"evaluating {name} ({run.path}): ELBO, log p(x) with K = {num_samples} "
+            f"on {'all' if not logpx_images else f'the first {logpx_images:,}'} test images, "
             "active units, kNN, aggregate posterior, closest pairs"
             + (", class accuracy of samples" if run.model.conditional else ""))
         ev = full_evaluation(run, data_of(run), num_samples=num_samples, classifier=classifier,
-                             seed=0, per_class=50 if quick else 1000, progress=progress)
+                             seed=0, per_class=50 if quick else 1000, progress=progress,
+                             logpx_images=logpx_images)
         ev["config"] = run.config["config"]
         ev["train_summary"] = run.summary
         evaluations[name] = ev
@@ -401,12 +411,13 @@ def reproduce(
         "command": reproduce_command(out, runs=[str(r.path) for r in given.values()],
                                      quick=quick, ablations=ablations, seeds=seeds,
                                      num_samples=num_samples, dataset=dataset,
-                                     formats=formats),
+                                     formats=formats, logpx_images=logpx_images),
         "versions": versions(),
         "device": str(device),
         "out": str(out),
         "settings": {"quick": quick, "ablations": ablations, "seeds": seeds,
-                     "num_samples": num_samples, "dataset": dataset, "preset": preset,
+                     "num_samples": num_samples, "logpx_images": logpx_images,
+                     "dataset": dataset, "preset": preset,
                      "given_runs": {k: str(r.path) for k, r in given.items()}},
         "reference": {"values": STUDY, "reduction_pct": {
             m: reduction_pct(STUDY["vae"][m], STUDY["cvae"][m]) for m in STUDY["vae"]}},
@@ -437,6 +448,7 @@ def reproduce(
 def reproduce_command(
     out: Path, *, runs: Sequence[str], quick: bool, ablations: bool, seeds: Sequence[int],
     num_samples: int, dataset: str, formats: Sequence[str] = ("png", "pdf"),
+    logpx_images: int = 0,
 ) -> str:
     """The ``vaelab reproduce`` command line that makes this report again."""
     parts = ["vaelab", "reproduce", "--out", shlex.quote(str(out))]
@@ -450,6 +462,8 @@ def reproduce_command(
             parts += ["--seeds", *(str(s) for s in seeds)]
     if num_samples != (50 if quick else 1000):
         parts += ["--samples", str(num_samples)]
+    if logpx_images != DEFAULT_LOGPX_IMAGES:
+        parts += ["--logpx-images", str(logpx_images)]
     if dataset != "mnist":
         parts += ["--dataset", shlex.quote(dataset)]
     if list(formats) != ["png", "pdf"]:

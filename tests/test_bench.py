@@ -1,0 +1,78 @@
+"""Speed work keeps the numbers honest: bf16 close to fp32, the reference computes vaelab's loss,
+and the benchmark runs end to end (its figures live in BENCHMARKS.md, not in asserts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vaelab.bench import load_reference, markdown, run_bench
+from vaelab.config import resolve_config
+from vaelab.data import write_idx
+from vaelab.models import ModelSpec, build_model
+from vaelab.objectives import elbo_terms, training_loss
+from vaelab.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench-data")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 384), ("t10k", 64)):
+        write_idx(d / f"{prefix}-images-idx3-ubyte",
+                  (rng.random((n, 28, 28)) ** 4 * 255).astype(np.uint8))
+        write_idx(d / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
+    return d
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae"])
+def test_reference_loss_equals_vaelab_loss(kind):
+    ref = load_reference()
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(kind=kind, channels=(8, 16), enc_hidden=32, dec_hidden=32))
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    gen = torch.Generator().manual_seed(3)
+    out = model(x, y if model.conditional else None, generator=gen)
+    for beta in (0.0, 0.3, 1.0):
+        theirs, bce, kld = ref.loss_function(out.logits, x, out.mu, out.logvar, beta)
+        terms = elbo_terms(x, out.mu, out.logvar, out.logits)
+        ours = training_loss(terms, beta)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(terms.recon.mean(), bce, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(terms.kl.mean(), kld, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_training_steps_are_finite_and_close_to_fp32(data_dir, tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = resolve_config("quick", dataset=f"idx:{data_dir}", val_size=32,
+                             precision=precision, device="cpu")
+        trainer = Trainer(cfg, tmp_path / precision, progress=False)
+        x, y = next(iter(trainer.batcher.epoch(0)))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                             enabled=precision == "bf16"):
+            out = trainer.model(x, None, generator=torch.Generator().manual_seed(0))
+        terms = elbo_terms(x, out.mu.float(), out.logvar.float(), out.logits.float())
+        losses[precision] = float(terms.neg_elbo.mean())
+        for _ in range(3):
+            trainer.train_step(x, y)
+        assert torch.isfinite(trainer.sums["terms"]).all()
+        assert int(trainer.sums["bad_step"]) == -1
+    # the same weights and batch: bf16 rounding moves the per-image -ELBO by well under 1%
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.01 * losses["fp32"]
+
+
+def test_bench_runs_end_to_end_and_writes_the_report(data_dir, tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    results = run_bench(models=("vae",), rounds=1, steps=2, device="cpu", num_samples=2,
+                        dataset=f"idx:{data_dir}", out=out, log=lambda s: None,
+                        rss_limit=64, val_size=32)
+    t = results["models"]["vae"]["throughput"]
+    assert t["vaelab"] > 0 and t["reference"] > 0 and t["ratio"] > 0
+    assert results["peak_rss_mb"] > 0
+    text = out.read_text()
+    assert "| vae |" in text and "Peak RSS" in text
+    assert text == markdown(results)
+    assert out.with_suffix(".json").exists()
