@@ -134,8 +134,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a VAE or CVAE into a run folder",
         description="Train a convolutional VAE or CVAE. The `seed` preset is the study's "
-        "table (latent 2, batch 128, Adam lr 1e-3, 30 epochs, 10-epoch KL warm-up); any "
-        "option given overrides it. Each epoch writes train/val/test reconstruction, KL and "
+        "table (latent 2, batch 128, Adam lr 1e-3, 30 epochs, 10-epoch KL warm-up) with "
+        "vaelab's architecture and a cosine decay of the learning rate (--lr-schedule "
+        "constant for the table exactly); any option given overrides it. Each epoch "
+        "writes train/val/test reconstruction, KL and "
         "-ELBO (test at beta = 1) to metrics.jsonl and a checkpoint; --resume continues a "
         "killed or interrupted run exactly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
