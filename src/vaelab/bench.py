@@ -222,7 +222,8 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
         results["models"][model] = r
     log("peak RSS of a training process")
     results["peak_rss_mb"] = peak_rss_of_training(dataset, limit=rss_limit)
-    results["command"] = "vaelab " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "vaelab bench"
+    argv = sys.argv[1:] if sys.argv and sys.argv[1:2] == ["bench"] else ["bench"]
+    results["command"] = "vaelab " + " ".join(argv)
     if out is not None:
         atomic_write_text(out, markdown(results))
         atomic_write_text(Path(out).with_suffix(".json"), json.dumps(results, indent=2) + "\n")
