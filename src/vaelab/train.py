@@ -304,11 +304,11 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """Everything a resume needs. Under torchrun the sums are the global ones (restored on
         rank 0 only, since they add up) and every rank's noise generator state is kept."""
+        noise = self._noise_states()
         return {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "noise": self._noise_states()[0],
-                    "noise_per_rank": self._noise_states()},
+            "rng": {"torch": torch.get_rng_state(), "noise": noise[0], "noise_per_rank": noise},
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
             "world_size": self.world_size,
             "sums": {k: v.cpu() for k, v in self._global_sums().items()},
