@@ -184,15 +184,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from vaelab.checkpoint import load_run
-    from vaelab.data import load_dataset
-    from vaelab.evaluate import evaluate_elbo
+    from vaelab.evaluate import dataset_for_run, evaluate_elbo
 
-    run = load_run(args.run)
-    cfg = run.config["config"]
-    ds = load_dataset(cfg["dataset"], val_size=cfg["val_size"], limit=cfg.get("limit"))
-    ev = evaluate_elbo(run.model, ds.test, likelihood=cfg["likelihood"], seed=args.seed)
     if args.samples < 0:
         raise VaelabError(f"--samples must be >= 0, got {args.samples}")
+    run = load_run(args.run)
+    cfg = run.config["config"]
+    ds = dataset_for_run(run)
+    ev = evaluate_elbo(run.model, ds.test, likelihood=cfg["likelihood"], seed=args.seed)
     bar = not args.json and sys.stdout.isatty()
     if args.full:
         from vaelab.evaluate import full_evaluation
@@ -249,13 +248,12 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> int:
     from vaelab.checkpoint import load_run
-    from vaelab.data import load_dataset
+    from vaelab.evaluate import dataset_for_run
     from vaelab.plots import draw_all, select_figures
 
     run = load_run(args.run)
     names = select_figures(run, args.figure)  # unknown or CVAE-only names fail before drawing
-    cfg = run.config["config"]
-    ds = load_dataset(cfg["dataset"], val_size=cfg["val_size"], limit=cfg.get("limit"))
+    ds = dataset_for_run(run)
     out = args.out if args.out is not None else run.path / "figures"
     written = draw_all(run, ds, out, formats=args.format, names=names)
     for paths in written.values():

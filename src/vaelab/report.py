@@ -33,7 +33,7 @@ import torch
 
 from vaelab.checkpoint import Run, load_run
 from vaelab.config import PRESETS, TrainConfig, resolve_config
-from vaelab.data import Dataset, load_dataset
+from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.io import atomic_write_json, atomic_write_text
 
@@ -303,7 +303,7 @@ def reproduce(
     """
     from rich.console import Console
 
-    from vaelab.evaluate import full_evaluation
+    from vaelab.evaluate import dataset_for_run, full_evaluation
     from vaelab.train import pick_device, versions
 
     t_start = time.perf_counter()
@@ -373,7 +373,7 @@ def reproduce(
         c = run.config["config"]
         key = (c["dataset"], c["val_size"], c.get("limit"))
         if key not in datasets:
-            datasets[key] = load_dataset(c["dataset"], val_size=c["val_size"], limit=c.get("limit"))
+            datasets[key] = dataset_for_run(run)
         return datasets[key]
 
     evaluations: dict[str, dict[str, Any]] = {}
