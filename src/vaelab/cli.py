@@ -35,6 +35,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
 
 
+class _PresetDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: the preset's)" for options whose value comes from ``--preset``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None and action.option_strings and action.help:
+            if action.required or "(default" in action.help:
+                return action.help
+            return action.help + " (default: the preset's)"
+        return super()._get_help_string(action)
+
+
 # --------------------------------------------------------------------------------------------
 # vaelab data
 # --------------------------------------------------------------------------------------------
@@ -106,7 +117,9 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 def _train_overrides(args: argparse.Namespace) -> dict:
     keys = ["model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "lr_schedule",
             "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
-            "seed", "device", "precision", "val_size", "limit", "checkpoint_every"]
+            "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
+            "channels", "enc_hidden", "dec_hidden", "activation", "enc_mlp_layers",
+            "enc_refine", "dec_mlp_layers", "dec_refine"]
     return {k: getattr(args, k) for k in keys}
 
 
@@ -129,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     from vaelab.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS
+    from vaelab.models import ACTIVATIONS
     from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS
 
     p = sub.add_parser(
@@ -140,7 +154,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "writes train/val/test reconstruction, KL and "
         "-ELBO (test at beta = 1) to metrics.jsonl and a checkpoint; --resume continues a "
         "killed or interrupted run exactly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_PresetDefaults)
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--model", choices=["vae", "cvae"], default="vae", help="model kind")
     p.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="base settings")
@@ -169,6 +183,22 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="use only the first N images of each split (quick runs)")
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="also checkpoint every N steps (0: epoch ends only)")
+    a = p.add_argument_group(
+        "architecture", "the network (default: vaelab's, see `vaelab.config.TrainConfig`)")
+    a.add_argument("--channels", type=_positive_int, nargs=2, default=None, metavar=("C1", "C2"),
+                   help="conv channels at 1/2 and 1/4 resolution")
+    a.add_argument("--enc-hidden", type=_positive_int, default=None, help="encoder MLP width")
+    a.add_argument("--dec-hidden", type=_positive_int, default=None, help="decoder MLP width")
+    a.add_argument("--activation", choices=sorted(ACTIVATIONS), default=None,
+                   help="hidden-layer activation")
+    a.add_argument("--enc-mlp-layers", type=_positive_int, default=None,
+                   help="hidden layers of the encoder MLP")
+    a.add_argument("--enc-refine", type=_positive_int, default=None,
+                   help="3x3 convs at half resolution in the encoder")
+    a.add_argument("--dec-mlp-layers", type=_positive_int, default=None,
+                   help="hidden layers of the decoder MLP")
+    a.add_argument("--dec-refine", type=_positive_int, default=None,
+                   help="3x3 convs at half resolution in the decoder")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint")
     p.add_argument("--force", action="store_true", help="replace a run already in --out")

@@ -32,6 +32,8 @@ class TrainConfig:
     activation: str = "relu"
     dec_mlp_layers: int = 2
     dec_refine: int = 1
+    enc_mlp_layers: int = 1
+    enc_refine: int = 0
     likelihood: str = "bernoulli"
     batch_size: int = 128
     lr: float = 1e-3
@@ -98,6 +100,7 @@ class TrainConfig:
             kind=self.model, latent_dim=self.latent_dim, channels=self.channels,
             enc_hidden=self.enc_hidden, dec_hidden=self.dec_hidden, activation=self.activation,
             dec_mlp_layers=self.dec_mlp_layers, dec_refine=self.dec_refine,
+            enc_mlp_layers=self.enc_mlp_layers, enc_refine=self.enc_refine,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class ModelSpec:
     activation: str = "relu"
     dec_mlp_layers: int = 1
     dec_refine: int = 0
+    enc_mlp_layers: int = 1
+    enc_refine: int = 0
     num_classes: int = 10
     image_size: int = 28
 
@@ -55,8 +57,10 @@ class ModelSpec:
             raise ConfigError(f"channels must be two positive integers, got {self.channels}")
         if min(self.enc_hidden, self.dec_hidden) < 1:
             raise ConfigError("hidden sizes must be >= 1")
-        if self.dec_mlp_layers < 1 or self.dec_refine < 0:
-            raise ConfigError("dec_mlp_layers must be >= 1 and dec_refine >= 0")
+        if min(self.dec_mlp_layers, self.enc_mlp_layers) < 1:
+            raise ConfigError("dec_mlp_layers and enc_mlp_layers must be >= 1")
+        if min(self.dec_refine, self.enc_refine) < 0:
+            raise ConfigError("dec_refine and enc_refine must be >= 0")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}"
@@ -81,18 +85,27 @@ class ModelSpec:
 
 
 class ConvEncoder(nn.Module):
-    """x [B, C, H, W] -> (mu, logvar) [B, D]: two stride-2 4x4 convolutions, then an MLP."""
+    """x [B, C, H, W] -> (mu, logvar) [B, D]: a stride-2 4x4 convolution to c1 x H/2 x W/2,
+    ``enc_refine`` 3x3 convs at that resolution, a stride-2 4x4 convolution to c2 x H/4 x W/4,
+    then an MLP with ``enc_mlp_layers`` hidden layers."""
 
     def __init__(self, in_channels: int, spec: ModelSpec) -> None:
         super().__init__()
         c1, c2 = spec.channels
         act = ACTIVATIONS[spec.activation]
         s = spec.image_size // 4
+        refine: list[nn.Module] = []
+        for _ in range(spec.enc_refine):
+            refine += [nn.Conv2d(c1, c1, 3, 1, 1), act()]
+        mlp: list[nn.Module] = [nn.Linear(c2 * s * s, spec.enc_hidden), act()]
+        for _ in range(spec.enc_mlp_layers - 1):
+            mlp += [nn.Linear(spec.enc_hidden, spec.enc_hidden), act()]
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, c1, 4, 2, 1), act(),
+            *refine,
             nn.Conv2d(c1, c2, 4, 2, 1), act(),
             nn.Flatten(),
-            nn.Linear(c2 * s * s, spec.enc_hidden), act(),
+            *mlp,
             nn.Linear(spec.enc_hidden, 2 * spec.latent_dim),
         )
 
