@@ -39,7 +39,20 @@ def test_layer_counts_follow_the_spec(kind: str) -> None:
     assert out.mu.shape == (b, 2) and out.logits.shape == (b, 1, 28, 28)
 
 
-@pytest.mark.parametrize("field", ["enc_refine", "dec_refine"])
+def test_full_resolution_head() -> None:
+    """dec_full_channels = F: the last transposed conv gives F maps at 28x28 and a 3x3 conv
+    the logits; the output bias (the data's mean intensity) sits on that conv."""
+    model = build_model(ModelSpec(dec_full_channels=5, **SMALL))
+    last_t = [m for m in model.decoder.modules() if isinstance(m, nn.ConvTranspose2d)][-1]
+    assert last_t.out_channels == 5
+    head = model.decoder.net[-1]
+    assert isinstance(head, nn.Conv2d) and (head.in_channels, head.out_channels) == (5, 1)
+    model.decoder.set_output_bias(0.25)
+    assert head.bias.item() == pytest.approx(torch.logit(torch.tensor(0.25)).item())
+    assert model.decode(torch.zeros(2, 2)).shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("field", ["enc_refine", "dec_refine", "dec_full_channels"])
 def test_negative_refine_is_refused(field: str) -> None:
     with pytest.raises(ConfigError, match=">= 0"):
         ModelSpec(**{field: -1})
@@ -54,7 +67,7 @@ def test_mlp_needs_a_layer(field: str) -> None:
 def test_old_specs_without_the_encoder_knobs_still_load() -> None:
     """Runs written before enc_refine/enc_mlp_layers existed rebuild the same network."""
     old = {k: v for k, v in ModelSpec(**SMALL).to_dict().items()
-           if k not in ("enc_refine", "enc_mlp_layers")}
+           if k not in ("enc_refine", "enc_mlp_layers", "dec_full_channels")}
     assert ModelSpec.from_dict(old) == ModelSpec(**SMALL)
 
 
@@ -71,14 +84,15 @@ def test_cli_architecture_flags_reach_the_run(tmp_path: Path, monkeypatch) -> No
     code = main(["train", "--preset", "quick", "--model", "cvae", "--device", "cpu", "--quiet",
                  "--channels", "4", "6", "--enc-hidden", "12", "--dec-hidden", "10",
                  "--activation", "elu", "--enc-refine", "1", "--enc-mlp-layers", "2",
-                 "--dec-refine", "2", "--dec-mlp-layers", "3", "--out", str(run)])
+                 "--dec-refine", "2", "--dec-mlp-layers", "3", "--dec-full-channels", "3",
+                 "--out", str(run)])
     assert code == 0
     cfg = json.loads((run / "config.json").read_text())["config"]
     assert (cfg["channels"], cfg["enc_hidden"], cfg["dec_hidden"], cfg["activation"]) == (
         [4, 6], 12, 10, "elu")
     assert (cfg["enc_refine"], cfg["enc_mlp_layers"], cfg["dec_refine"],
-            cfg["dec_mlp_layers"]) == (1, 2, 2, 3)
+            cfg["dec_mlp_layers"], cfg["dec_full_channels"]) == (1, 2, 2, 3, 3)
     model = load_run(run).model
     assert model.spec.enc_refine == 1 and model.spec.dec_mlp_layers == 3
     assert count(model.encoder, nn.ELU) == 1 + 1 + 1 + 2  # conv, refine, conv, 2 MLP layers
-    assert count(model.decoder, nn.Conv2d) == 2
+    assert count(model.decoder, nn.Conv2d) == 3  # two refine convs and the full-res head

@@ -119,7 +119,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
             "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
             "channels", "enc_hidden", "dec_hidden", "activation", "enc_mlp_layers",
-            "enc_refine", "dec_mlp_layers", "dec_refine"]
+            "enc_refine", "dec_mlp_layers", "dec_refine", "dec_full_channels"]
     return {k: getattr(args, k) for k in keys}
 
 
@@ -199,6 +199,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="hidden layers of the decoder MLP")
     a.add_argument("--dec-refine", type=_positive_int, default=None,
                    help="3x3 convs at half resolution in the decoder")
+    a.add_argument("--dec-full-channels", type=_positive_int, default=None,
+                   help="decoder features at full resolution before a 3x3 conv to the "
+                   "logits (0: the last transposed conv gives the logits)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint")
     p.add_argument("--force", action="store_true", help="replace a run already in --out")

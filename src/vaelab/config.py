@@ -34,6 +34,7 @@ class TrainConfig:
     dec_refine: int = 1
     enc_mlp_layers: int = 1
     enc_refine: int = 0
+    dec_full_channels: int = 0
     likelihood: str = "bernoulli"
     batch_size: int = 128
     lr: float = 1e-3
@@ -101,6 +102,7 @@ class TrainConfig:
             enc_hidden=self.enc_hidden, dec_hidden=self.dec_hidden, activation=self.activation,
             dec_mlp_layers=self.dec_mlp_layers, dec_refine=self.dec_refine,
             enc_mlp_layers=self.enc_mlp_layers, enc_refine=self.enc_refine,
+            dec_full_channels=self.dec_full_channels,
         )
 
     def to_dict(self) -> dict[str, Any]:

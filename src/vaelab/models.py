@@ -44,6 +44,7 @@ class ModelSpec:
     dec_refine: int = 0
     enc_mlp_layers: int = 1
     enc_refine: int = 0
+    dec_full_channels: int = 0
     num_classes: int = 10
     image_size: int = 28
 
@@ -59,8 +60,8 @@ class ModelSpec:
             raise ConfigError("hidden sizes must be >= 1")
         if min(self.dec_mlp_layers, self.enc_mlp_layers) < 1:
             raise ConfigError("dec_mlp_layers and enc_mlp_layers must be >= 1")
-        if min(self.dec_refine, self.enc_refine) < 0:
-            raise ConfigError("dec_refine and enc_refine must be >= 0")
+        if min(self.dec_refine, self.enc_refine, self.dec_full_channels) < 0:
+            raise ConfigError("dec_refine, enc_refine and dec_full_channels must be >= 0")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}"
@@ -117,7 +118,9 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """z [B, D_in] -> logits [B, 1, H, W]: an MLP (``dec_mlp_layers`` hidden layers) to a
     c2 x H/4 x W/4 map, a stride-2 transposed conv to c1 x H/2 x W/2, ``dec_refine`` 3x3 convs
-    at that resolution, and a last stride-2 transposed conv to the logits."""
+    at that resolution, and a last stride-2 transposed conv to the logits. With
+    ``dec_full_channels`` = F > 0 that last conv gives F x H x W features instead, and a 3x3 conv
+    at full resolution turns them into the logits."""
 
     def __init__(self, in_features: int, spec: ModelSpec) -> None:
         super().__init__()
@@ -130,13 +133,18 @@ class ConvDecoder(nn.Module):
         refine: list[nn.Module] = []
         for _ in range(spec.dec_refine):
             refine += [nn.Conv2d(c1, c1, 3, 1, 1), act()]
+        f = spec.dec_full_channels
+        head: list[nn.Module] = (
+            [nn.ConvTranspose2d(c1, f, 4, 2, 1), act(), nn.Conv2d(f, 1, 3, 1, 1)] if f
+            else [nn.ConvTranspose2d(c1, 1, 4, 2, 1)]
+        )
         self.net = nn.Sequential(
             *mlp,
             nn.Linear(spec.dec_hidden, c2 * s * s), act(),
             nn.Unflatten(1, (c2, s, s)),
             nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(),
             *refine,
-            nn.ConvTranspose2d(c1, 1, 4, 2, 1),
+            *head,
         )
 
     def forward(self, h: Tensor) -> Tensor:
