@@ -15,22 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from synthetic import uniform_noise, write_synthetic
 from vaelab.cli import main
-from vaelab.data import write_idx
-
-
-def write_synthetic_idx(folder: Path, n_train: int = 512, n_test: int = 64) -> Path:
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True, exist_ok=True)
-    for part, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{part}-images-idx3-ubyte",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{part}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return folder
 
 
 def snapshot(folder: Path) -> dict[str, str] | None:
@@ -65,7 +54,7 @@ def assert_refused(code: int, err: list[str], out: str, *expected: str) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_idx(tmp_path_factory.mktemp("idx"))
+    return write_synthetic(tmp_path_factory.mktemp("idx"), uniform_noise, 512, 64, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import math
 from urllib.parse import quote
 
-import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
@@ -20,8 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from synthetic import uniform_noise, write_synthetic  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402
-from vaelab.data import write_idx  # noqa: E402
 from vaelab.explore import create_app  # noqa: E402
 from vaelab.train import train  # noqa: E402
 
@@ -40,13 +39,7 @@ def valid_z(z: object, dim: int) -> bool:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     root = tmp_path_factory.mktemp("explore-fuzz")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for part, n in (("train", 160), ("t10k", 40)):
-        write_idx(data / f"{part}-images-idx3-ubyte",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(data / f"{part}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    data = write_synthetic(root / "data", uniform_noise, 160, 40, seed=0)
     paths = []
     for name, model, latent in (("vae3", "vae", 3), ("cvae", "cvae", 2)):
         cfg = resolve_config("quick", model=model, dataset=f"idx:{data}", val_size=32,

@@ -12,9 +12,10 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from synthetic import uniform_noise, write_synthetic
 from vaelab import plots
 from vaelab.checkpoint import Run
-from vaelab.data import MNIST_FILES, Dataset, Split, write_idx
+from vaelab.data import Dataset, Split
 from vaelab.errors import ConfigError
 from vaelab.models import ModelSpec, build_model
 
@@ -396,12 +397,7 @@ def trained_run(tmp_path_factory) -> Path:
     from vaelab.train import train
 
     root = tmp_path_factory.mktemp("plotrun")
-    data = root / "idx"
-    rng = np.random.default_rng(1)
-    for part, n in (("train", 160), ("test", 40)):
-        write_idx(data / MNIST_FILES[f"{part}_images"],
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(data / MNIST_FILES[f"{part}_labels"], (np.arange(n) % 10).astype(np.uint8))
+    data = write_synthetic(root / "idx", uniform_noise, 160, 40, seed=1)
     cfg = resolve_config("quick", dataset=f"idx:{data}", device="cpu")
     train(cfg, root / "run", progress=False)
     return root / "run"
