@@ -3,13 +3,12 @@ and the benchmark runs end to end (its figures live in BENCHMARKS.md, not in ass
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from synthetic import dark_noise, write_synthetic
 from vaelab.bench import load_reference, markdown, run_bench
 from vaelab.config import resolve_config
-from vaelab.data import write_idx
 from vaelab.models import ModelSpec, build_model
 from vaelab.objectives import elbo_terms, training_loss
 from vaelab.train import Trainer
@@ -17,13 +16,8 @@ from vaelab.train import Trainer
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bench-data")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 384), ("t10k", 64)):
-        write_idx(d / f"{prefix}-images-idx3-ubyte",
-                  (rng.random((n, 28, 28)) ** 4 * 255).astype(np.uint8))
-        write_idx(d / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
-    return d
+    return write_synthetic(tmp_path_factory.mktemp("bench-data"), dark_noise, 384, 64, seed=0,
+                           power=4)
 
 
 @pytest.mark.parametrize("kind", ["vae", "cvae"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vaelab.data import write_idx
+from synthetic import dark_noise, write_synthetic
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,8 @@ def _torchrun() -> list[str]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ddp-data")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 256), ("t10k", 64)):
-        write_idx(d / f"{prefix}-images-idx3-ubyte",
-                  (rng.random((n, 28, 28)) ** 3 * 255).astype(np.uint8))
-        write_idx(d / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
-    return d
+    return write_synthetic(tmp_path_factory.mktemp("ddp-data"), dark_noise, 256, 64, seed=0,
+                           power=3)
 
 
 def _run(data_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
