@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from synthetic import block_digits, write_synthetic
 from vaelab.classifier import load_classifier, read_classifier_meta, train_classifier
-from vaelab.data import MNIST_FILES, Dataset, Split, write_idx
+from vaelab.data import Dataset, Split
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.evaluate import (
     active_units,
@@ -304,22 +305,8 @@ def test_cvae_class_accuracy_with_a_stub_classifier() -> None:
 # --------------------------------------------------------------------------------------------
 # The digit classifier
 # --------------------------------------------------------------------------------------------
-def write_block_digits(folder: Path, n_train: int = 120, n_test: int = 40) -> Path:
-    """IDX files where digit c is a bright block at a class-dependent place, plus noise."""
-    rng = np.random.default_rng(0)
-    for part, n in (("train", n_train), ("test", n_test)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = (rng.random((n, 28, 28)) < 0.05).astype(np.uint8) * 255
-        for i, c in enumerate(labels):
-            r, col = divmod(int(c), 5)
-            images[i, 4 + 10 * r : 12 + 10 * r, 1 + 5 * col : 6 + 5 * col] = 255
-        write_idx(folder / MNIST_FILES[f"{part}_images"], images)
-        write_idx(folder / MNIST_FILES[f"{part}_labels"], labels)
-    return folder
-
-
 def test_classifier_trains_saves_and_verifies(tmp_path: Path) -> None:
-    data = write_block_digits(tmp_path / "data")
+    data = write_synthetic(tmp_path / "data", block_digits, 120, 40, seed=0)
     out = tmp_path / "clf"
     meta = train_classifier(f"idx:{data}", out, epochs=4, seed=0, batch_size=16, lr=3e-3,
                             device="cpu")

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from synthetic import block_digits, write_synthetic
 from vaelab import plots
 from vaelab.cli import main
-from vaelab.data import MNIST_FILES, write_idx
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.report import (
     MARKER,
@@ -30,21 +30,6 @@ from vaelab.report import (
 )
 
 
-def write_block_digits(folder: Path, n_train: int = 240, n_test: int = 60) -> Path:
-    """IDX files where digit c is a bright block at a class-dependent place, plus noise."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for part, n in (("train", n_train), ("test", n_test)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = (rng.random((n, 28, 28)) < 0.05).astype(np.uint8) * 255
-        for i, c in enumerate(labels):
-            r, col = divmod(int(c), 5)
-            images[i, 4 + 10 * r : 12 + 10 * r, 1 + 5 * col : 6 + 5 * col] = 255
-        write_idx(folder / MNIST_FILES[f"{part}_images"], images)
-        write_idx(folder / MNIST_FILES[f"{part}_labels"], labels)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def low_dpi():
     with pytest.MonkeyPatch.context() as mp:
@@ -54,7 +39,7 @@ def low_dpi():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return write_block_digits(tmp_path_factory.mktemp("idx"))
+    return write_synthetic(tmp_path_factory.mktemp("idx"), block_digits, 240, 60, seed=0)
 
 
 @pytest.fixture(scope="module")
