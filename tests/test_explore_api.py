@@ -28,38 +28,21 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 from starlette.testclient import TestClient  # noqa: E402
 
+from synthetic import ring_blobs, write_synthetic  # noqa: E402
 from vaelab.checkpoint import load_run, save_final  # noqa: E402
 from vaelab.cli import main  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402
-from vaelab.data import load_dataset, write_idx  # noqa: E402
+from vaelab.data import load_dataset  # noqa: E402
 from vaelab.explore import MAX_BATCH, MAX_BODY, create_app  # noqa: E402
 from vaelab.train import train  # noqa: E402
 
 N_TEST = 120
 
 
-def write_blob_digits(folder: Path, n_train: int = 400, n_test: int = N_TEST) -> Path:
-    """IDX files of 'digits' that are soft blobs: the class sets where, noise shifts and sizes."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:28, 0:28]
-    folder.mkdir(parents=True, exist_ok=True)
-    for part, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        angle = labels * 2 * np.pi / 10
-        cx = 14 + 7 * np.cos(angle) + rng.uniform(-3, 3, n)
-        cy = 14 + 7 * np.sin(angle) + rng.uniform(-3, 3, n)
-        w = rng.uniform(1.5, 3.5, n)[:, None, None]
-        d2 = (xx[None] - cx[:, None, None]) ** 2 + (yy[None] - cy[:, None, None]) ** 2
-        write_idx(folder / f"{part}-images-idx3-ubyte",
-                  (255 * np.exp(-d2 / (2 * w**2))).astype(np.uint8))
-        write_idx(folder / f"{part}-labels-idx1-ubyte", labels.astype(np.uint8))
-    return folder
-
-
 @pytest.fixture(scope="session")
 def explore_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("explore-api")
-    data = write_blob_digits(root / "data")
+    data = write_synthetic(root / "data", ring_blobs, 400, N_TEST, seed=0)
     runs = {}
     for name, model, latent in (("vae", "vae", 2), ("cvae", "cvae", 2), ("vae3", "vae", 3)):
         cfg = resolve_config("quick", model=model, dataset=f"idx:{data}", val_size=32,

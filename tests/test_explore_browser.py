@@ -15,15 +15,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
+from synthetic import ring_blobs, write_synthetic  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402
-from vaelab.data import write_idx  # noqa: E402
 from vaelab.train import train  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,29 +34,11 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}")
 
 
-def write_blob_digits(folder: Path, n_train: int = 512, n_test: int = 200) -> Path:
-    """Soft blobs whose place depends on the class: a CVAE learns the class quickly."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:28, 0:28]
-    folder.mkdir(parents=True, exist_ok=True)
-    for part, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        angle = labels * 2 * np.pi / 10
-        cx = 14 + 7 * np.cos(angle) + rng.uniform(-3, 3, n)
-        cy = 14 + 7 * np.sin(angle) + rng.uniform(-3, 3, n)
-        w = rng.uniform(1.5, 3.5, n)[:, None, None]
-        d2 = (xx[None] - cx[:, None, None]) ** 2 + (yy[None] - cy[:, None, None]) ** 2
-        write_idx(folder / f"{part}-images-idx3-ubyte",
-                  (255 * np.exp(-d2 / (2 * w**2))).astype(np.uint8))
-        write_idx(folder / f"{part}-labels-idx1-ubyte", labels.astype(np.uint8))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`vaelab explore VAE CVAE --port 0` in a subprocess; yields the address it prints."""
     root = tmp_path_factory.mktemp("explore-browser")
-    data = write_blob_digits(root / "data")
+    data = write_synthetic(root / "data", ring_blobs, 512, 200, seed=0)
     runs = []
     for name, model, latent, epochs in (("vae", "vae", 2, 3), ("cvae", "cvae", 2, 3),
                                         ("vae3", "vae", 3, 1)):
