@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from synthetic import blobs, seeded_blobs, write_synthetic
 from vaelab.checkpoint import read_metrics
 from vaelab.config import resolve_config
-from vaelab.data import write_idx
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.models import ConvCVAE, ConvVAE, ModelSpec, build_model
 from vaelab.objectives import bernoulli_log_likelihood, elbo_terms, training_loss
@@ -35,20 +35,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def blobs(n: int, seed: int = 0) -> torch.Tensor:
-    """n synthetic images [n, 1, 28, 28] in [0, 1]: one or two Gaussian blobs each."""
-    g = torch.Generator().manual_seed(seed)
-    grid = torch.arange(28, dtype=torch.float32)
-    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
-    images = torch.zeros(n, 28, 28)
-    for k in range(2):
-        cx, cy = (torch.rand(2, n, 1, 1, generator=g) * 16 + 6)
-        width = torch.rand(n, 1, 1, generator=g) * 2 + 2
-        on = (torch.rand(n, 1, 1, generator=g) < (1.0 if k == 0 else 0.5)).float()
-        images += on * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
-    return images.clamp(0, 1).unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,18 +153,6 @@ def test_small_model_overfits_one_batch() -> None:
 # --------------------------------------------------------------------------------------------
 # Exact resume
 # --------------------------------------------------------------------------------------------
-def write_synthetic_idx(folder: Path, n_train: int = 256, n_test: int = 64, seed: int = 0) -> Path:
-    """The four MNIST-named IDX files with blob images (uint8) and labels 0-9."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = (blobs(n, seed=int(rng.integers(1 << 30))).squeeze(1) * 255).round()
-        labels = rng.integers(0, 10, size=n).astype(np.uint8)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", images.numpy().astype(np.uint8))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
-    return folder
-
-
 def _comparable(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s")}
             for m in metrics]
@@ -194,7 +168,7 @@ def test_resume_gives_identical_weights(tmp_path: Path) -> None:
     turns into a checkpoint and an ``Interrupted``). The trainer has no public "stop after N
     epochs" option, so this is the cleanest way in through the public API.
     """
-    data = write_synthetic_idx(tmp_path / "data")
+    data = write_synthetic(tmp_path / "data", seeded_blobs, 256, 64, seed=0)
     cfg = resolve_config("quick", dataset=f"idx:{data}", epochs=2, val_size=32, device="cpu")
     # resolve_config drops None overrides, so limit=None cannot clear the preset's 512;
     # replace() does (256 images are below 512 anyway)

@@ -8,27 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from vaelab.data import write_idx
+from synthetic import strokes, write_synthetic
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.ipynb"
-
-
-def write_synthetic_idx(folder: Path, n_train: int = 300, n_test: int = 100) -> Path:
-    """Four MNIST-named IDX files: random strokes on black, labels 0-9."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = np.zeros((n, 28, 28), dtype=np.uint8)
-        for image in images:
-            r, c = rng.integers(4, 24, size=2)
-            image[r - 3 : r + 3, c - 1 : c + 1] = 255  # a vertical stroke
-            image[r - 1 : r + 1, c - 3 : c + 3] = 180  # crossed by a grey one
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return folder
 
 
 def test_notebook_is_valid_and_clean() -> None:
@@ -45,7 +29,7 @@ def test_notebook_runs_in_quick_mode(tmp_path: Path, monkeypatch: pytest.MonkeyP
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    data = write_synthetic_idx(tmp_path / "data")
+    data = write_synthetic(tmp_path / "data", strokes, 300, 100, seed=0)
     out = tmp_path / "runs"
     monkeypatch.setenv("VAELAB_NOTEBOOK_DATA", f"idx:{data}")
     monkeypatch.setenv("VAELAB_NOTEBOOK_QUICK", "1")

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import vaelab.data
 import vaelab.io
+from synthetic import noisy_blobs, write_synthetic
 from vaelab.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -40,7 +40,6 @@ from vaelab.checkpoint import (
     save_final,
 )
 from vaelab.cli import main
-from vaelab.data import write_idx
 from vaelab.errors import CheckpointError
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.models import ModelSpec, build_model
@@ -53,21 +52,6 @@ TIMING = ("seconds", "images_per_s")  # the only fields allowed to differ after 
 # --------------------------------------------------------------------------------------------
 # Data, runs and comparisons
 # --------------------------------------------------------------------------------------------
-def write_synthetic_idx(folder: Path, n_train: int = 512, n_test: int = 64) -> Path:
-    """Four MNIST-shaped IDX files: blurry blobs, so the VAE has something to learn."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:28, 0:28]
-    for part, n in (("train", n_train), ("t10k", n_test)):
-        cy, cx = rng.uniform(8, 20, size=(2, n, 1, 1))
-        r = rng.uniform(3, 7, size=(n, 1, 1))
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
-        images = np.clip(blob * 255 + rng.normal(0, 8, blob.shape), 0, 255).astype(np.uint8)
-        write_idx(folder / f"{part}-images-idx3-ubyte", images)
-        write_idx(folder / f"{part}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return folder
-
-
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--out", str(out), "--preset", "quick", "--dataset", f"idx:{data}",
             "--val-size", "32", "--epochs", "3", "--checkpoint-every", "3", "--quiet", *extra]
@@ -125,7 +109,7 @@ def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_idx(tmp_path_factory.mktemp("idx"))
+    return write_synthetic(tmp_path_factory.mktemp("idx"), noisy_blobs, 512, 64, seed=0)
 
 
 @pytest.fixture(scope="module")
