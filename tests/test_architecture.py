@@ -96,3 +96,21 @@ def test_cli_architecture_flags_reach_the_run(tmp_path: Path, monkeypatch) -> No
     assert model.spec.enc_refine == 1 and model.spec.dec_mlp_layers == 3
     assert count(model.encoder, nn.ELU) == 1 + 1 + 1 + 2  # conv, refine, conv, 2 MLP layers
     assert count(model.decoder, nn.Conv2d) == 3  # two refine convs and the full-res head
+
+
+def test_a_config_that_predates_a_knob_resumes_without_that_layer() -> None:
+    """config.json written before a knob existed: the knob takes ModelSpec's default (the layer
+    absent), not TrainConfig's current architecture, so --resume rebuilds the saved network."""
+    from vaelab.config import ARCHITECTURE_KNOBS, TrainConfig
+
+    current = TrainConfig().to_dict()
+    old = {k: v for k, v in current.items()
+           if k not in ("enc_refine", "enc_mlp_layers", "dec_full_channels", "dec_refine",
+                        "dec_mlp_layers")}
+    spec = TrainConfig.from_dict(old).model_spec()
+    assert spec == ModelSpec(**{k: current[k] for k in ("channels", "enc_hidden", "dec_hidden",
+                                                        "activation")})
+    assert set(ARCHITECTURE_KNOBS) <= set(current) and set(ARCHITECTURE_KNOBS) <= set(
+        ModelSpec().to_dict())
+    # a field that is present wins
+    assert TrainConfig.from_dict({**old, "enc_refine": 3}).enc_refine == 3

@@ -15,6 +15,9 @@ from vaelab.models import ACTIVATIONS, MODEL_KINDS, ModelSpec
 from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS
 
 DEVICES = ("auto", "cpu", "cuda")
+# the architecture fields of TrainConfig, each also a ModelSpec field
+ARCHITECTURE_KNOBS = ("channels", "enc_hidden", "dec_hidden", "activation", "dec_mlp_layers",
+                      "dec_refine", "enc_mlp_layers", "enc_refine", "dec_full_channels")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -116,6 +119,10 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        # a knob a run's config.json predates was not in its network: take ModelSpec's default
+        # (the layer absent), never TrainConfig's (vaelab's current architecture)
+        spec_defaults = {f.name: f.default for f in fields(ModelSpec)}
+        d = {**{k: spec_defaults[k] for k in ARCHITECTURE_KNOBS if k not in d}, **d}
         cfg = cls(**d)
         cfg.channels = tuple(cfg.channels)  # type: ignore[assignment]
         return cfg
