@@ -457,7 +457,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "network trained with a per-sample Dataset, DataLoader, fp32 eager and .item() every "
         "step), the evaluation speed (test -ELBO, importance-sampled log p(x)), peak memory, "
         "and with --quality the training time until the test -ELBO reaches the study's "
-        "numbers. Writes BENCHMARKS.md (and .json).",
+        "numbers: vaelab's seed preset against the whole tutorial recipe (that loop with the "
+        "study's plain network and a constant learning rate). Writes BENCHMARKS.md (and "
+        ".json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", choices=["vae", "cvae"], default=["vae", "cvae"])
     p.add_argument("--rounds", type=_positive_int, default=3, help="alternating rounds")

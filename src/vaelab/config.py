@@ -139,7 +139,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         latent_dim=2, batch_size=64, lr=1e-3, epochs=1, beta_schedule="linear",
         warmup_epochs=0.5, limit=512, val_size=128, channels=(8, 16), enc_hidden=64,
-        dec_hidden=64, dec_mlp_layers=1, dec_refine=0,
+        dec_hidden=64, dec_mlp_layers=1, dec_refine=0, enc_mlp_layers=1, enc_refine=0,
+        dec_full_channels=0,
     ),
 }
 
