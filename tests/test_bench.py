@@ -70,3 +70,19 @@ def test_bench_runs_end_to_end_and_writes_the_report(data_dir, tmp_path):
     assert "| vae |" in text and "Peak RSS" in text
     assert text == markdown(results)
     assert out.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("target,reached", [(float("inf"), True), (float("-inf"), False)])
+def test_time_to_quality_stops_at_the_target(data_dir, target, reached):
+    from vaelab.bench import time_to_quality
+    from vaelab.data import load_dataset
+
+    ds = load_dataset(f"idx:{data_dir}", val_size=32)
+    lines: list[str] = []
+    q = time_to_quality(ds, "vae", device="cpu", max_epochs=2, target=target, log=lines.append)
+    for side in ("vaelab", "reference"):
+        assert q[side]["reached"] is reached and q[side]["seconds"] > 0
+        assert q[side]["epoch"] == (1 if reached else None)
+    # reached: each side stops after its first epoch; not reached: both run all max_epochs
+    assert len(lines) == (2 if reached else 4)
+    assert (q["ratio"] is not None) is reached
