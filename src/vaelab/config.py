@@ -34,9 +34,9 @@ class TrainConfig:
     dec_hidden: int = 512
     activation: str = "relu"
     dec_mlp_layers: int = 2
-    dec_refine: int = 1
-    enc_mlp_layers: int = 1
-    enc_refine: int = 0
+    dec_refine: int = 2
+    enc_mlp_layers: int = 2
+    enc_refine: int = 1
     dec_full_channels: int = 0
     likelihood: str = "bernoulli"
     batch_size: int = 128
