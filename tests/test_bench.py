@@ -86,3 +86,22 @@ def test_time_to_quality_stops_at_the_target(data_dir, target, reached):
     # reached: each side stops after its first epoch; not reached: both run all max_epochs
     assert len(lines) == (2 if reached else 4)
     assert (q["ratio"] is not None) is reached
+
+
+def test_training_flops_are_counted_from_the_network():
+    """The counted work per image grows with the network, and is about 3x the forward pass
+    (backward = two products per forward product), as for any conv/linear network."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vaelab.bench import roofline, training_flops_per_image
+
+    flops = training_flops_per_image("vae", batch_size=8)
+    net = build_model(resolve_config("seed", model="vae").model_spec())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.rand(8, 1, 28, 28))
+    forward = counter.get_total_flops() / 8
+    assert 2.5 * forward < flops <= 3.0 * forward
+    assert training_flops_per_image("cvae", batch_size=8) > flops  # one more input channel
+    r = roofline({"vaelab": 1000.0, "reference": 500.0}, flops, peak_gflops=100.0)
+    assert r["vaelab_gflops"] == pytest.approx(1000 * flops / 1e9)
+    assert r["twice_reference_of_peak"] == pytest.approx(r["vaelab_of_peak"])

@@ -93,6 +93,55 @@ def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
     return {"vaelab": a, "reference": b, "ratio": a / b, "rounds": rounds, "steps": steps}
 
 
+def training_flops_per_image(model: str, *, batch_size: int = 128) -> float:
+    """FLOPs of one training step (forward, backward; the Adam update is not counted) per image,
+    counted by ``torch.utils.flop_counter`` on vaelab's seed-preset network. Both contenders run
+    this same network, so it is the work per image whichever loop drives it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vaelab.objectives import elbo_terms, training_loss
+
+    torch.manual_seed(0)
+    net = build_model(resolve_config("seed", model=model).model_spec())
+    x = torch.rand(batch_size, 1, 28, 28)
+    y = torch.arange(batch_size) % 10
+    with FlopCounterMode(display=False) as counter:
+        out = net(x, y if net.conditional else None)
+        training_loss(elbo_terms(x, out.mu, out.logvar, out.logits), 1.0).backward()
+    return counter.get_total_flops() / batch_size
+
+
+def matmul_peak_gflops(device: str, *, n: int = 2048, repeats: int = 5) -> float:
+    """The best fp32 GFLOP/s of an n x n matrix product on ``device`` with torch's threads: a
+    practical ceiling for a network whose work is convolutions and matrix products."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def roofline(throughput_result: dict[str, Any], flops_per_image: float,
+             peak_gflops: float) -> dict[str, Any]:
+    """What each contender's images/s mean in GFLOP/s and as a share of the matmul peak, and the
+    share that 2x the reference would need."""
+    g = flops_per_image / 1e9
+    return {
+        "flops_per_image": flops_per_image, "peak_gflops": peak_gflops,
+        "vaelab_gflops": throughput_result["vaelab"] * g,
+        "reference_gflops": throughput_result["reference"] * g,
+        "vaelab_of_peak": throughput_result["vaelab"] * g / peak_gflops,
+        "reference_of_peak": throughput_result["reference"] * g / peak_gflops,
+        "twice_reference_of_peak": 2 * throughput_result["reference"] * g / peak_gflops,
+    }
+
+
 def time_to_quality(ds: Dataset, model: str, *, device: str, max_epochs: int = 30,
                     target: float | None = None, log=print) -> dict[str, Any]:
     """Training seconds (evaluation excluded) until the test -ELBO first reaches the study's
@@ -216,6 +265,8 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
         log(f"{model}: throughput: {rounds} alternating rounds of {steps} steps")
         r: dict[str, Any] = {"throughput": throughput(ds, model, rounds=rounds, steps=steps,
                                                       device=dev)}
+        r["roofline"] = roofline(r["throughput"], training_flops_per_image(model),
+                                 matmul_peak_gflops(dev))
         log(f"{model}: evaluation speed")
         r["evaluation"] = evaluation_speed(ds, model, device=dev, num_samples=num_samples)
         if quality:
@@ -246,6 +297,20 @@ def markdown(results: dict[str, Any]) -> str:
         t = r["throughput"]
         lines.append(f"| {name} | {t['vaelab']:,.0f} | {t['reference']:,.0f} | "
                      f"{t['ratio']:.2f}x |")
+    if all("roofline" in r for r in results["models"].values()):
+        lines += ["", "## Against the machine's ceiling", "",
+                  "Work per image counted by `torch.utils.flop_counter` (forward and backward of "
+                  "the network both contenders run); the ceiling is the best fp32 rate of a "
+                  "2048 x 2048 matrix product here.", "",
+                  "| model | MFLOP / image | ceiling GFLOP/s | vaelab | reference "
+                  "| 2x reference would need |", "|---|---:|---:|---:|---:|---:|"]
+        for name, r in results["models"].items():
+            f = r["roofline"]
+            lines.append(
+                f"| {name} | {f['flops_per_image'] / 1e6:.1f} | {f['peak_gflops']:.0f} | "
+                f"{f['vaelab_gflops']:.0f} GFLOP/s ({f['vaelab_of_peak']:.0%}) | "
+                f"{f['reference_gflops']:.0f} GFLOP/s ({f['reference_of_peak']:.0%}) | "
+                f"{f['twice_reference_of_peak']:.0%} of the ceiling |")
     lines += ["", "## Evaluation (seconds over the 10,000 test images)", "",
               "| model | test -ELBO | log p(x), K samples |", "|---|---:|---:|"]
     for name, r in results["models"].items():
