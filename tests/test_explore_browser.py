@@ -188,7 +188,9 @@ def test_explorer_in_a_browser(page) -> None:
     pg.mouse.click(box["x"] + 0.15 * box["width"], box["y"] + 0.15 * box["height"])
     pin = json.loads(pg.get_attribute("#plane", "data-pins"))[0]
     assert pin[0] < -0.5 and pin[1] > 0.5, pin  # pin A, at negative z0 and positive z1
-    pg.select_option("#dim-x", "2")  # the plane now shows (z2, z1)
+    # dimensions are named as in the figures, from 1: z₁, z₂, z₃
+    assert pg.locator("#dim-x option").all_text_contents() == ["z₁", "z₂", "z₃"]
+    pg.select_option("#dim-x", "2")  # the plane now shows (z₃, z₂): 0-based dims 2 and 1
     hover(pg, 0.9, 0.5)
     z = json.loads(pg.get_attribute("#digit", "data-z"))
     assert len(z) == 3 and z[0] == 0 and z[2] > 1 and abs(z[1]) < 0.5, z

@@ -7,6 +7,8 @@
   const STEPS = 10;             // images in the interpolation strip
   const SNAP_PX = 6;            // a click this close to a test image pins its posterior mean
   const $ = (id) => document.getElementById(id);
+  // latent dimension j (0-based) as the figures name it: z₁, z₂, ...
+  const zName = (j) => "z" + String(j + 1).replace(/\d/g, (d) => "₀₁₂₃₄₅₆₇₈₉"[d]);
 
   const state = {
     runs: [],
@@ -184,8 +186,8 @@
       const D = state.run.latent_dim;
       ctx.fillStyle = "#4b535d";
       ctx.font = "12px system-ui, sans-serif";
-      ctx.fillText(`z${state.dims[0]}`, S - 24, toPx(0, 0)[1] - 6);
-      if (D > 1) ctx.fillText(`z${state.dims[1]}`, toPx(0, 0)[0] + 6, 14);
+      ctx.fillText(zName(state.dims[0]), S - 24, toPx(0, 0)[1] - 6);
+      if (D > 1) ctx.fillText(zName(state.dims[1]), toPx(0, 0)[0] + 6, 14);
     }
     // the encoded test set
     if (state.points) {
@@ -435,7 +437,7 @@
       for (let j = 0; j < D; j++) {
         const o = document.createElement("option");
         o.value = String(j);
-        o.textContent = `z${j}`;
+        o.textContent = zName(j);
         sel.append(o);
       }
       sel.value = String(state.dims[axis]);
