@@ -261,12 +261,12 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
     dev = str(pick_device(device))
     ds = load_dataset(dataset, val_size=val_size)
     results: dict[str, Any] = {"machine": machine(), "device": dev, "models": {}}
+    peak = matmul_peak_gflops(dev)  # one ceiling for every model
     for model in models:
         log(f"{model}: throughput: {rounds} alternating rounds of {steps} steps")
         r: dict[str, Any] = {"throughput": throughput(ds, model, rounds=rounds, steps=steps,
                                                       device=dev)}
-        r["roofline"] = roofline(r["throughput"], training_flops_per_image(model),
-                                 matmul_peak_gflops(dev))
+        r["roofline"] = roofline(r["throughput"], training_flops_per_image(model), peak)
         log(f"{model}: evaluation speed")
         r["evaluation"] = evaluation_speed(ds, model, device=dev, num_samples=num_samples)
         if quality:

@@ -115,11 +115,12 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 # vaelab train / evaluate
 # --------------------------------------------------------------------------------------------
 def _train_overrides(args: argparse.Namespace) -> dict:
+    from vaelab.config import ARCHITECTURE_KNOBS
+
     keys = ["model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "lr_schedule",
             "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
             "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
-            "channels", "enc_hidden", "dec_hidden", "activation", "enc_mlp_layers",
-            "enc_refine", "dec_mlp_layers", "dec_refine", "dec_full_channels"]
+            *ARCHITECTURE_KNOBS]
     return {k: getattr(args, k) for k in keys}
 
 

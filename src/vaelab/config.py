@@ -100,13 +100,8 @@ class TrainConfig:
         return self
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(
-            kind=self.model, latent_dim=self.latent_dim, channels=self.channels,
-            enc_hidden=self.enc_hidden, dec_hidden=self.dec_hidden, activation=self.activation,
-            dec_mlp_layers=self.dec_mlp_layers, dec_refine=self.dec_refine,
-            enc_mlp_layers=self.enc_mlp_layers, enc_refine=self.enc_refine,
-            dec_full_channels=self.dec_full_channels,
-        )
+        return ModelSpec(kind=self.model, latent_dim=self.latent_dim,
+                         **{k: getattr(self, k) for k in ARCHITECTURE_KNOBS})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
