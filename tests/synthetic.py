@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaelab.data import MNIST_FILES, write_idx
+from vaelab.data import MNIST_FILES, Dataset, Split, write_idx
 
 Part = tuple[np.ndarray, np.ndarray]
 """One part of a data set: images [n, 28, 28] and labels [n], both uint8."""
@@ -42,6 +42,19 @@ def write_synthetic(folder: Path, generator: Callable[..., Part], n_train: int, 
     train = generator(rng, n_train, **options)
     test = generator(rng, n_test, **options)
     return write_idx_folder(folder, *train, *test)
+
+
+def synthetic_dataset(generator: Callable[..., Part], n_train: int, n_val: int, n_test: int,
+                      *, seed: int, **options: object) -> Dataset:
+    """The same parts as ``write_synthetic`` (then a validation part), in memory: no files."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> Split:
+        images, labels = generator(rng, n, **options)
+        return Split(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+    train, test = split(n_train), split(n_test)
+    return Dataset("synthetic", train, split(n_val), test)
 
 
 def cyclic_labels(n: int) -> np.ndarray:

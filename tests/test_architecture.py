@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from synthetic import synthetic_dataset, uniform_noise
 from vaelab.checkpoint import load_run
 from vaelab.cli import main
-from vaelab.data import Dataset, Split
 from vaelab.errors import ConfigError
 from vaelab.models import ModelSpec, build_model
 
@@ -72,13 +72,7 @@ def test_old_specs_without_the_encoder_knobs_still_load() -> None:
 
 
 def test_cli_architecture_flags_reach_the_run(tmp_path: Path, monkeypatch) -> None:
-    g = torch.Generator().manual_seed(0)
-
-    def split(n: int) -> Split:
-        return Split(torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8),
-                     torch.arange(n) % 10)
-
-    data = Dataset("synthetic", split(64), split(16), split(16))
+    data = synthetic_dataset(uniform_noise, 64, 16, 16, seed=0)
     monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
     run = tmp_path / "run"
     code = main(["train", "--preset", "quick", "--model", "cvae", "--device", "cpu", "--quiet",

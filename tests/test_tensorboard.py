@@ -6,32 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
+from synthetic import block_digits, synthetic_dataset
 from vaelab.cli import main
 from vaelab.config import resolve_config
-from vaelab.data import Dataset, Split
 from vaelab.train import Trainer
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is part of the test extra")
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
     EventAccumulator,
 )
-
-
-def tiny_dataset(n_train: int = 128, n_test: int = 32) -> Dataset:
-    """Squares of random size and place; labels 0-9."""
-    g = torch.Generator().manual_seed(0)
-
-    def split(n: int) -> Split:
-        images = torch.zeros(n, 28, 28, dtype=torch.uint8)
-        for i in range(n):
-            r, c = torch.randint(4, 20, (2,), generator=g).tolist()
-            s = int(torch.randint(3, 8, (1,), generator=g))
-            images[i, r : r + s, c : c + s] = 255
-        return Split(images, torch.arange(n) % 10)
-
-    return Dataset("synthetic", split(n_train), split(16), split(n_test))
 
 
 def read_events(run: Path) -> EventAccumulator:
@@ -45,7 +29,8 @@ def read_events(run: Path) -> EventAccumulator:
 @pytest.mark.parametrize("kind", ["vae", "cvae"])
 def test_tensorboard_events_hold_scalars_and_images(tmp_path: Path, kind: str) -> None:
     cfg = resolve_config("quick", model=kind, epochs=2, device="cpu")
-    result = Trainer(cfg, tmp_path / "run", dataset=tiny_dataset(), progress=False,
+    data = synthetic_dataset(block_digits, 128, 16, 32, seed=0)
+    result = Trainer(cfg, tmp_path / "run", dataset=data, progress=False,
                      tensorboard=True).fit()
     acc = read_events(tmp_path / "run")
     tags = acc.Tags()
@@ -63,7 +48,7 @@ def test_tensorboard_events_hold_scalars_and_images(tmp_path: Path, kind: str) -
 
 
 def test_cli_tensorboard_flag_writes_events(tmp_path: Path, monkeypatch) -> None:
-    data = tiny_dataset()
+    data = synthetic_dataset(block_digits, 128, 16, 32, seed=0)
     monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
     code = main(["train", "--preset", "quick", "--epochs", "1", "--device", "cpu", "--quiet",
                  "--tensorboard", "--out", str(tmp_path / "run")])
