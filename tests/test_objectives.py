@@ -352,6 +352,12 @@ def test_importance_sampled_equals_log_mean_exp_of_the_weights() -> None:
     ll = bernoulli_log_likelihood(_decode(z.reshape(-1, D)), x.repeat(60, 1)).view(60, 3)
     log_w = ll + log_standard_normal(z) - log_normal(z, mu, logvar)
     torch.testing.assert_close(one, iw_log_mean_exp(log_w).float(), rtol=1e-5, atol=1e-5)
+    both = importance_sampled_log_px(x, mu, logvar, _decode, num_samples=60, chunk=60,
+                                     generator=torch.Generator().manual_seed(1),
+                                     return_elbo=True)
+    torch.testing.assert_close(both[0], one)
+    torch.testing.assert_close(both[1], log_w.mean(0))  # the same draws' ELBO, (1/K) sum log w
+    assert (both[0].double() >= both[1] - 1e-5).all()  # Jensen, image by image
     with pytest.raises(ConfigError):
         importance_sampled_log_px(x, mu, logvar, _decode, num_samples=0)
 

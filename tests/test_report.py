@@ -10,20 +10,24 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from synthetic import block_digits, write_synthetic
 from vaelab import plots
 from vaelab.cli import main
+from vaelab.config import resolve_config
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.report import (
     MARKER,
     STUDY,
     ablation_results,
     comparison_rows,
+    ensure_run,
     load_given_runs,
     reduction_pct,
     reproduce,
@@ -158,6 +162,28 @@ def test_reproduce_refuses_a_run_trained_otherwise(study, data_dir, tmp_path) ->
     shutil.copytree(out, copy)
     with pytest.raises(ConfigError, match="other settings"):
         reproduce(copy, quick=True, dataset=f"idx:{data_dir}", seeds=(7,), progress=False)
+
+
+def test_a_run_that_differs_only_in_runtime_settings_is_reused(study, data_dir, tmp_path) -> None:
+    """--device, --checkpoint-every and the evaluation batch say where and how often, not what
+    is trained: such a run is reused; a changed recipe (the seed) is still refused."""
+    out, _ = study
+    copy = tmp_path / "run"
+    shutil.copytree(out / "runs" / "vae", copy)
+    meta = json.loads((copy / "config.json").read_text())
+    meta["config"].update(device="cpu" if meta["config"]["device"] != "cpu" else "auto",
+                          checkpoint_every=3, eval_batch_size=17)
+    (copy / "config.json").write_text(json.dumps(meta))
+    before = (copy / "model.safetensors").read_bytes()
+    lines: list[str] = []
+    cfg = resolve_config("quick", model="vae", dataset=f"idx:{data_dir}", seed=0)
+    run = ensure_run(copy, cfg, force=False, progress=False, log=lines.append,
+                     device=torch.device("cpu"))
+    assert lines == [f"{copy}: finished run found, reused"]
+    assert run.path == copy and (copy / "model.safetensors").read_bytes() == before
+    with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
+        ensure_run(copy, replace(cfg, seed=5), force=False, progress=False, log=lines.append,
+                   device=torch.device("cpu"))
 
 
 def fake_eval(recon: float, kl: float, active: int, seed: int) -> dict:

@@ -19,9 +19,6 @@ from vaelab.models import ConvVAE
 from vaelab.objectives import (
     elbo_terms,
     importance_sampled_log_px,
-    log_likelihood,
-    log_normal,
-    log_standard_normal,
 )
 
 if TYPE_CHECKING:
@@ -148,26 +145,14 @@ def log_px_estimate(
             labels = _labels(model, y)
             mu, logvar = model.encode(x, labels)
             mu, logvar = mu.float(), logvar.float()
-            log_w_sum = torch.zeros(b, device=device, dtype=torch.float64)
-
-            def decode(z: Tensor, x=x, labels=labels, mu=mu, logvar=logvar, b=b) -> Tensor:
-                # decodes the sampler's z (k samples of all b images, [k * b, D], sample-major)
-                # and keeps the sum over samples of log w for the ELBO
-                nonlocal log_w_sum
-                k = z.shape[0] // b
-                logits = model.decode(z, None if labels is None else labels.repeat(k)).float()
-                xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-                zk = z.float().view(k, b, -1)
-                log_w = (log_likelihood(logits, xs, likelihood).view(k, b)
-                         + log_standard_normal(zk) - log_normal(zk, mu, logvar))
-                log_w_sum = log_w_sum + log_w.double().sum(0)
-                return logits
-
-            log_px = importance_sampled_log_px(
-                x, mu, logvar, decode, num_samples=num_samples, chunk=chunk,
-                likelihood=likelihood, generator=gen,
+            # k samples of all b images at a time: z is [k * b, D], sample-major
+            log_px, elbo = importance_sampled_log_px(
+                x, mu, logvar,
+                lambda z, labels=labels, b=b: model.decode(
+                    z, None if labels is None else labels.repeat(z.shape[0] // b)),
+                num_samples=num_samples, chunk=chunk, likelihood=likelihood, generator=gen,
+                return_elbo=True,
             )
-            elbo = log_w_sum / num_samples
             log_px_all.append(log_px.double())
             elbo_all.append(elbo)
             if task is not None:

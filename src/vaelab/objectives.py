@@ -187,18 +187,22 @@ def importance_sampled_log_px(
     chunk: int = 100,
     likelihood: str = "bernoulli",
     generator: torch.Generator | None = None,
-) -> Tensor:
+    return_elbo: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Estimate log p(x) per image (nats, [B]) with K = num_samples draws from q(z|x).
 
-        log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
+        log p(x) ~= log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
 
     ``decode`` maps z [N, D] to logits [N, ...]; the K samples go through it ``chunk`` at a time
     for all B images together, and the chunks are combined with a running logsumexp.
+    With ``return_elbo`` it also returns the same samples' ELBO estimate (1/K) sum_k log w_k
+    ([B], float64), which by Jensen is never above the log p(x) estimate, image by image.
     """
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     b, d = mu.shape
     acc = torch.full((b,), -math.inf, device=mu.device, dtype=torch.float32)
+    log_w_sum = torch.zeros(b, device=mu.device, dtype=torch.float64)
     done = 0
     while done < num_samples:
         k = min(chunk, num_samples - done)
@@ -207,11 +211,13 @@ def importance_sampled_log_px(
         z = reparameterize(mu_k, lv_k, generator)  # [k, B, D]
         logits = decode(z.reshape(k * b, d))
         xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-        ll = log_likelihood(logits, xs, likelihood).view(k, b)
-        log_w = ll + log_standard_normal(z) - log_normal(z, mu_k, lv_k)
-        acc = torch.logaddexp(acc, torch.logsumexp(log_w.float(), dim=0))
+        ll = log_likelihood(logits.float(), xs, likelihood).view(k, b)
+        log_w = (ll + log_standard_normal(z) - log_normal(z, mu_k, lv_k)).float()
+        acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
+        log_w_sum += log_w.double().sum(0)
         done += k
-    return acc - math.log(num_samples)
+    log_px = acc - math.log(num_samples)
+    return (log_px, log_w_sum / num_samples) if return_elbo else log_px
 
 
 # --------------------------------------------------------------------------------------------

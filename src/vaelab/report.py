@@ -122,6 +122,15 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
+# Settings that say where and how often, not what is trained: a run that differs from the
+# wanted config only in these (say, trained with --device cpu, wanted with auto) is reused.
+RUNTIME_SETTINGS = ("device", "checkpoint_every", "eval_batch_size")
+
+
+def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RUNTIME_SETTINGS}
+
+
 # --------------------------------------------------------------------------------------------
 # Folders, runs and the classifier
 # --------------------------------------------------------------------------------------------
@@ -164,12 +173,12 @@ def ensure_run(
     unfinished, trained if absent. A run of another config is replaced only with ``force``."""
     from vaelab.train import train
 
-    want = _config_dict(config)
+    want = _recipe(_config_dict(config))
     saved = None
     if (path / "config.json").exists():
         try:
-            saved = json.loads((path / "config.json").read_text())["config"]
-        except (ValueError, KeyError, TypeError):
+            saved = _recipe(json.loads((path / "config.json").read_text())["config"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             saved = None
     if saved is not None and saved != want:
         if not force:
