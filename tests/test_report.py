@@ -7,6 +7,7 @@ the CLI then re-runs it on a copy, which reuses the runs, the classifier and the
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from synthetic import block_digits, write_synthetic
 from vaelab import plots
@@ -27,6 +29,7 @@ from vaelab.report import (
     STUDY,
     ablation_results,
     comparison_rows,
+    ensure_evaluation,
     ensure_run,
     load_given_runs,
     reduction_pct,
@@ -126,10 +129,60 @@ def test_cli_reproduce_reuses_a_finished_study(study, data_dir, tmp_path, capsys
     assert code == 0
     assert "finished run found, reused" in text and "classifier found, reused" in text
     assert "figures up to date, reused" in text
+    assert "evaluation of the same weights" not in text  # K changed: evaluated again
     assert "study VAE" in text and "138.00" in text  # the rich table
     results = json.loads((copy / "results.json").read_text())
     assert results["evaluations"]["cvae"]["log_px"]["num_samples"] == 3
     assert "--samples 3" in results["command"]
+
+
+def test_reproduce_reuses_saved_evaluations_and_redoes_unreadable_ones(
+        study, data_dir, tmp_path) -> None:
+    out, first = study
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    (copy / "evaluations" / "cvae.json").write_text('{"key": {"model_sha2')  # cut short
+    printed = io.StringIO()
+    again = reproduce(copy, quick=True, dataset=f"idx:{data_dir}", num_samples=5,
+                      progress=False, formats=("png",),
+                      console=Console(file=printed, width=400, highlight=False))
+    reused = [ln for ln in printed.getvalue().splitlines()
+              if "evaluation of the same weights and settings found" in ln]
+    assert len(reused) == 1 and "vae.json" in reused[0]  # the cut-short cvae.json is redone
+    for name in ("vae", "cvae"):  # same weights, settings and seed: the same numbers
+        assert again["evaluations"][name]["run"] == str(copy / "runs" / name)
+        assert ({k: v for k, v in again["evaluations"][name].items() if k != "run"}
+                == {k: v for k, v in first["evaluations"][name].items() if k != "run"})
+    saved = json.loads((copy / "evaluations" / "cvae.json").read_text())
+    assert saved["evaluation"]["elbo"] == first["evaluations"]["cvae"]["elbo"]
+
+
+def test_ensure_evaluation_is_keyed_by_weights_and_settings(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run = SimpleNamespace(path=run_dir)
+    calls: list[int] = []
+
+    def evaluate() -> dict:
+        calls.append(1)
+        return {"elbo": {"neg_elbo": 100.0 + len(calls)}}
+
+    def ev(settings: dict, force: bool = False) -> dict:
+        return ensure_evaluation(tmp_path / "ev" / "run.json", run, settings, evaluate,
+                                 force=force, log=lambda _: None)
+
+    (run_dir / "model.json").write_text(json.dumps({"sha256": "aa"}))
+    assert ev({"num_samples": 5}) == {"elbo": {"neg_elbo": 101.0}}
+    assert ev({"num_samples": 5}) == {"elbo": {"neg_elbo": 101.0}} and len(calls) == 1
+    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 102.0  # other settings
+    (run_dir / "model.json").write_text(json.dumps({"sha256": "bb"}))
+    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 103.0  # other weights
+    assert ev({"num_samples": 6}, force=True)["elbo"]["neg_elbo"] == 104.0
+    (run_dir / "model.json").unlink()  # weights that cannot be identified: never cached
+    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 105.0
+    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 106.0
 
 
 def test_cli_reproduce_refuses_bad_runs_and_foreign_folders(tmp_path, capsys) -> None:

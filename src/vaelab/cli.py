@@ -377,7 +377,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "number), OUT/README.md (tables, figures, captions and the command that redraws each) "
         "and OUT/index.html (self-contained, works offline). The terminal shows the VAE vs "
         "CVAE table beside the study's numbers. Re-running on the same folder reuses finished "
-        "runs, the classifier and up-to-date figures, and resumes unfinished runs.",
+        "runs, the classifier, evaluations of the same weights and settings (OUT/evaluations) "
+        "and up-to-date figures, and resumes unfinished runs.",
         epilog="Examples: `vaelab reproduce --out study --quick` (a first look in a minute or "
         "two); `vaelab reproduce --out study` (the full study: hours on a CPU, minutes on a "
         "GPU); `vaelab reproduce --out study --runs runs/vae runs/cvae --samples 5000`.")

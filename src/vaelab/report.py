@@ -6,6 +6,7 @@
     runs/vae, runs/cvae  the two models (the ``seed`` preset), reused when already finished
     runs/*-seed*, runs/*-no-warmup      ablation runs (``ablations=True``)
     classifier/          the CNN that judges the CVAE's samples
+    evaluations/         each run's numbers, reused while its weights and the settings agree
     figures/{vae,cvae}/  every figure of ``vaelab.plots``, PNG and PDF
     results.json         every number
     README.md            tables, figures with captions and the command that redraws each
@@ -224,6 +225,16 @@ def ensure_classifier(
     return load_classifier(folder, device), meta
 
 
+EVALUATIONS = "evaluations"
+
+
+def _model_sha256(run: Run) -> str | None:
+    try:
+        return str(json.loads((run.path / "model.json").read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 FIGURE_MANIFEST = "figures.json"
 
 
@@ -239,10 +250,7 @@ def draw_figures(
     from vaelab import plots
 
     names = plots.select_figures(run, "all")
-    try:
-        sha = json.loads((run.path / "model.json").read_text())["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        sha = None
+    sha = _model_sha256(run)
     try:
         manifest = json.loads((folder / FIGURE_MANIFEST).read_text())
     except (OSError, ValueError):
@@ -267,6 +275,33 @@ def draw_figures(
         "figures": {n: [p.name for p in drawn[n]] for n in names},
     })
     return {n: drawn[n] for n in names}
+
+
+def ensure_evaluation(
+    path: Path, run: Run, settings: dict[str, Any], evaluate: Callable[[], dict[str, Any]], *,
+    force: bool, log: Callable[[str], None],
+) -> dict[str, Any]:
+    """``evaluate()``'s result for ``run``, kept in ``path`` (written atomically) and reused
+    while the run's weights (the SHA-256 in its model.json), the evaluation ``settings`` and
+    vaelab's version are the same, unless ``force``. So a reproduce that stops after a long
+    evaluation, or is run again with ``--ablations``, does not estimate log p(x) twice. A
+    cache file that cannot be read is ignored and written again."""
+    from vaelab import __version__
+
+    sha = _model_sha256(run)
+    key = {"model_sha256": sha, "settings": settings, "vaelab": __version__}
+    if sha is not None and not force:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == json.loads(json.dumps(key)):
+                log(f"{path}: evaluation of the same weights and settings found, reused")
+                return dict(cached["evaluation"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    ev = evaluate()
+    if sha is not None:
+        atomic_write_json(path, {"key": key, "evaluation": ev})
+    return ev
 
 
 def _annealing_pair(base: TrainConfig, kind: str) -> dict[str, tuple[str | None, TrainConfig]]:
@@ -387,13 +422,24 @@ def reproduce(
 
     evaluations: dict[str, dict[str, Any]] = {}
     for name, run in named.items():
+        settings = {"num_samples": num_samples, "logpx_images": logpx_images, "seed": 0,
+                    "per_class": 50 if quick else 1000,
+                    "classifier_sha256": classifier_meta.get("sha256")
+                    if run.model.conditional else None}
+
+        def evaluate(run: Run = run, settings: dict[str, Any] = settings) -> dict[str, Any]:
+            return full_evaluation(
+                run, data_of(run), num_samples=num_samples, seed=0, progress=progress,
+                classifier=classifier, per_class=settings["per_class"],
+                logpx_images=logpx_images)
+
         log(f"evaluating {name} ({run.path}): ELBO, log p(x) with K = {num_samples} "
             f"on {'all' if not logpx_images else f'the first {logpx_images:,}'} test images, "
             "active units, kNN, aggregate posterior, closest pairs"
             + (", class accuracy of samples" if run.model.conditional else ""))
-        ev = full_evaluation(run, data_of(run), num_samples=num_samples, classifier=classifier,
-                             seed=0, per_class=50 if quick else 1000, progress=progress,
-                             logpx_images=logpx_images)
+        ev = ensure_evaluation(out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
+                               force=force, log=log)
+        ev["run"] = str(run.path)  # a reused evaluation may come from a copied folder
         ev["config"] = run.config["config"]
         ev["train_summary"] = run.summary
         evaluations[name] = ev
