@@ -94,13 +94,15 @@ def run_copy(finished: Path, tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 BAD_TRAIN = [
     # (extra arguments, text the one line must hold)
-    (["--epochs", "0"], "epochs must be >= 1, got 0"),
-    (["--latent-dim", "0"], "latent size must be >= 1, got 0"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["--latent-dim", "0"], "argument --latent-dim: must be >= 1, got 0"),
+    (["--enc-refine", "-1"], "argument --enc-refine: must be >= 0, got -1"),
+    (["--channels", "32", "0"], "argument --channels: must be >= 1, got 0"),
     (["--lr", "0"], "learning rate must be > 0, got 0.0"),
     (["--lr", "-1"], "learning rate must be > 0, got -1.0"),
     (["--lr=-1"], "learning rate must be > 0, got -1.0"),
     (["--lr", "nan"], "learning rate must be > 0, got nan"),
-    (["--batch-size", "0"], "batch size must be >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
     (["--warmup-epochs", "-1"], "warm-up epochs must be >= 0"),
     (["--checkpoint-every", "-3"], "checkpoint-every must be >= 0"),
     (["--val-size", "100000"], "val_size 100000 is out of range"),
@@ -124,6 +126,36 @@ def test_bad_train_value_exits_2_with_one_line_and_writes_nothing(
     out = tmp_path / "run"
     assert_refused(*cli(train_args(data, out, *extra), capsys), why)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["bench", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    (["bench", "--steps", "-1"], "argument --steps: must be >= 1, got -1"),
+    (["classifier", "train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+])
+def test_bad_counts_elsewhere_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], why: str
+) -> None:
+    out = tmp_path / "out"
+    assert_refused(*cli([*argv, "--out", str(out)], capsys), why)
+    assert not out.exists()
+
+
+def test_the_api_checks_the_same_ranges() -> None:
+    """The CLI refuses these before parsing further; the API refuses them with a typed error."""
+    from vaelab.bench import run_bench
+    from vaelab.config import TrainConfig
+    from vaelab.errors import ConfigError
+    from vaelab.models import ModelSpec
+
+    with pytest.raises(ConfigError, match="epochs must be >= 1, got 0"):
+        TrainConfig(epochs=0).validate()
+    with pytest.raises(ConfigError, match="batch size must be >= 1, got 0"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(ConfigError, match="latent size must be >= 1, got 0"):
+        ModelSpec(latent_dim=0)
+    with pytest.raises(ConfigError, match="rounds must be >= 1, got 0"):
+        run_bench(rounds=0)
 
 
 def test_unknown_dataset_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -179,7 +211,7 @@ def test_force_with_bad_input_keeps_the_old_run(
                    "truncated IDX file")
     assert snapshot(run_copy) == before
     assert_refused(*cli(train_args(data, run_copy, "--force", "--latent-dim", "0"), capsys),
-                   "latent size")
+                   "argument --latent-dim: must be >= 1")
     assert snapshot(run_copy) == before
 
 

@@ -76,6 +76,8 @@ def _time_vaelab_steps(trainer: Trainer, steps: int) -> float:
 def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
                batch_size: int = 128) -> dict[str, Any]:
     """Images/s of vaelab's training step and of the reference, alternating rounds."""
+    if rounds < 1 or steps < 1:
+        raise ConfigError(f"rounds and steps must be >= 1, got {rounds} and {steps}")
     ref = load_reference()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _vaelab_trainer(model, ds, Path(tmp) / "run", device=device)
@@ -257,6 +259,12 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
               rss_limit: int = 10000, val_size: int = 5000) -> dict[str, Any]:
     """The whole benchmark; writes the Markdown report to ``out`` when given."""
     from vaelab.train import pick_device
+
+    for name, value in (("rounds", rounds), ("steps", steps), ("rss_limit", rss_limit)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if num_samples < 0:
+        raise ConfigError(f"num_samples must be >= 0, got {num_samples}")
 
     dev = str(pick_device(device))
     ds = load_dataset(dataset, val_size=val_size)

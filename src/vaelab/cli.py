@@ -28,11 +28,24 @@ def _console():
     return Console(stderr=False, highlight=False)
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    return _whole_number(text, 1)
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0 (a number of optional layers)."""
+    return _whole_number(text, 0)
 
 
 class _PresetDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -194,13 +207,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="hidden-layer activation")
     a.add_argument("--enc-mlp-layers", type=_positive_int, default=None,
                    help="hidden layers of the encoder MLP")
-    a.add_argument("--enc-refine", type=_positive_int, default=None,
+    a.add_argument("--enc-refine", type=_count, default=None,
                    help="3x3 convs at half resolution in the encoder")
     a.add_argument("--dec-mlp-layers", type=_positive_int, default=None,
                    help="hidden layers of the decoder MLP")
-    a.add_argument("--dec-refine", type=_positive_int, default=None,
+    a.add_argument("--dec-refine", type=_count, default=None,
                    help="3x3 convs at half resolution in the decoder")
-    a.add_argument("--dec-full-channels", type=_positive_int, default=None,
+    a.add_argument("--dec-full-channels", type=_count, default=None,
                    help="decoder features at full resolution before a 3x3 conv to the "
                    "logits (0: the last transposed conv gives the logits)")
     p.add_argument("--resume", action="store_true",
