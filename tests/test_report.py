@@ -260,6 +260,8 @@ def test_ablations_are_summarised_from_the_numbers() -> None:
         in vae_text
     assert "-ELBO 152.00 nats without the warm-up vs 146.00 with it (higher without" in vae_text
     assert "active units 1 of 2 without vs 2 of 2 with it (fewer without)" in vae_text
+    assert ("for scale, the warm-up run's -ELBO varies with the seed by 0.71 nats "
+            "(std over seeds 0, 1)") in vae_text
     cvae_text = ab["kl_annealing"]["cvae"]["text"]
     assert "(higher without, +0.50)" in cvae_text and "(lower without, -0.50)" in cvae_text
     s = ab["seeds"]["vae"]

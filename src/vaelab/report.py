@@ -559,6 +559,17 @@ def ablation_results(
 ) -> dict[str, Any]:
     """KL annealing (with vs without warm-up) and the spread over seeds, with a sentence per
     model that states what the numbers show."""
+    seeds: dict[str, Any] = {}
+    for kind, names in seed_runs.items():
+        seeds[kind] = {"runs": names,
+                       "seeds": [evaluations[n].get("seed") for n in names]}
+        for key, _ in METRICS:
+            values = [run_metrics(evaluations[n])[key] for n in names]
+            mean, std = _mean_std(values)
+            seeds[kind][key] = {"mean": mean, "std": std, "values": values}
+        au = [evaluations[n]["active_units"]["count"] for n in names]
+        mean, std = _mean_std(au)
+        seeds[kind]["active_units"] = {"mean": mean, "std": std, "values": au}
     anneal: dict[str, Any] = {}
     for kind, arms in annealing.items():
         w, n = evaluations[arms["warmup"]], evaluations[arms["no_warmup"]]
@@ -580,19 +591,13 @@ def ablation_results(
                      f"{a['active_units']} of {a['latent_dim']} with it"
                      + ("" if au == "the same" else f" ({'more' if au == 'higher' else 'fewer'} "
                         "without)"))
+        spread = seeds.get(kind, {}).get("neg_elbo", {})
+        if spread.get("std") is not None and arms["warmup"] in seeds[kind]["runs"]:
+            parts.append(f"for scale, the warm-up run's -ELBO varies with the seed by "
+                         f"{spread['std']:.2f} nats (std over seeds "
+                         f"{', '.join(str(x) for x in seeds[kind]['seeds'])})")
         entry["text"] = f"{kind.upper()}: " + "; ".join(parts) + "."
         anneal[kind] = entry
-    seeds: dict[str, Any] = {}
-    for kind, names in seed_runs.items():
-        seeds[kind] = {"runs": names,
-                       "seeds": [evaluations[n].get("seed") for n in names]}
-        for key, _ in METRICS:
-            values = [run_metrics(evaluations[n])[key] for n in names]
-            mean, std = _mean_std(values)
-            seeds[kind][key] = {"mean": mean, "std": std, "values": values}
-        au = [evaluations[n]["active_units"]["count"] for n in names]
-        mean, std = _mean_std(au)
-        seeds[kind]["active_units"] = {"mean": mean, "std": std, "values": au}
     return {"kl_annealing": anneal, "seeds": seeds}
 
 
