@@ -427,16 +427,17 @@ def reproduce(
                     "classifier_sha256": classifier_meta.get("sha256")
                     if run.model.conditional else None}
 
-        def evaluate(run: Run = run, settings: dict[str, Any] = settings) -> dict[str, Any]:
+        def evaluate(run: Run = run, name: str = name,
+                     settings: dict[str, Any] = settings) -> dict[str, Any]:
+            log(f"evaluating {name} ({run.path}): ELBO, log p(x) with K = {num_samples} "
+                f"on {'all' if not logpx_images else f'the first {logpx_images:,}'} test "
+                "images, active units, kNN, aggregate posterior, closest pairs"
+                + (", class accuracy of samples" if run.model.conditional else ""))
             return full_evaluation(
                 run, data_of(run), num_samples=num_samples, seed=0, progress=progress,
                 classifier=classifier, per_class=settings["per_class"],
                 logpx_images=logpx_images)
 
-        log(f"evaluating {name} ({run.path}): ELBO, log p(x) with K = {num_samples} "
-            f"on {'all' if not logpx_images else f'the first {logpx_images:,}'} test images, "
-            "active units, kNN, aggregate posterior, closest pairs"
-            + (", class accuracy of samples" if run.model.conditional else ""))
         ev = ensure_evaluation(out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
                                force=force, log=log)
         ev["run"] = str(run.path)  # a reused evaluation may come from a copied folder
