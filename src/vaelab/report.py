@@ -527,6 +527,15 @@ def reproduce_command(
     return " ".join(parts)
 
 
+def _over_seeds(
+    evaluations: dict[str, dict[str, Any]], names: Sequence[str], key: str
+) -> dict[str, Any]:
+    """One table metric over the seed runs ``names``: mean, std (None for one run), values."""
+    values = [run_metrics(evaluations[n])[key] for n in names]
+    mean, std = _mean_std(values)
+    return {"mean": mean, "std": std, "values": values}
+
+
 def comparison_rows(
     evaluations: dict[str, dict[str, Any]], seed_runs: dict[str, list[str]]
 ) -> list[dict[str, Any]]:
@@ -536,9 +545,9 @@ def comparison_rows(
     for key, label in METRICS:
         row: dict[str, Any] = {"metric": key, "label": label}
         for kind in KINDS:
-            values = [run_metrics(evaluations[n])[key] for n in seed_runs[kind]]
-            mean, std = _mean_std(values)
-            row[kind], row[f"{kind}_std"], row[f"{kind}_values"] = mean, std, values
+            spread = _over_seeds(evaluations, seed_runs[kind], key)
+            row[kind], row[f"{kind}_std"], row[f"{kind}_values"] = (
+                spread["mean"], spread["std"], spread["values"])
             row[f"study_{kind}"] = STUDY[kind].get(key)
         row["reduction_pct"] = reduction_pct(row["vae"], row["cvae"])
         row["study_reduction_pct"] = reduction_pct(row["study_vae"], row["study_cvae"])
@@ -565,9 +574,7 @@ def ablation_results(
         seeds[kind] = {"runs": names,
                        "seeds": [evaluations[n].get("seed") for n in names]}
         for key, _ in METRICS:
-            values = [run_metrics(evaluations[n])[key] for n in names]
-            mean, std = _mean_std(values)
-            seeds[kind][key] = {"mean": mean, "std": std, "values": values}
+            seeds[kind][key] = _over_seeds(evaluations, names, key)
         au = [evaluations[n]["active_units"]["count"] for n in names]
         mean, std = _mean_std(au)
         seeds[kind]["active_units"] = {"mean": mean, "std": std, "values": au}
