@@ -89,6 +89,19 @@ def test_reparameterize_sample_statistics_and_generator() -> None:
     assert torch.equal(z, again)
 
 
+def test_reparameterize_with_given_noise_is_that_draw() -> None:
+    """The trainer draws eps outside a CUDA graph: given the generator's own draw, the sample
+    is the one the generator path makes, and a wrong shape is refused."""
+    n = 64
+    mu, logvar = MU.expand(n, -1).float(), (2 * SIGMA.log()).expand(n, -1).float()
+    eps = torch.randn((n, MU.shape[0]), generator=torch.Generator().manual_seed(3))
+    z = reparameterize(mu, logvar, eps=eps)
+    assert torch.equal(z, reparameterize(mu, logvar, torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps)
+    with pytest.raises(ConfigError, match="eps has shape"):
+        reparameterize(mu, logvar, eps=eps[:1])
+
+
 def test_reparameterised_gradient_of_quadratic_matches_analytic() -> None:
     """f(z) = sum_j a_j z_j^2 + b_j z_j, z ~ N(mu, sigma^2):
     E f = sum a (mu^2 + sigma^2) + b mu, so dE/dmu = 2 a mu + b and dE/dsigma = 2 a sigma.

@@ -185,10 +185,12 @@ class ConvVAE(nn.Module):
         return self.decoder(z)
 
     def forward(
-        self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+        self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
+        eps: Tensor | None = None,
     ) -> VAEOutput:
+        """Encode, draw z (from ``eps`` when given, else from ``generator``), decode."""
         mu, logvar = self.encode(x, y)
-        z = reparameterize(mu, logvar, generator)
+        z = reparameterize(mu, logvar, generator, eps)
         return VAEOutput(mu, logvar, z, self.decode(z, y))
 
 

@@ -26,15 +26,22 @@ LOG_2PI = math.log(2.0 * math.pi)
 # --------------------------------------------------------------------------------------------
 # Sampling and densities
 # --------------------------------------------------------------------------------------------
-def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def reparameterize(
+    mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None,
+    eps: Tensor | None = None,
+) -> Tensor:
     """Draw z ~ N(mu, sigma^2) as a differentiable function of (mu, logvar).
 
         z = mu + sigma * eps,   sigma = exp(logvar / 2),   eps ~ N(0, I)
 
     The noise does not depend on the parameters, so dz/dmu = 1 and dz/dsigma = eps: gradients
-    flow through the sample (the reparameterisation trick).
+    flow through the sample (the reparameterisation trick). ``eps`` given (same shape as ``mu``)
+    is used as the noise: the trainer draws it outside a captured CUDA graph.
     """
-    if generator is None:
+    if eps is not None:
+        if eps.shape != mu.shape:
+            raise ConfigError(f"eps has shape {list(eps.shape)}, mu {list(mu.shape)}")
+    elif generator is None:
         eps = torch.randn_like(mu)
     else:
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
