@@ -225,7 +225,7 @@ def test_a_run_that_differs_only_in_runtime_settings_is_reused(study, data_dir, 
     shutil.copytree(out / "runs" / "vae", copy)
     meta = json.loads((copy / "config.json").read_text())
     meta["config"].update(device="cpu" if meta["config"]["device"] != "cpu" else "auto",
-                          checkpoint_every=3, eval_batch_size=17)
+                          checkpoint_every=3, eval_batch_size=17, cuda_graphs=False)
     (copy / "config.json").write_text(json.dumps(meta))
     before = (copy / "model.safetensors").read_bytes()
     lines: list[str] = []
@@ -237,6 +237,22 @@ def test_a_run_that_differs_only_in_runtime_settings_is_reused(study, data_dir, 
     with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
         ensure_run(copy, replace(cfg, seed=5), force=False, progress=False, log=lines.append,
                    device=torch.device("cpu"))
+
+
+def test_train_concurrently_off_cuda_trains_one_run_after_the_other(data_dir, tmp_path) -> None:
+    """Without CUDA the runs train in order, each exactly as ``train`` alone would."""
+    from vaelab.train import train, train_concurrently
+
+    cfgs = [resolve_config("quick", model=k, dataset=f"idx:{data_dir}", device="cpu")
+            for k in ("vae", "cvae")]
+    results = train_concurrently([(c, tmp_path / c.model, {}) for c in cfgs], progress=False)
+    timing = ("seconds", "images_per_s")
+    for cfg, result in zip(cfgs, results, strict=True):
+        alone = train(cfg, tmp_path / f"{cfg.model}-alone", progress=False)
+        assert [{k: v for k, v in m.items() if k not in timing} for m in result.metrics] == \
+            [{k: v for k, v in m.items() if k not in timing} for m in alone.metrics]
+    with pytest.raises(ConfigError, match="parallel must be >= 1"):
+        train_concurrently([], parallel=0)
 
 
 def fake_eval(recon: float, kl: float, active: int, seed: int) -> dict:

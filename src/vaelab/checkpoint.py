@@ -99,10 +99,13 @@ def _verified_bytes(path: Path, expected_sha: str, where: Path) -> bytes:
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 def save_checkpoint(
-    run_dir: Path, model: torch.nn.Module, spec: ModelSpec, state: dict[str, Any],
+    run_dir: Path, model: torch.nn.Module | bytes, spec: ModelSpec, state: dict[str, Any],
     *, step: int, epoch: int, keep: int = KEEP_CHECKPOINTS,
 ) -> Path:
-    """Write checkpoint ``step-<step>`` atomically and keep only the newest ``keep``."""
+    """Write checkpoint ``step-<step>`` atomically and keep only the newest ``keep``.
+
+    ``model`` is the module, or its ``weights_bytes`` taken earlier (a snapshot written later).
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step-{step:08d}"
     try:
@@ -112,7 +115,8 @@ def save_checkpoint(
         raise write_error(e, final, what=f"checkpoint {final}",
                           kept="the previous checkpoints are kept") from e
     try:
-        atomic_write_bytes(tmp / "model.safetensors", weights_bytes(model, spec))
+        weights = model if isinstance(model, bytes) else weights_bytes(model, spec)
+        atomic_write_bytes(tmp / "model.safetensors", weights)
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(tmp / "state.pt", buf.getvalue())

@@ -134,7 +134,9 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
             "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
             *ARCHITECTURE_KNOBS]
-    return {k: getattr(args, k) for k in keys}
+    out = {k: getattr(args, k) for k in keys}
+    out["cuda_graphs"] = False if getattr(args, "no_cuda_graphs", False) else None
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -192,6 +194,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=DEVICES, default=None, help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast where the hardware has it (auto), or force one")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run every step eagerly instead of replaying one captured "
+                        "CUDA graph of the training step (for debugging; same maths)")
     p.add_argument("--val-size", type=int, default=None, help="validation images")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="use only the first N images of each split (quick runs)")

@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    cuda_graphs: bool = True
     val_size: int = 5000
     limit: int | None = None
     checkpoint_every: int = 0
@@ -83,6 +84,8 @@ class TrainConfig:
             (self.activation in ACTIVATIONS,
              f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}"),
             (self.device in DEVICES, f"unknown device '{self.device}': choose auto, cpu or cuda"),
+            (isinstance(self.cuda_graphs, bool),
+             f"cuda_graphs must be true or false, got {self.cuda_graphs!r}"),
             (self.precision in PRECISIONS,
              f"unknown precision '{self.precision}': choose auto, fp32 or bf16"),
             (self.val_size >= 0, f"validation size must be >= 0, got {self.val_size}"),

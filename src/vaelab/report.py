@@ -125,7 +125,7 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 # Settings that say where and how often, not what is trained: a run that differs from the
 # wanted config only in these (say, trained with --device cpu, wanted with auto) is reused.
-RUNTIME_SETTINGS = ("device", "checkpoint_every", "eval_batch_size")
+RUNTIME_SETTINGS = ("device", "checkpoint_every", "eval_batch_size", "cuda_graphs")
 
 
 def _recipe(config: dict[str, Any]) -> dict[str, Any]:
@@ -166,14 +166,11 @@ def load_given_runs(paths: Sequence[str | os.PathLike] | None) -> dict[str, Run]
     return given
 
 
-def ensure_run(
-    path: Path, config: TrainConfig, *, force: bool, progress: bool,
-    log: Callable[[str], None], device: torch.device,
-) -> Run:
-    """The finished run in ``path`` trained with ``config``: reused if there, resumed if
-    unfinished, trained if absent. A run of another config is replaced only with ``force``."""
-    from vaelab.train import train
-
+def _plan_run(
+    path: Path, config: TrainConfig, *, force: bool, log: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """What ``path`` needs to hold a finished run of ``config``: None when it does already,
+    else ``train``'s keyword options (``resume`` an unfinished run, ``force`` a replacement)."""
     want = _recipe(_config_dict(config))
     saved = None
     if (path / "config.json").exists():
@@ -187,17 +184,43 @@ def ensure_run(
             raise ConfigError(f"{path} holds a run with other settings ({', '.join(diff)}): "
                               "use --force to train it again, or another --out")
         log(f"{path}: settings changed, training again")
-        train(config, path, force=True, progress=progress, log=log)
-    elif saved is not None and (path / "model.json").exists():
+        return {"force": True}
+    if saved is not None and (path / "model.json").exists():
         log(f"{path}: finished run found, reused")
-    elif saved is not None:
+        return None
+    if saved is not None:
         log(f"{path}: unfinished run found, resuming")
-        train(config, path, resume=True, progress=progress, log=log)
-    else:
-        log(f"training {path} ({config.model}, preset {config.preset}, seed {config.seed}, "
-            f"{config.epochs} epochs)")
-        train(config, path, force=force, progress=progress, log=log)
-    return load_run(path, device)
+        return {"resume": True}
+    log(f"training {path} ({config.model}, preset {config.preset}, seed {config.seed}, "
+        f"{config.epochs} epochs)")
+    return {"force": force}
+
+
+def ensure_runs(
+    jobs: Sequence[tuple[Path, TrainConfig]], *, force: bool, progress: bool,
+    log: Callable[[str], None], device: torch.device, parallel: int = 2,
+) -> list[Run]:
+    """The finished runs ``[(path, config), ...]``: each reused if there, resumed if
+    unfinished, trained if absent (on CUDA up to ``parallel`` side by side, see
+    ``train_concurrently``). A run of another config is replaced only with ``force``."""
+    from vaelab.train import train_concurrently
+
+    todo = []
+    for path, config in jobs:
+        options = _plan_run(path, config, force=force, log=log)
+        if options is not None:
+            todo.append((config, path, options))
+    train_concurrently(todo, parallel=parallel, progress=progress, log=log)
+    return [load_run(path, device) for path, _ in jobs]
+
+
+def ensure_run(
+    path: Path, config: TrainConfig, *, force: bool, progress: bool,
+    log: Callable[[str], None], device: torch.device,
+) -> Run:
+    """``ensure_runs`` for one run."""
+    return ensure_runs([(path, config)], force=force, progress=progress, log=log,
+                       device=device)[0]
 
 
 def ensure_classifier(
@@ -371,33 +394,35 @@ def reproduce(
     # ---- runs ---------------------------------------------------------------------------
     t0 = time.perf_counter()
     named: dict[str, Run] = {}
-    for kind in KINDS:
+    jobs: dict[str, TrainConfig] = {}  # run name -> config, trained together (side by side on
+    for kind in KINDS:                 # CUDA) once all are known
         if kind in given:
             named[kind] = given[kind]
             named[kind].model.to(device)
             log(f"{kind.upper()}: using the given run {given[kind].path}")
         else:
-            cfg = resolve_config(preset, model=kind, dataset=dataset, seed=seeds[0])
-            named[kind] = ensure_run(out / "runs" / kind, cfg, force=force, progress=progress,
-                                     log=log, device=device)
+            jobs[kind] = resolve_config(preset, model=kind, dataset=dataset, seed=seeds[0])
     seed_runs: dict[str, list[str]] = {k: [k] for k in KINDS}
     annealing: dict[str, dict[str, str]] = {}
     if ablations:
         for kind in KINDS:
-            base = TrainConfig.from_dict(named[kind].config["config"]).validate()
+            base = jobs.get(kind) or TrainConfig.from_dict(named[kind].config["config"])
+            base = base.validate()
             for s in seeds:
                 if s == base.seed:
                     continue
                 name = f"{kind}-seed{s}"
-                named[name] = ensure_run(out / "runs" / name, replace(base, seed=s),
-                                         force=force, progress=progress, log=log, device=device)
+                jobs[name] = replace(base, seed=s)
                 seed_runs[kind].append(name)
             annealing[kind] = {}
             for arm, (name, cfg) in _annealing_pair(base, kind).items():
                 if name is not None:
-                    named[name] = ensure_run(out / "runs" / name, cfg, force=force,
-                                             progress=progress, log=log, device=device)
+                    jobs[name] = cfg
                 annealing[kind][arm] = name or kind
+    runs_done = ensure_runs([(out / "runs" / name, cfg) for name, cfg in jobs.items()],
+                            force=force, progress=progress, log=log, device=device)
+    named.update(zip(jobs, runs_done, strict=True))
+    named = {k: named[k] for k in [*KINDS, *(n for n in jobs if n not in KINDS)]}
     timings["training"] = time.perf_counter() - t0
 
     # ---- classifier ---------------------------------------------------------------------

@@ -16,8 +16,9 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -27,7 +28,13 @@ import numpy as np
 import torch
 
 from vaelab import __version__
-from vaelab.checkpoint import latest_checkpoint, load_weights, save_checkpoint, save_final
+from vaelab.checkpoint import (
+    latest_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_final,
+    weights_bytes,
+)
 from vaelab.config import TrainConfig
 from vaelab.data import Batcher, Dataset, load_dataset
 from vaelab.errors import CheckpointError, ConfigError, NumericalError, VaelabError
@@ -37,6 +44,7 @@ from vaelab.models import ConvVAE, build_model
 from vaelab.objectives import BetaSchedule, elbo_terms, make_beta_schedule, training_loss
 
 REFRESH_STEPS = 25  # read the device-side sums this often (progress bar, NaN check)
+WARMUP_STEPS = 3  # eager full-batch steps on CUDA before the training step is captured
 
 
 class Interrupted(VaelabError):
@@ -73,13 +81,31 @@ def pick_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def make_adam(params: Any, lr: float) -> torch.optim.Adam:
-    """Adam with the fused kernel where this torch has it for the device, else the default."""
+def make_adam(params: Any, lr: float, *, capturable: bool = False) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch has it for the device, else the default.
+
+    ``capturable``: the learning rate is a device tensor and the update reads nothing from the
+    host, so the step can be captured in a CUDA graph (CUDA only).
+    """
     params = list(params)
+    if capturable:
+        lr_t = torch.tensor(lr, dtype=torch.float32, device=params[0].device)
+        return torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr)
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor in it copied to the CPU (dicts, lists and tuples walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 def versions() -> dict[str, str]:
@@ -191,6 +217,12 @@ class Trainer:
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
         self.precision = pick_precision(cfg.precision, self.device)
+        # one CUDA graph replays the whole training step (forward, backward, Adam, the sums):
+        # the step is ~100 small kernels, whose launches cost more than their arithmetic
+        self.use_graphs = (self.device.type == "cuda" and cfg.cuda_graphs
+                           and not self.distributed and not detect_anomaly)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         torch.manual_seed(cfg.seed)
 
         self.data = dataset or load_dataset(cfg.dataset, val_size=cfg.val_size, limit=cfg.limit)
@@ -215,7 +247,12 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = make_adam(self.model.parameters(), cfg.lr)
+        self.optimizer = make_adam(self.model.parameters(), cfg.lr, capturable=self.use_graphs)
+        self._graph: Any = None  # torch.cuda.CUDAGraph, captured after WARMUP_STEPS eager steps
+        self._graph_inputs: tuple[torch.Tensor, ...] = ()
+        self._eager_full_steps = 0
+        self._writer: Any = None  # a one-thread executor writing checkpoints (CUDA)
+        self._pending_write: Any = None
         self.schedule: BetaSchedule = make_beta_schedule(
             cfg.beta_schedule, steps_per_epoch=self.steps_per_epoch,
             warmup_epochs=cfg.warmup_epochs, beta=cfg.beta, cycles=cfg.cycles,
@@ -228,6 +265,8 @@ class Trainer:
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
         self.sums = self._zero_sums()
+        # the index of the step in flight, on the device (a captured graph cannot read self.step)
+        self._step_dev = torch.zeros((), device=self.device, dtype=torch.int64)
         self.epoch_seconds = 0.0
         self._stop_signal: int | None = None
         if not resume and self.rank == 0:
@@ -238,6 +277,11 @@ class Trainer:
             self._restore()
 
     # ---- state --------------------------------------------------------------------------
+    def _reset_sums(self) -> None:
+        """Zero the epoch's running sums in place (a captured graph holds their addresses)."""
+        for k, v in self._zero_sums().items():
+            self.sums[k].copy_(v)
+
     def _zero_sums(self) -> dict[str, torch.Tensor]:
         d = self.config.latent_dim
         return {
@@ -305,8 +349,12 @@ class Trainer:
         """Everything a resume needs. Under torchrun the sums are the global ones (restored on
         rank 0 only, since they add up) and every rank's noise generator state is kept."""
         noise = self._noise_states()
+        optimizer = self.optimizer.state_dict()
+        for group in optimizer["param_groups"]:  # saved device-neutral: a plain lr, not capturable
+            group["lr"] = float(group["lr"])
+            group["capturable"] = False
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "noise": noise[0], "noise_per_rank": noise},
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
@@ -317,13 +365,34 @@ class Trainer:
         }
 
     def checkpoint(self) -> Path:
+        """Save a checkpoint of this moment. On CUDA a snapshot is taken here and written by a
+        background thread while training goes on (the write costs a quarter of an epoch
+        there); the next checkpoint, the end, an interruption or an error waits for it."""
         state = self.state()  # collective under torchrun: every rank takes part
         path = self.out / "checkpoints" / f"step-{self.step:08d}"
         if self.rank == 0:
-            path = save_checkpoint(self.out, self.model, self.spec, state,
-                                   step=self.step, epoch=self.epoch)
+            self.wait_for_writes()
+            if self.device.type == "cuda":
+                from concurrent.futures import ThreadPoolExecutor
+
+                weights = weights_bytes(self.model, self.spec)
+                state = _cpu_copy(state)  # the live tensors change with the next step
+                self._writer = self._writer or ThreadPoolExecutor(1, "vaelab-checkpoint")
+                self._pending_write = self._writer.submit(
+                    save_checkpoint, self.out, weights, self.spec, state,
+                    step=self.step, epoch=self.epoch)
+            else:
+                path = save_checkpoint(self.out, self.model, self.spec, state,
+                                       step=self.step, epoch=self.epoch)
         self._barrier()
         return path
+
+    def wait_for_writes(self) -> None:
+        """Block until a checkpoint being written in the background is on disk; raise its
+        error, if it failed."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            pending.result()
 
     def _restore(self) -> None:
         # a kill in the middle of a write leaves its temporary behind: never read, now removed
@@ -345,6 +414,11 @@ class Trainer:
         s = ckpt.state
         try:
             self.optimizer.load_state_dict(s["optimizer"])
+            if self.use_graphs:
+                for group in self.optimizer.param_groups:
+                    group["capturable"] = True
+                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32,
+                                               device=self.device)
             self.schedule.load_state_dict(s["schedule"])
             torch.set_rng_state(s["rng"]["torch"])
             per_rank = s["rng"].get("noise_per_rank") or [s["rng"]["noise"]]
@@ -355,10 +429,10 @@ class Trainer:
                          f"has {self.world_size}: the noise generators are reseeded")
                 self.noise.manual_seed(self.config.seed + 1 + 7919 * self.rank + s["step"])
             self.epoch, self.step_in_epoch, self.step = s["epoch"], s["step_in_epoch"], s["step"]
-            self.sums = {k: v.to(self.device) for k, v in s["sums"].items()}
-            if self.rank != 0:  # the saved sums are global: one rank carries them
-                self.sums = {k: v if k == "bad_step" else torch.zeros_like(v)
-                             for k, v in self.sums.items()}
+            for k, v in s["sums"].items():
+                # the saved sums are global: under torchrun one rank carries them
+                keep = self.rank == 0 or k == "bad_step"
+                self.sums[k].copy_(v if keep else torch.zeros_like(v))
             self.epoch_seconds = float(s["epoch_seconds"])
             self.metrics = json.loads(s["metrics"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -392,19 +466,45 @@ class Trainer:
             return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))
         return self.config.lr
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        cfg = self.config
-        beta = self.schedule.beta
+    def _set_lr(self, value: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimisation step on batch ``(x, y)``; its terms are added to the epoch's sums.
+
+        On CUDA a full batch replays a captured graph of ``_step_body`` (after WARMUP_STEPS
+        eager ones); the noise is drawn outside it from the run's generator, so both paths
+        consume the same random numbers and resume the same way.
+        """
+        self._set_lr(self.lr_at(self.step))
+        eps = torch.randn((x.shape[0], self.config.latent_dim), generator=self.noise,
+                          device=self.device, dtype=torch.float32)
+        beta = self.schedule.beta
+        if self.use_graphs and x.shape[0] == self.batcher.batch_size:
+            self._graphed_step(x, y, eps, beta)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step_body(x, y, eps, beta)
+        self.schedule.step()
+        self.step += 1
+        self.step_in_epoch += 1
+
+    def _step_body(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                   beta: float | torch.Tensor) -> None:
+        """Forward, loss, backward, Adam and the running sums: device work only, in place."""
+        cfg = self.config
+        # autocast's weight cache must stay off under graph capture (and buys nothing here)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=self.precision == "bf16")
+                                  enabled=self.precision == "bf16", cache_enabled=False)
         with autocast:
-            out = self.net(x, y if self.model.conditional else None, generator=self.noise)
+            out = self.net(x, y if self.model.conditional else None, eps=eps)
         terms = elbo_terms(x, out.mu.float(), out.logvar.float(), out.logits.float(),
                            cfg.likelihood)
         loss = training_loss(terms, beta, cfg.free_bits)
-        self.optimizer.zero_grad(set_to_none=True)
         try:
             loss.backward()
         except RuntimeError as e:  # anomaly mode: "Function 'X' returned nan values ..."
@@ -412,7 +512,6 @@ class Trainer:
                 raise
             raise self._numerical_error(self.step, f"autograd anomaly mode: {e}") from None
         self.optimizer.step()
-        self.schedule.step()
         b = x.shape[0]
         with torch.no_grad():
             s = self.sums
@@ -420,10 +519,52 @@ class Trainer:
                                        loss * b]).double()
             s["kl_dim"] += terms.kl_per_dim.sum(0).double()
             s["count"] += b
-            bad = ~torch.isfinite(loss)
-            s["bad_step"] = torch.where(bad & (s["bad_step"] < 0), self.step, s["bad_step"])
-        self.step += 1
-        self.step_in_epoch += 1
+            first_bad = ~torch.isfinite(loss) & (s["bad_step"] < 0)
+            s["bad_step"].copy_(torch.where(first_bad, self._step_dev, s["bad_step"]))
+            self._step_dev += 1
+
+    def prime_graph(self) -> None:
+        """Take this run's next steps here, until its training step is captured as a CUDA
+        graph; a run whose epoch would end first trains on eagerly. After this no capture is
+        left to happen while other runs train beside it (``train_concurrently``)."""
+        if self.use_graphs and self._graph is None and self.epoch < self.config.epochs:
+            self._step_dev.fill_(self.step)
+            batches = self.batcher.epoch(self.epoch)
+            for x, y in islice(batches, self.step_in_epoch, self.steps_per_epoch - 1):
+                self.train_step(x, y)
+                if self._graph is not None:
+                    break
+        if self._graph is None:
+            self.use_graphs = False
+
+    def _graphed_step(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                      beta: float) -> None:
+        dev = self.device
+        if self._graph is None and self._eager_full_steps < WARMUP_STEPS:
+            # real steps, run eagerly on a side stream: cuDNN, cuBLAS and Adam's state are set
+            # up before capture, as torch.cuda.graph asks
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step_body(x, y, eps, beta)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self._eager_full_steps += 1
+            return
+        if self._graph is None:
+            self._graph_inputs = (x.clone(), y.clone(), eps.clone(),
+                                  torch.zeros((), device=dev, dtype=torch.float32))
+            self.optimizer.zero_grad(set_to_none=True)  # backward allocates .grad in the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(dev)):
+                self._step_body(*self._graph_inputs)
+            self._graph = graph  # capture runs nothing: the replay below does this step
+        sx, sy, seps, sbeta = self._graph_inputs
+        sx.copy_(x)
+        sy.copy_(y)
+        seps.copy_(eps)
+        sbeta.fill_(beta)
+        self._graph.replay()
 
     def _check_finite(self) -> None:
         bad = int(self._global_sums()["bad_step"] if self.distributed else self.sums["bad_step"])
@@ -473,11 +614,23 @@ class Trainer:
                                     status="") if bar else None
                 while self.epoch < cfg.epochs:
                     self._run_epoch(bar, task)
+            self.wait_for_writes()
+        except BaseException:
+            # the error in flight is the one to report; a checkpoint still being written is
+            # let finish (its own failure, if any, leaves the previous checkpoints in place)
+            try:
+                self.wait_for_writes()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             if self.tb is not None:
                 self.tb.close()
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         try:
             return self._finish()
         finally:
@@ -489,6 +642,7 @@ class Trainer:
     def _run_epoch(self, bar: Any, task: Any) -> None:
         cfg = self.config
         t0 = time.perf_counter()
+        self._step_dev.fill_(self.step)
         batches = islice(self.batcher.epoch(self.epoch), self.step_in_epoch, None)
         for x, y in batches:
             self.train_step(x, y)
@@ -514,7 +668,7 @@ class Trainer:
         self.metrics.append(row)
         self.epoch += 1
         self.step_in_epoch = 0
-        self.sums = self._zero_sums()
+        self._reset_sums()
         self.epoch_seconds = 0.0
         if self.rank == 0:
             write_metrics(self.out, self.metrics)
@@ -533,6 +687,7 @@ class Trainer:
         self.epoch_seconds += time.perf_counter() - t0
         self._check_finite()
         path = self.checkpoint()
+        self.wait_for_writes()  # the message says it is saved
         sig = self._stop_signal or signal.SIGINT
         name = signal.Signals(sig).name
         raise Interrupted(
@@ -610,3 +765,67 @@ class Trainer:
 def train(config: TrainConfig, out: str | os.PathLike, **kwargs: Any) -> TrainResult:
     """Train ``config`` into run folder ``out``; see ``Trainer`` for the keyword options."""
     return Trainer(config, out, **kwargs).fit()
+
+
+def train_concurrently(
+    jobs: Sequence[tuple[TrainConfig, str | os.PathLike, dict[str, Any]]],
+    *,
+    parallel: int = 2,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[TrainResult]:
+    """Train several runs, ``jobs`` = [(config, out, Trainer keyword options), ...], in order.
+
+    On CUDA, up to ``parallel`` runs train at once, each in its own thread and CUDA stream: at
+    batch 128 one run's step is a few hundred small kernels that leave most of the GPU idle, so
+    a second run fills it (measured in BENCHMARKS.md). Each run computes exactly what it would
+    alone. Elsewhere the runs train one after the other, with their progress bars. SIGINT or
+    SIGTERM stops every run at its next step with a checkpoint (``Interrupted``).
+    """
+    if parallel < 1:
+        raise ConfigError(f"parallel must be >= 1, got {parallel}")
+    cuda = [pick_device(cfg.device).type == "cuda" for cfg, _, _ in jobs]
+    if len(jobs) < 2 or parallel == 1 or not all(cuda) or dist_env()[1] > 1:
+        return [train(cfg, out, progress=progress, log=log, **kw) for cfg, out, kw in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def tagged(out: str | os.PathLike) -> Callable[[str], None] | None:
+        return None if log is None else (lambda s: log(f"[{Path(out).name}] {s}"))
+
+    # built here, one after the other: seeding and weight initialisation stay deterministic;
+    # and every CUDA graph is captured here, since a capture fails if another thread uses the
+    # GPU meanwhile
+    trainers = [Trainer(cfg, out, progress=False, log=tagged(out), **kw) for cfg, out, kw in jobs]
+    for t in trainers:
+        t.prime_graph()
+    torch.cuda.synchronize()  # data and weights are on the GPU before other streams read them
+    stop: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.append(signum)
+        for t in trainers:
+            t._stop_signal = signum
+
+    def fit(t: Trainer) -> TrainResult:
+        if stop:  # stopped before this run began: it stays as it is, resumable
+            raise Interrupted(f"{signal.Signals(stop[0]).name}: {t.out} not started",
+                              resume_command(t.out), stop[0])
+        with torch.cuda.stream(torch.cuda.Stream(t.device)):
+            result = t.fit()
+        torch.cuda.current_stream(t.device).synchronize()
+        return result
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = [pool.submit(fit, t) for t in trainers]
+            while not all(f.done() for f in futures):
+                time.sleep(0.05)  # the main thread stays free to take signals
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # a real failure before an interruption it may have caused elsewhere
+            raise next((e for e in errors if not isinstance(e, Interrupted)), errors[0])
+        return [f.result() for f in futures]
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

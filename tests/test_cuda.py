@@ -1,0 +1,155 @@
+"""The CUDA path: one captured CUDA graph per training step, bf16 autocast, resume.
+
+These run only where a CUDA device is present (CI has none; they were run on a lent H100, see
+BENCHMARKS.md). On CUDA, results are compared within float tolerance, not bit for bit: cuDNN
+may pick different algorithms between runs, and some of its backward kernels use atomics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from synthetic import noisy_blobs, write_synthetic
+from vaelab.config import resolve_config
+from vaelab.train import Trainer, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 480 training images at batch 64: seven full batches (graphed) and one of 32 (eager)
+    return write_synthetic(tmp_path_factory.mktemp("idx"), noisy_blobs, 512, 64, seed=0)
+
+
+def config(data: Path, **kw: Any):  # noqa: ANN201
+    base = dict(dataset=f"idx:{data}", val_size=32, epochs=3, device="cuda", precision="fp32",
+                lr_schedule="cosine", model="cvae")
+    return resolve_config("quick", **{**base, **kw})
+
+
+def run(cfg: Any, out: Path, **kw: Any) -> tuple[Trainer, dict[str, torch.Tensor]]:
+    trainer = Trainer(cfg, out, progress=False, **kw)
+    result = trainer.fit()
+    weights = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    return trainer, weights
+
+
+def close_runs(a: list[dict[str, Any]], b: list[dict[str, Any]], rel: float) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("train_neg_elbo", "test_neg_elbo", "test_kl", "val_neg_elbo"):
+            assert math.isfinite(ra[k]) and math.isfinite(rb[k])
+            assert ra[k] == pytest.approx(rb[k], rel=rel), (k, ra["epoch"], ra[k], rb[k])
+
+
+def test_graphed_steps_compute_what_eager_steps_compute(data: Path, tmp_path: Path) -> None:
+    graphed, w_graph = run(config(data, cuda_graphs=True), tmp_path / "graph")
+    eager, w_eager = run(config(data, cuda_graphs=False), tmp_path / "eager")
+    assert graphed._graph is not None, "the training step was never captured"
+    assert eager._graph is None
+    assert graphed.step == eager.step == 3 * 8
+    close_runs(graphed.metrics, eager.metrics, rel=1e-3)
+    for k in w_eager:
+        torch.testing.assert_close(w_graph[k], w_eager[k], rtol=1e-3, atol=1e-4)
+
+
+def test_graphed_run_interrupted_mid_epoch_resumes_to_the_same_result(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = config(data, cuda_graphs=True, checkpoint_every=3)
+    reference, w_ref = run(cfg, tmp_path / "ref")
+    ref_metrics = reference.metrics
+
+    real_step = Trainer.train_step
+
+    def step(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+        real_step(self, x, y)
+        if self.step == 13:  # epoch 2, after the graph was captured
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    from vaelab.train import Interrupted
+
+    with pytest.raises(Interrupted):
+        run(cfg, tmp_path / "run")
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed, w = run(cfg, tmp_path / "run", resume=True)
+    assert resumed._graph is not None
+    close_runs(resumed.metrics, ref_metrics, rel=1e-3)
+    for k in w_ref:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_autocast_on_cuda_trains_close_to_fp32(data: Path, tmp_path: Path) -> None:
+    fp32 = train(config(data, precision="fp32", epochs=4), tmp_path / "fp32", progress=False)
+    bf16 = train(config(data, precision="bf16", epochs=4), tmp_path / "bf16", progress=False)
+    assert bf16.summary["precision"] == "bf16"
+    a, b = fp32.summary["test"]["neg_elbo"], bf16.summary["test"]["neg_elbo"]
+    assert math.isfinite(b) and b == pytest.approx(a, rel=0.02)
+
+
+def test_a_nan_inside_the_captured_graph_is_caught_naming_its_step(
+    data: Path, tmp_path: Path,
+) -> None:
+    from vaelab.errors import NumericalError
+
+    trainer = Trainer(config(data, cuda_graphs=True), tmp_path / "run", progress=False)
+    real_body = trainer._step_body
+
+    def body(x: torch.Tensor, *rest: Any) -> None:
+        # from step 5 on every image is NaN; the captured graph reads the flag from the device
+        poison = torch.where(trainer._step_dev >= 5, float("nan"), 0.0)
+        real_body(x + poison, *rest)
+
+    trainer._step_body = body  # type: ignore[method-assign]
+    with pytest.raises(NumericalError, match=r"epoch 1, step 5\b"):
+        trainer.fit()
+    assert trainer._graph is not None
+
+
+def test_runs_trained_side_by_side_compute_what_they_compute_alone(
+    data: Path, tmp_path: Path,
+) -> None:
+    from vaelab.train import train_concurrently
+
+    jobs = [(config(data, model="vae"), tmp_path / "vae", {}),
+            (config(data, model="cvae", seed=1), tmp_path / "cvae", {})]
+    together = train_concurrently(jobs, parallel=2, progress=False)
+    for (cfg, out, _), result in zip(jobs, together, strict=True):
+        alone = train(cfg, tmp_path / f"{out.name}-alone", progress=False)
+        assert result.summary["model"] == cfg.model
+        close_runs(result.metrics, alone.metrics, rel=1e-3)
+        assert (out / "model.safetensors").exists() and (out / "summary.json").exists()
+
+
+def test_a_failed_background_checkpoint_write_stops_the_run_with_its_error(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA checkpoints are written by a background thread: a failed write is raised by
+    the run at its next wait, and the checkpoints written before it stay."""
+    import vaelab.train
+    from vaelab.checkpoint import list_checkpoints
+    from vaelab.errors import VaelabError
+
+    real = vaelab.train.save_checkpoint
+    steps: list[int] = []
+
+    def failing(*args: Any, **kwargs: Any) -> Path:
+        steps.append(kwargs["step"])
+        if len(steps) == 2:
+            raise VaelabError("cannot write checkpoint (disk full, in a test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vaelab.train, "save_checkpoint", failing)
+    with pytest.raises(VaelabError, match="disk full, in a test"):
+        train(config(data), tmp_path / "run", progress=False)
+    assert steps[:2] == [8, 16]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008"]
