@@ -153,3 +153,15 @@ def test_a_failed_background_checkpoint_write_stops_the_run_with_its_error(
         train(config(data), tmp_path / "run", progress=False)
     assert steps[:2] == [8, 16]
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008"]
+
+
+def test_fp32_on_cuda_is_ieee_fp32_not_tf32(data: Path, tmp_path: Path) -> None:
+    """PyTorch runs cuDNN's fp32 convolutions in TF32 unless told not to; vaelab's device
+    choice turns that off, so an fp32 convolution matches float64 as on the CPU."""
+    Trainer(config(data), tmp_path / "run", progress=False)
+    assert torch.backends.cudnn.allow_tf32 is False
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 32, 14, 14, generator=gen), torch.randn(32, 32, 3, 3, generator=gen)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    out = torch.nn.functional.conv2d(x.cuda(), w.cuda(), padding=1).cpu().double()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5  # TF32 lands near 3e-4

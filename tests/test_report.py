@@ -215,6 +215,8 @@ def test_reproduce_refuses_a_run_trained_otherwise(study, data_dir, tmp_path) ->
     shutil.copytree(out, copy)
     with pytest.raises(ConfigError, match="other settings"):
         reproduce(copy, quick=True, dataset=f"idx:{data_dir}", seeds=(7,), progress=False)
+    with pytest.raises(ConfigError, match=r"other settings \(precision\)"):
+        reproduce(copy, quick=True, dataset=f"idx:{data_dir}", precision="bf16", progress=False)
 
 
 def test_a_run_that_differs_only_in_runtime_settings_is_reused(study, data_dir, tmp_path) -> None:

@@ -375,13 +375,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     reproduce(args.out, runs=args.runs, quick=args.quick, ablations=args.ablations,
               seeds=args.seeds, num_samples=args.samples, force=args.force,
-              logpx_images=args.logpx_images,
+              logpx_images=args.logpx_images, precision=args.precision,
               dataset=args.dataset, formats=args.format, progress=sys.stdout.isatty(),
               console=_console())
     return 0
 
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from vaelab.config import PRECISIONS
+
     p = sub.add_parser(
         "reproduce", help="reproduce the whole study in one command: train, evaluate, report",
         description="Reproduce the VAE vs CVAE study into one folder. Trains the VAE and the "
@@ -420,6 +422,10 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    help="importance samples per image for log p(x) (default 1000, 50 with "
                    "--quick; 0 skips the estimate)")
     p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR (default: mnist)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training precision of the runs it trains (default auto: bf16 on a "
+                   "CUDA GPU, fp32 on the CPU; fp32 on a GPU gives slightly better numbers, "
+                   "see BENCHMARKS.md)")
     p.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"],
                    help="figure file formats (default: png pdf; index.html embeds the PNGs)")
     p.add_argument("--force", action="store_true",

@@ -352,6 +352,7 @@ def reproduce(
     progress: bool = True,
     force: bool = False,
     dataset: str = "mnist",
+    precision: str = "auto",
     classifier_epochs: int | None = None,
     formats: Sequence[str] = ("png", "pdf"),
     console: Any = None,
@@ -365,8 +366,10 @@ def reproduce(
     when ``quick``); draws every figure into ``out/figures``; writes ``results.json``,
     ``README.md`` and ``index.html``; prints the summary table. ``ablations`` adds runs without
     KL warm-up (constant beta = 1) and one run per extra seed of ``seeds`` for both models, and
-    reports mean ± std over seeds. A folder that is not empty and not a vaelab report is
-    refused unless ``force``; ``force`` also retrains runs whose saved settings differ.
+    reports mean ± std over seeds. ``precision`` is the training precision of the runs it
+    trains (``auto``: bf16 on CUDA, fp32 on the CPU). A folder that is not empty and not a
+    vaelab report is refused unless ``force``; ``force`` also retrains runs whose saved
+    settings differ.
     """
     from rich.console import Console
 
@@ -401,7 +404,8 @@ def reproduce(
             named[kind].model.to(device)
             log(f"{kind.upper()}: using the given run {given[kind].path}")
         else:
-            jobs[kind] = resolve_config(preset, model=kind, dataset=dataset, seed=seeds[0])
+            jobs[kind] = resolve_config(preset, model=kind, dataset=dataset, seed=seeds[0],
+                                        precision=precision)
     seed_runs: dict[str, list[str]] = {k: [k] for k in KINDS}
     annealing: dict[str, dict[str, str]] = {}
     if ablations:
@@ -498,7 +502,7 @@ def reproduce(
         "out": str(out),
         "settings": {"quick": quick, "ablations": ablations, "seeds": seeds,
                      "num_samples": num_samples, "logpx_images": logpx_images,
-                     "dataset": dataset, "preset": preset,
+                     "dataset": dataset, "preset": preset, "precision": precision,
                      "given_runs": {k: str(r.path) for k, r in given.items()}},
         "reference": {"values": STUDY, "reduction_pct": {
             m: reduction_pct(STUDY["vae"][m], STUDY["cvae"][m]) for m in STUDY["vae"]}},

@@ -65,11 +65,25 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is a device, else the CPU. On CUDA, fp32 is made IEEE fp32
+    (see ``ieee_fp32_on_cuda``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if name == "cuda":
+        ieee_fp32_on_cuda()
     return torch.device(name)
+
+
+def ieee_fp32_on_cuda() -> None:
+    """Turn TF32 off for cuDNN convolutions and matrix products (PyTorch leaves it on for
+    convolutions): vaelab's fp32 training and every evaluation are then fp32 as on the CPU,
+    and bf16 is asked for by name (``--precision``)."""
+    # the long-standing flags: torch refuses to read them back once its newer per-operator
+    # settings (fp32_precision) have been mixed in, so vaelab sets only these
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def pick_precision(name: str, device: torch.device) -> str:
