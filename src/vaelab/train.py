@@ -793,8 +793,9 @@ def train_concurrently(
 
     On CUDA, up to ``parallel`` runs train at once, each in its own thread and CUDA stream: at
     batch 128 one run's step is a few hundred small kernels that leave most of the GPU idle, so
-    a second run fills it (measured in BENCHMARKS.md). Each run computes exactly what it would
-    alone. Elsewhere the runs train one after the other, with their progress bars. SIGINT or
+    a second run fills it (measured in BENCHMARKS.md). Each run computes what it would alone
+    (within float tolerance, as any two CUDA runs). Elsewhere the runs train one after the
+    other, with their progress bars. SIGINT or
     SIGTERM stops every run at its next step with a checkpoint (``Interrupted``).
     """
     if parallel < 1:
