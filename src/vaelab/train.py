@@ -261,7 +261,12 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = make_adam(self.model.parameters(), cfg.lr, capturable=self.use_graphs)
+        try:
+            self.optimizer = make_adam(self.model.parameters(), cfg.lr,
+                                       capturable=self.use_graphs)
+        except (RuntimeError, TypeError, ValueError):  # a torch without tensor-lr fused Adam
+            self.use_graphs = False
+            self.optimizer = make_adam(self.model.parameters(), cfg.lr)
         self._graph: Any = None  # torch.cuda.CUDAGraph, captured after WARMUP_STEPS eager steps
         self._graph_inputs: tuple[torch.Tensor, ...] = ()
         self._eager_full_steps = 0
