@@ -53,7 +53,7 @@ def _free_port() -> int:
 def test_torchrun_two_processes_writes_a_whole_run(data_dir, tmp_path):
     out = tmp_path / "run"
     r = _run(data_dir, out, "--epochs", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-3000:]
     for name in ("config.json", "metrics.jsonl", "model.json", "model.safetensors",
                  "summary.json"):
         assert (out / name).is_file(), name
@@ -73,16 +73,17 @@ def test_torchrun_two_processes_writes_a_whole_run(data_dir, tmp_path):
 
 def test_torchrun_resume_continues_the_run(data_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert _run(data_dir, straight, "--epochs", "2").returncode == 0
+    r0 = _run(data_dir, straight, "--epochs", "2")
+    assert r0.returncode == 0, r0.stderr[-3000:]
     r1 = _run(data_dir, split, "--epochs", "2")
-    assert r1.returncode == 0
+    assert r1.returncode == 0, r1.stderr[-3000:]
     # drop the final state and the last epoch's checkpoint, then resume from epoch 1
     ckpts = sorted((split / "checkpoints").glob("step-*"))
     shutil.rmtree(ckpts[-1])
     for name in ("model.json", "model.safetensors", "summary.json"):
         (split / name).unlink()
     r2 = _run(data_dir, split, "--resume")
-    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
     a = load_file(straight / "model.safetensors")
     b = load_file(split / "model.safetensors")
     assert a.keys() == b.keys()

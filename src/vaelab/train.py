@@ -654,10 +654,22 @@ class Trainer:
         try:
             return self._finish()
         finally:
-            if getattr(self, "_owns_process_group", False):
-                import torch.distributed as dist
+            self._leave_process_group()
 
-                dist.destroy_process_group()
+    def _leave_process_group(self) -> None:
+        """Destroy the process group this trainer made. The DDP wrapper holds the group, so it
+        is freed first: freed after the group (when the trainer goes), it can abort the process
+        (see ``vaelab/__main__.py``)."""
+        if not getattr(self, "_owns_process_group", False):
+            return
+        import gc
+
+        import torch.distributed as dist
+
+        self._owns_process_group = False
+        self.net = self.model
+        gc.collect()
+        dist.destroy_process_group()
 
     def _run_epoch(self, bar: Any, task: Any) -> None:
         cfg = self.config
