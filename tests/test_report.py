@@ -88,7 +88,14 @@ def test_the_table_sets_ours_beside_the_study(study) -> None:
     assert list(rows) == ["recon", "kl", "neg_elbo", "neg_log_px"]
     vae, cvae = results["evaluations"]["vae"], results["evaluations"]["cvae"]
     assert rows["recon"]["vae"] == vae["elbo"]["recon"]
-    assert rows["neg_log_px"]["cvae"] == cvae["log_px"]["neg_log_px"]
+    # the exact value on every test image, with the IS estimate's bias on its own images
+    exact = cvae["exact_log_px"]
+    assert rows["neg_log_px"]["cvae"] == exact["neg_log_px"]
+    assert exact["method"] == "quadrature" and exact["n"] == cvae["elbo"]["n"]
+    assert exact["error_estimate"] <= exact["tolerance"]
+    assert exact["gap"] == pytest.approx(exact["log_px"] + cvae["elbo"]["neg_elbo"])
+    lp = cvae["log_px"]
+    assert lp["bias"] == pytest.approx(lp["log_px"] - lp["exact_log_px"])
     for key in ("recon", "kl", "neg_elbo"):
         r = rows[key]
         assert r["reduction_pct"] == pytest.approx(100 * (r["vae"] - r["cvae"]) / r["vae"])

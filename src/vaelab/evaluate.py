@@ -7,7 +7,9 @@ latent dimensions). The ELBO is always evaluated at beta = 1, so it is a true bo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,8 +19,12 @@ from vaelab.data import Dataset, Split, load_dataset
 from vaelab.errors import ConfigError
 from vaelab.models import ConvVAE
 from vaelab.objectives import (
+    QuadratureSums,
     elbo_terms,
     importance_sampled_log_px,
+    kl_normal_std,
+    lattice_rule,
+    log_likelihood_matrix,
 )
 
 if TYPE_CHECKING:
@@ -167,6 +173,281 @@ def log_px_estimate(
         "elbo": float(el.mean()), "neg_elbo": -float(el.mean()),
         "gap": float((lp - el).mean()), "num_samples": num_samples, "n": n,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Exact log p(x) for a latent of size 1 or 2 (see objectives.LatticeRule)
+# --------------------------------------------------------------------------------------------
+EXACT_MAX_LATENT = 2
+EXACT_BOX_LIMIT = 10.0  # |z_j| beyond 10 has prior density below e^-50: never in the box
+DEFAULT_TOLERANCE = 0.05  # nats per image, on the mean over images
+
+
+@dataclass
+class ExactLogPx:
+    """Per-image results of ``exact_log_px_per_image`` (tensors [N], float64, CPU)."""
+
+    log_px: Tensor
+    error: Tensor  # estimated error of log_px, nats
+    elbo: Tensor  # E_q[log p(x|z)] - KL(q || p(z)), integrated on the same nodes
+    elbo_error: Tensor
+    refined: Tensor  # bool: the image needed its own finer rule
+    posterior_mean: Tensor  # [N, d] of p(z|x)
+    posterior_cov: Tensor  # [N, d, d]
+    tolerance: float
+    nodes: int  # decoder evaluations
+
+    @property
+    def gap(self) -> Tensor:
+        """KL(q(z|x) || p(z|x)) = log p(x) - ELBO, per image: what the bound loses."""
+        return self.log_px - self.elbo
+
+    def summary(self) -> dict[str, Any]:
+        """Means over images (nats per image), JSON-ready."""
+        n = int(self.log_px.numel())
+        if n == 0:
+            raise ConfigError("cannot compute log p(x) on an empty split")
+        lp = self.log_px
+        return {
+            "method": "quadrature", "log_px": float(lp.mean()), "neg_log_px": -float(lp.mean()),
+            "log_px_sem": float(lp.std() / math.sqrt(n)) if n > 1 else 0.0,
+            "error_estimate": float(self.error.mean()), "error_max": float(self.error.max()),
+            "tolerance": self.tolerance, "within_tolerance": float(self.error.mean())
+            <= self.tolerance, "refined": int(self.refined.sum()), "nodes": self.nodes, "n": n,
+        }
+
+
+def _check_exact_latent(model: nn.Module) -> int:
+    d = int(model.latent_dim)
+    if d > EXACT_MAX_LATENT:
+        raise ConfigError(
+            f"exact log p(x) by quadrature needs a latent size of 1 or 2, this model has {d}: "
+            "use the importance-sampled estimate (--samples K)")
+    return d
+
+
+def auto_spacing(mu: Tensor, logvar: Tensor, nodes: int) -> float:
+    """The shared rule's node spacing: the box that holds every q(z|x) to 8 sigma, cut into
+    enough intervals per axis that both rules together have about ``nodes`` nodes."""
+    lo, hi = _shared_box(mu, logvar)
+    per_axis = max(2.0, (nodes / 2) ** (1 / mu.shape[1]))
+    return (hi - lo) / per_axis
+
+
+def _shared_box(mu: Tensor, logvar: Tensor) -> tuple[float, float]:
+    sd = torch.exp(0.5 * logvar.double())
+    lo = float((mu.double() - 8 * sd).amin().clamp(min=-EXACT_BOX_LIMIT))
+    hi = float((mu.double() + 8 * sd).amax().clamp(max=EXACT_BOX_LIMIT))
+    return lo, hi
+
+
+class _Decoder:
+    """Decodes latent nodes in chunks under one class (or none), counting the evaluations."""
+
+    def __init__(self, model: nn.Module, device: torch.device, chunk: int) -> None:
+        self.model, self.device, self.chunk, self.count = model, device, chunk, 0
+
+    def __call__(self, z: Tensor, labels: Tensor | None) -> Tensor:
+        out = []
+        for i in range(0, z.shape[0], self.chunk):
+            zc = z[i : i + self.chunk].to(self.device, torch.float32)
+            yc = None if labels is None else labels[i : i + self.chunk].to(self.device)
+            out.append(self.model.decode(zc, yc).float().flatten(1))
+        self.count += int(z.shape[0])
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
+
+def _shared_rule_pass(
+    decode: _Decoder, x: Tensor, mu: Tensor, logvar: Tensor, label: int | None, *,
+    likelihood: str, spacing: float, node_chunk: int, image_chunk: int, advance: Callable,
+) -> list[QuadratureSums]:
+    """One lattice rule over a box holding every image's q(z|x) to 8 sigma, decoded once and
+    applied to every image (``image_chunk`` at a time): one QuadratureSums per image chunk."""
+    lo, hi = _shared_box(mu, logvar)
+    d = mu.shape[1]
+    intervals = max(2, math.ceil((hi - lo) / spacing))
+    rule = lattice_rule(torch.full((d,), lo), torch.full((d,), hi), intervals)
+    chunks = [slice(i, i + image_chunk) for i in range(0, x.shape[0], image_chunk)]
+    sums = [QuadratureSums(len(range(*c.indices(x.shape[0]))), d, x.device) for c in chunks]
+    for j in range(0, len(rule), node_chunk):
+        z = rule.z[j : j + node_chunk]
+        labels = None if label is None else torch.full((z.shape[0],), label, dtype=torch.int64)
+        logits = decode(z, labels)
+        zd = z.to(x.device)
+        for c, s in zip(chunks, sums, strict=True):
+            ll = log_likelihood_matrix(x[c], logits, likelihood)
+            s.add(ll, rule.log_w[j : j + node_chunk].to(x.device), zd,
+                  rule.midpoint[j : j + node_chunk].to(x.device),
+                  rule.edge[j : j + node_chunk].to(x.device), q=(mu[c], logvar[c]))
+        advance(z.shape[0])
+    return sums
+
+
+def _own_rules_pass(
+    decode: _Decoder, x: Tensor, labels: Tensor | None, centre: Tensor, half: Tensor,
+    mu: Tensor, logvar: Tensor, *, likelihood: str, intervals: int, node_budget: int,
+    advance: Callable,
+) -> QuadratureSums:
+    """A lattice rule of its own for each image: the box centre +- half ([R, d] each)."""
+    r, d = centre.shape
+    g = (intervals + 1) ** d + intervals ** d
+    per_batch = max(1, node_budget // g)
+    out = QuadratureSums(r, d, x.device)
+    for i in range(0, r, per_batch):
+        sl = slice(i, i + per_batch)
+        rule = lattice_rule(centre[sl] - half[sl], centre[sl] + half[sl], intervals)
+        b = rule.z.shape[0]
+        ys = None if labels is None else labels[sl].repeat_interleave(g)
+        logits = decode(rule.z.reshape(b * g, d), ys).view(b, g, -1)
+        ll = log_likelihood_matrix(x[sl], logits, likelihood)
+        part = QuadratureSums(b, d, x.device)
+        part.add(ll, rule.log_w.to(x.device), rule.z.to(x.device), rule.midpoint.to(x.device),
+                 rule.edge.to(x.device), q=(mu[sl], logvar[sl]))
+        for name in ("log_t", "log_m", "log_edge", "peak", "s0", "s1", "s2", "support_lo",
+                     "support_hi"):
+            getattr(out, name)[sl] = getattr(part, name)
+        out.eq_ll[:, sl], out.q_mass[:, sl] = part.eq_ll, part.q_mass
+        advance(b * g)
+    return out
+
+
+@torch.inference_mode()
+def exact_log_px_per_image(
+    model: ConvVAE,
+    split: Split,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    likelihood: str = "bernoulli",
+    shared_nodes: int = 12_000,
+    max_shared_nodes: int = 800_000,
+    spacing: float | None = None,
+    node_chunk: int = 2048,
+    image_chunk: int = 2048,
+    node_budget: int = 32768,
+    max_rounds: int = 3,
+    batch_size: int = 1000,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> ExactLogPx:
+    """log p(x) = int p(x|z) p(z) dz for every image of a split, by quadrature (latent 1 or 2).
+
+    1. A shared lattice rule (trapezoid and midpoint, ``objectives.LatticeRule``) over a box
+       that holds every image's q(z|x) to 8 sigma, with about ``shared_nodes`` nodes, then 4x
+       as many (half the spacing) until the mean error estimate is within ``tolerance`` or the
+       next rule would pass ``max_shared_nodes`` (a given node ``spacing``: that rule only).
+       The decoder runs once per node, and the log-likelihood of every image at every node is
+       one matrix product (``log_likelihood_matrix``). A CVAE gets its rules class by class,
+       each image integrated under its own class's decoder.
+    2. Images whose posterior is too narrow for that rule get a rule of their own over their
+       posterior's mean +- 6 sd, with 10, then 20 and 40 intervals per axis (``max_rounds``),
+       recentred each round: the largest error estimates first, until the mean error estimate
+       is at most ``tolerance`` (nats per image, the unit of the reported mean).
+
+    The same nodes integrate E_q[log p(x|z)], so where they resolve q (``elbo_error`` small)
+    the ELBO and the gap KL(q || p(z|x)) = log p(x) - ELBO come out image by image. Memory is
+    bounded by ``node_chunk`` x ``image_chunk`` (shared rule) and ``node_budget`` (own rules).
+    """
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ConfigError(f"the tolerance must be a number > 0 (nats per image), got {tolerance}")
+    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
+        raise ConfigError(f"the node spacing must be > 0, got {spacing}")
+    d = _check_exact_latent(model)
+    model.eval()
+    device = _device_of(model, device)
+    n = len(split)
+    mu, logvar = encode_split(model, split, batch_size=batch_size, device=device)
+    x = split.images.to(device).flatten(1).float().div_(255)
+    labels = split.labels.to(device, torch.int64)
+    f64 = dict(dtype=torch.float64, device=device)
+    log_px, err = torch.full((n,), -math.inf, **f64), torch.full((n,), math.inf, **f64)
+    eq_ll, eq_err = torch.zeros(n, **f64), torch.zeros(n, **f64)
+    mean, cov = torch.zeros(n, d, **f64), torch.zeros(n, d, d, **f64)
+    support = torch.zeros(n, 2, d, **f64)  # the box of p(z|x)'s mass, from the last rule
+    h_used = torch.zeros(n, d, **f64)  # that rule's node spacing
+    decode = _Decoder(model, device, node_chunk)
+    groups = ([(c, (labels == c).nonzero().squeeze(1)) for c in range(_num_classes(model))]
+              if model.conditional else [(None, torch.arange(n, device=device))])
+
+    def keep(idx: Tensor, sums: QuadratureSums, h: Tensor, only_better: bool = False) -> None:
+        e = sums.error(h.amin(-1))
+        # where the box cut the posterior off, the next box reaches 2 sd further out
+        _, post_cov = sums.posterior_moments()
+        post_sd = torch.diagonal(post_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
+        grow = (sums.cut_off(h.amin(-1)) > tolerance / 10)[:, None] * 2 * post_sd
+        support[idx, 0], support[idx, 1] = sums.support_lo - grow, sums.support_hi + grow
+        h_used[idx] = h
+        ok = e < err[idx] if only_better else torch.ones_like(e, dtype=torch.bool)
+        sel = idx[ok]
+        ell, ell_err = sums.expected_log_likelihood()
+        m, cv = sums.posterior_moments()
+        log_px[sel], err[sel], eq_ll[sel], eq_err[sel] = (sums.log_px()[ok], e[ok], ell[ok],
+                                                         ell_err[ok])
+        mean[sel], cov[sel] = m[ok], cv[ok]
+
+    with _progress_bar(progress, "exact log p(x)", 0) as bar:
+        task = bar.add_task("exact log p(x), decoder calls", total=None) if progress else None
+
+        def advance(k: int) -> None:
+            if task is not None:
+                bar.advance(task, k)
+
+        for c, idx in groups:
+            if len(idx) == 0:
+                continue
+            nodes = shared_nodes
+            while True:  # finer shared rules (4x the nodes) until the group is within tolerance
+                h = spacing or auto_spacing(mu[idx], logvar[idx], nodes)
+                sums = _shared_rule_pass(decode, x[idx], mu[idx], logvar[idx], c,
+                                         likelihood=likelihood, spacing=h,
+                                         node_chunk=node_chunk, image_chunk=image_chunk,
+                                         advance=advance)
+                for i, s in enumerate(sums):
+                    part = idx[i * image_chunk : (i + 1) * image_chunk]
+                    keep(part, s, torch.full((len(part), d), h, **f64))
+                nodes *= 4
+                if spacing or float(err[idx].mean()) <= tolerance or nodes > max_shared_nodes:
+                    break
+        refined = torch.zeros(n, dtype=torch.bool, device=device)
+        for round_ in range(max_rounds):
+            todo = _worst_until_within(err, tolerance)
+            if len(todo) == 0:
+                break
+            refined[todo] = True
+            # the last rule's support, one of its spacings wider on each side (a peak it
+            # resolved poorly lies within one spacing of its best node)
+            lo, hi = support[todo, 0] - h_used[todo], support[todo, 1] + h_used[todo]
+            intervals = 16 * 2**round_
+            sums = _own_rules_pass(
+                decode, x[todo], labels[todo] if model.conditional else None, (lo + hi) / 2,
+                (hi - lo) / 2, mu[todo], logvar[todo], likelihood=likelihood,
+                intervals=intervals, node_budget=node_budget, advance=advance)
+            keep(todo, sums, (hi - lo) / intervals, only_better=True)
+    kl = kl_normal_std(mu.double(), logvar.double()).sum(1)
+    cpu = lambda t: t.detach().cpu()  # noqa: E731
+    return ExactLogPx(
+        log_px=cpu(log_px), error=cpu(err), elbo=cpu(eq_ll - kl), elbo_error=cpu(eq_err),
+        refined=cpu(refined), posterior_mean=cpu(mean), posterior_cov=cpu(cov),
+        tolerance=float(tolerance), nodes=decode.count)
+
+
+def _worst_until_within(err: Tensor, tolerance: float) -> Tensor:
+    """The fewest images, largest errors first, whose errors taken away would leave the mean
+    error within ``tolerance``."""
+    n = err.numel()
+    if n == 0 or float(err.mean()) <= tolerance:
+        return err.new_zeros(0, dtype=torch.int64)
+    order = torch.argsort(err, descending=True)
+    rest = err.sum() - torch.cumsum(err[order], 0)  # what stays if the first k are fixed
+    k = int((rest > tolerance * n).sum()) + 1
+    return order[:k]
+
+
+def exact_log_px(model: ConvVAE, split: Split, **options: Any) -> dict[str, Any]:
+    """``exact_log_px_per_image(model, split, **options).summary()``: means over the split."""
+    t0 = time.perf_counter()
+    out = exact_log_px_per_image(model, split, **options).summary()
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def _progress_bar(enabled: bool, label: str, total: int) -> Any:
@@ -393,11 +674,16 @@ def full_evaluation(
     per_class: int = 1000,
     progress: bool = False,
     logpx_images: int | None = None,
+    tolerance: float | None = DEFAULT_TOLERANCE,
 ) -> dict[str, Any]:
     """Every test-set number of one run, as a JSON-ready dict.
 
-    ``logpx_images`` limits the importance-sampled log p(x) to the first N test images (it
-    costs ``num_samples`` decoder passes per image); None or 0: the whole test set.
+    For a latent of size 1 or 2, ``exact_log_px`` is log p(x) by quadrature on every test
+    image (``exact_log_px``, within ``tolerance`` nats per image; None skips it), with ``gap``
+    = exact log p(x) - ELBO over the same images. ``logpx_images`` limits the importance-sampled
+    log p(x) to the first N test images (it costs ``num_samples`` decoder passes per image;
+    None or 0: the whole test set); with the exact value known, ``log_px`` also holds the exact
+    value on those same images and the estimate's ``bias`` against it.
 
     ``elbo`` (recon, KL, -ELBO, one z per image), ``log_px`` (importance sampled with
     ``num_samples`` draws per image; None if 0), ``active_units``, ``knn`` (test codes against
@@ -410,11 +696,21 @@ def full_evaluation(
     likelihood = cfg.get("likelihood", "bernoulli")
     out: dict[str, Any] = {"model": model.spec.kind, "run": str(run.path), "seed": cfg.get("seed")}
     out["elbo"] = evaluate_elbo(model, dataset.test, likelihood=likelihood, seed=seed)
+    per_image = None
+    if tolerance is not None and model.latent_dim <= EXACT_MAX_LATENT:
+        per_image = exact_log_px_per_image(model, dataset.test, likelihood=likelihood,
+                                           tolerance=tolerance, progress=progress)
+        out["exact_log_px"] = per_image.summary()
+        out["exact_log_px"]["gap"] = out["exact_log_px"]["log_px"] + out["elbo"]["neg_elbo"]
     logpx_split = dataset.test.subset(logpx_images) if logpx_images else dataset.test
     out["log_px"] = log_px_estimate(
         model, logpx_split, num_samples=num_samples, likelihood=likelihood, seed=seed,
         progress=progress,
     ) if num_samples > 0 else None
+    if out["log_px"] is not None and per_image is not None:
+        same = per_image.log_px[: out["log_px"]["n"]]
+        out["log_px"]["exact_log_px"] = float(same.mean())
+        out["log_px"]["bias"] = out["log_px"]["log_px"] - float(same.mean())
     test_mu, test_lv = encode_split(model, dataset.test)
     train_mu, _ = encode_split(model, dataset.train)
     nc = _num_classes(model)

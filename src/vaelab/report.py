@@ -55,7 +55,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("recon", "reconstruction"),
     ("kl", "KL"),
     ("neg_elbo", "-ELBO"),
-    ("neg_log_px", "-log p(x) (IS)"),
+    ("neg_log_px", "-log p(x)"),
 )
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p"|"code", text) | ("table", headers, rows) | ("figure", ...)
@@ -112,9 +112,26 @@ def _mat(m: Sequence[Sequence[float]], nd: int = 2) -> str:
     return "diag " + _vec([m[i][i] for i in range(len(m))], nd)
 
 
+def main_log_px(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """The log p(x) a table shows for a run: exact (quadrature, every test image) where the
+    latent allows it, else the importance-sampled estimate."""
+    return ev.get("exact_log_px") or ev.get("log_px")
+
+
+def log_px_label(lp: dict[str, Any] | None) -> str:
+    """How a log p(x) was computed, and on how many images."""
+    if not lp:
+        return "log p(x) was not computed"
+    if lp.get("method") == "quadrature":
+        return (f"-log p(x) is exact (quadrature, estimated error {lp['error_estimate']:.3f} "
+                f"nats per image) on all {lp['n']:,} test images")
+    return (f"-log p(x) is importance sampled with K = {lp['num_samples']} on the first "
+            f"{lp['n']:,} test images")
+
+
 def run_metrics(ev: dict[str, Any]) -> dict[str, float | None]:
     """The main table's numbers of one evaluated run."""
-    lp = ev.get("log_px")
+    lp = main_log_px(ev)
     return {"recon": ev["elbo"]["recon"], "kl": ev["elbo"]["kl"],
             "neg_elbo": ev["elbo"]["neg_elbo"], "neg_log_px": lp["neg_log_px"] if lp else None}
 
@@ -356,14 +373,17 @@ def reproduce(
     classifier_epochs: int | None = None,
     formats: Sequence[str] = ("png", "pdf"),
     console: Any = None,
+    tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Run the whole study into folder ``out`` and return ``results.json``'s content.
 
     Trains the VAE and the CVAE (``seed`` preset, or ``quick``: a few hundred images, one
     epoch) into ``out/runs`` unless finished ``runs`` are given (their kind is read from their
     config); trains or reuses the digit classifier in ``out/classifier``; evaluates each run
-    (``evaluate.full_evaluation`` with ``num_samples`` importance samples: default 1000, or 50
-    when ``quick``); draws every figure into ``out/figures``; writes ``results.json``,
+    (``evaluate.full_evaluation``: the exact log p(x) on every test image, within
+    ``tolerance`` nats per image, default ``evaluate.DEFAULT_TOLERANCE``, and ``num_samples``
+    importance samples on the first ``logpx_images``: default 1000, or 50 when ``quick``);
+    draws every figure into ``out/figures``; writes ``results.json``,
     ``README.md`` and ``index.html``; prints the summary table. ``ablations`` adds runs without
     KL warm-up (constant beta = 1) and one run per extra seed of ``seeds`` for both models, and
     reports mean ± std over seeds. ``precision`` is the training precision of the runs it
@@ -373,8 +393,12 @@ def reproduce(
     """
     from rich.console import Console
 
-    from vaelab.evaluate import dataset_for_run, full_evaluation
+    from vaelab.evaluate import DEFAULT_TOLERANCE, dataset_for_run, full_evaluation
     from vaelab.train import pick_device, versions
+
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ConfigError(f"--tolerance must be > 0 nats per image, got {tolerance}")
 
     t_start = time.perf_counter()
     console = console or Console(highlight=False)
@@ -452,20 +476,22 @@ def reproduce(
     evaluations: dict[str, dict[str, Any]] = {}
     for name, run in named.items():
         settings = {"num_samples": num_samples, "logpx_images": logpx_images, "seed": 0,
+                    "tolerance": tolerance,
                     "per_class": 50 if quick else 1000,
                     "classifier_sha256": classifier_meta.get("sha256")
                     if run.model.conditional else None}
 
         def evaluate(run: Run = run, name: str = name,
                      settings: dict[str, Any] = settings) -> dict[str, Any]:
-            log(f"evaluating {name} ({run.path}): ELBO, log p(x) with K = {num_samples} "
+            log(f"evaluating {name} ({run.path}): ELBO, exact log p(x) (latent <= 2), "
+                f"log p(x) with K = {num_samples} "
                 f"on {'all' if not logpx_images else f'the first {logpx_images:,}'} test "
                 "images, active units, kNN, aggregate posterior, closest pairs"
                 + (", class accuracy of samples" if run.model.conditional else ""))
             return full_evaluation(
                 run, data_of(run), num_samples=num_samples, seed=0, progress=progress,
                 classifier=classifier, per_class=settings["per_class"],
-                logpx_images=logpx_images)
+                logpx_images=logpx_images, tolerance=tolerance)
 
         ev = ensure_evaluation(out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
                                force=force, log=log)
@@ -496,13 +522,15 @@ def reproduce(
         "command": reproduce_command(out, runs=[str(r.path) for r in given.values()],
                                      quick=quick, ablations=ablations, seeds=seeds,
                                      num_samples=num_samples, dataset=dataset,
-                                     formats=formats, logpx_images=logpx_images),
+                                     formats=formats, logpx_images=logpx_images,
+                                     tolerance=tolerance),
         "versions": versions(),
         "device": str(device),
         "out": str(out),
         "settings": {"quick": quick, "ablations": ablations, "seeds": seeds,
                      "num_samples": num_samples, "logpx_images": logpx_images,
-                     "dataset": dataset, "preset": preset, "precision": precision,
+                     "tolerance": tolerance, "dataset": dataset, "preset": preset,
+                     "precision": precision,
                      "given_runs": {k: str(r.path) for k, r in given.items()}},
         "reference": {"values": STUDY, "reduction_pct": {
             m: reduction_pct(STUDY["vae"][m], STUDY["cvae"][m]) for m in STUDY["vae"]}},
@@ -533,7 +561,7 @@ def reproduce(
 def reproduce_command(
     out: Path, *, runs: Sequence[str], quick: bool, ablations: bool, seeds: Sequence[int],
     num_samples: int, dataset: str, formats: Sequence[str] = ("png", "pdf"),
-    logpx_images: int = 0,
+    logpx_images: int = 0, tolerance: float | None = None,
 ) -> str:
     """The ``vaelab reproduce`` command line that makes this report again."""
     parts = ["vaelab", "reproduce", "--out", shlex.quote(str(out))]
@@ -551,6 +579,8 @@ def reproduce_command(
         parts += ["--logpx-images", str(logpx_images)]
     if dataset != "mnist":
         parts += ["--dataset", shlex.quote(dataset)]
+    if tolerance is not None and tolerance != 0.05:
+        parts += ["--tolerance", repr(tolerance)]
     if list(formats) != ["png", "pdf"]:
         parts += ["--format", *formats]
     return " ".join(parts)
@@ -646,19 +676,41 @@ def evaluation_blocks(
 ) -> list[Block]:
     """Tables of log p(x), active units, kNN, aggregate posterior and closest digit pairs."""
     blocks: list[Block] = []
+    exact_rows = []
+    for name, ev in evaluations.items():
+        ex = ev.get("exact_log_px") if log_px else None
+        if ex:
+            exact_rows.append([name, _f(ex["neg_log_px"]), _f(ex["error_estimate"], 3),
+                               _f(ex["neg_log_px"] - ex["gap"]), _f(ex["gap"]),
+                               _f(ex["log_px_sem"]), f"{ex['refined']:,}", f"{ex['n']:,}"])
+    if exact_rows:
+        blocks += [("h3", "Exact log-likelihood (2-D latent: quadrature)"),
+                   ("p", "log p(x) = int p(x|z) p(z) dz by a trapezoid and a midpoint rule on "
+                         "a shared lattice of latent nodes, finer rules of their own for images "
+                         "whose posterior is too narrow; reported is their mean, with the mean "
+                         "over images of |log T - log M| plus the mass at the box's edge as its "
+                         "estimated error. gap = log p(x) - ELBO = the mean KL(q(z|x) || p(z|x)) "
+                         "over the same images."),
+                   ("table", ["run", "-log p(x)", "est. error", "-ELBO", "gap", "s.e.",
+                              "own rules", "images"], exact_rows)]
     rows = []
     for name, ev in evaluations.items():
         lp = ev.get("log_px") if log_px else None
         if lp:
+            exact = lp.get("exact_log_px")
             rows.append([name, _f(lp["neg_log_px"]), _f(lp["neg_elbo"]), _f(lp["gap"]),
-                         _f(lp["log_px_sem"]), str(lp["num_samples"]), f"{lp['n']:,}"])
+                         _f(lp["log_px_sem"]), str(lp["num_samples"]), f"{lp['n']:,}",
+                         _f(None if exact is None else -exact),
+                         _f(None if exact is None else -lp["bias"])])
     if rows:
         blocks += [("h3", "Importance-sampled log-likelihood"),
                    ("p", "log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ "
                          "q(z|x) (Burda et al. 2015); the same K samples give the ELBO, and the "
-                         "gap log p(x) - ELBO is what the bound loses."),
+                         "gap log p(x) - ELBO is what the bound loses. Where the exact value is "
+                         "known it is shown for the same images, with the estimate's bias "
+                         "(estimated -log p(x) minus exact)."),
                    ("table", ["run", "-log p(x)", "-ELBO (K samples)", "gap", "s.e.", "K",
-                              "images"], rows)]
+                              "images", "exact -log p(x)", "bias"], rows)]
     blocks += [("h3", "Active units"),
                ("p", "A_j = Var_x(E_q[z_j]); unit j is active when A_j > 0.01 "
                      "(Burda et al. 2015)."),
@@ -701,7 +753,6 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     if any(len(r["vae_values"]) > 1 for r in results["comparison"]):
         seeds_note = (" VAE and CVAE values are mean ± std over seeds "
                       f"{', '.join(str(x) for x in s['seeds'])}.")
-    k = s["num_samples"]
     blocks: list[Block] = [
         ("h1", "vaelab: the VAE / CVAE study, reproduced"),
         ("p", f"Preset `{s['preset']}` on `{s['dataset']}`, device {results['device']}, "
@@ -715,9 +766,8 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
          [[r["label"], _pm(r["vae"], r["vae_std"]), _pm(r["cvae"], r["cvae_std"]),
            _pct(r["reduction_pct"]), _f(r["study_vae"]), _f(r["study_cvae"]),
            _pct(r["study_reduction_pct"])] for r in results["comparison"]]),
-        ("p", "reduction = 100 (VAE - CVAE) / VAE; -ELBO = reconstruction + KL at beta = 1; "
-              + (f"-log p(x) is importance sampled with K = {k} samples per image."
-                 if k else "log p(x) was not estimated (0 samples).") + seeds_note),
+        ("p", "reduction = 100 (VAE - CVAE) / VAE; -ELBO = reconstruction + KL at beta = 1 "
+              f"on all test images; {log_px_label(main_log_px(ev['vae']))}." + seeds_note),
     ]
     ca = ev.get("cvae", {}).get("cvae_class_accuracy")
     clf = results["classifier"]

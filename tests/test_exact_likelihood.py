@@ -1,0 +1,216 @@
+"""Exact log p(x) by quadrature (objectives.LatticeRule, evaluate.exact_log_px_per_image).
+
+Checked against closed forms: a linear-Gaussian model, whose marginal is N(x; b, W W^T + s^2 I),
+and decoders that ignore z, whose marginal is p(x|z) itself; then against importance sampling,
+which must approach the exact value from below as K grows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vaelab.data import Split
+from vaelab.errors import ConfigError
+from vaelab.evaluate import exact_log_px, exact_log_px_per_image, log_px_estimate
+from vaelab.models import ConvCVAE, ConvVAE, ModelSpec
+from vaelab.objectives import (
+    QuadratureSums,
+    bernoulli_log_likelihood,
+    continuous_bernoulli_log_likelihood,
+    lattice_rule,
+    log_likelihood_matrix,
+)
+
+SMALL = dict(channels=(4, 8), enc_hidden=16, dec_hidden=16)
+
+
+def _split(x01: torch.Tensor, labels: torch.Tensor | None = None) -> Split:
+    images = (x01 * 255).round().to(torch.uint8)
+    if labels is None:
+        labels = torch.zeros(images.shape[0], dtype=torch.int64)
+    return Split(images, labels)
+
+
+def _gaussian_linear(d: int, p: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = 0.8 * torch.randn(p, d, generator=g, dtype=torch.float64)
+    b = torch.randn(p, generator=g, dtype=torch.float64)
+    s2 = 0.3
+    z = torch.randn(5, d, generator=g, dtype=torch.float64)
+    x = z @ w.T + b + math.sqrt(s2) * torch.randn(5, p, generator=g, dtype=torch.float64)
+    marginal = torch.distributions.MultivariateNormal(b, w @ w.T + s2 * torch.eye(p, dtype=w.dtype))
+    return w, b, s2, x, marginal.log_prob(x)
+
+
+def _integrate_gaussian(w, b, s2, x, intervals: int, box: float = 7.0) -> QuadratureSums:
+    d = w.shape[1]
+    rule = lattice_rule(torch.full((d,), -box), torch.full((d,), box), intervals)
+    mean = rule.z @ w.T + b  # [G, P]
+    ll = (-0.5 * ((x[:, None, :] - mean[None]) ** 2 / s2 + math.log(2 * math.pi * s2))).sum(-1)
+    sums = QuadratureSums(x.shape[0], d)
+    sums.add(ll, rule.log_w, rule.z, rule.midpoint, rule.edge)
+    return sums
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_quadrature_matches_the_linear_gaussian_marginal(d: int) -> None:
+    w, b, s2, x, exact = _gaussian_linear(d)
+    intervals = 200 if d == 2 else 400
+    sums = _integrate_gaussian(w, b, s2, x, intervals)
+    assert torch.allclose(sums.log_px(), exact, atol=1e-3)
+    assert float(sums.error(14.0 / intervals).max()) < 1e-3
+    # the posterior's moments are the Gaussian posterior's
+    prec = torch.eye(d, dtype=torch.float64) + w.T @ w / s2
+    cov = torch.linalg.inv(prec)
+    mean = (x - b) @ w @ cov.T / s2
+    got_mean, got_cov = sums.posterior_moments()
+    assert torch.allclose(got_mean, mean, atol=1e-4)
+    assert torch.allclose(got_cov, cov.expand_as(got_cov), atol=1e-4)
+
+
+def test_the_error_estimate_shrinks_as_the_rule_refines_and_bounds_the_error() -> None:
+    w, b, s2, x, exact = _gaussian_linear(2, seed=3)
+    errors, estimates = [], []
+    for intervals in (12, 24, 48, 96):
+        sums = _integrate_gaussian(w, b, s2, x, intervals)
+        errors.append(float((sums.log_px() - exact).abs().max()))
+        estimates.append(float(sums.error(14.0 / intervals).max()))
+    assert all(b < a for a, b in zip(estimates, estimates[1:], strict=False))
+    assert all(e <= est + 1e-9 for e, est in zip(errors, estimates, strict=True))
+    assert estimates[-1] < 1e-4
+
+
+def test_a_box_that_cuts_the_posterior_says_so_in_its_error() -> None:
+    w, b, s2, x, exact = _gaussian_linear(1, seed=1)
+    tight = _integrate_gaussian(w, b, s2, x, intervals=400, box=0.5)
+    assert float(tight.error(1.0 / 400).min()) > 0.01  # mass on the edge is counted as error
+
+
+def test_the_likelihood_matrix_equals_the_per_image_likelihoods() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 28, 28, generator=g)
+    logits = 3 * torch.randn(7, 1, 28, 28, generator=g)
+    for kind, fn in (("bernoulli", bernoulli_log_likelihood),
+                     ("continuous-bernoulli", continuous_bernoulli_log_likelihood)):
+        m = log_likelihood_matrix(x.flatten(1), logits.flatten(1), kind)
+        ref = torch.stack([fn(logits, xi.expand_as(logits)) for xi in x])
+        assert torch.allclose(m, ref, atol=1e-3, rtol=1e-5)
+        per = log_likelihood_matrix(x.flatten(1), logits.flatten(1).expand(4, 7, 784), kind)
+        assert torch.allclose(per, m, atol=1e-3)
+    with pytest.raises(ConfigError):
+        log_likelihood_matrix(x.flatten(1), logits.flatten(1), "gaussian")
+
+
+class _Constant(nn.Module):
+    """Logits that do not depend on z (one set per class): p(x) = p(x | logits) exactly."""
+
+    def __init__(self, logits: torch.Tensor, conditional: bool) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits)  # [C, 784]
+        self.conditional = conditional
+        self.latent_dim = 2
+        self.spec = ModelSpec(kind="cvae" if conditional else "vae", num_classes=len(logits))
+
+    def encode(self, x, y=None):
+        b = x.shape[0]
+        return torch.full((b, 2), 0.2), torch.full((b, 2), math.log(0.3**2))
+
+    def decode(self, z, y=None):
+        rows = self.logits[y] if self.conditional else self.logits[0].expand(z.shape[0], -1)
+        return rows.view(-1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
+def test_a_decoder_that_ignores_z_integrates_to_its_likelihood(likelihood: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(1, 784, generator=g)
+    x = torch.rand(6, 28, 28, generator=g)
+    split = _split(x)
+    model = _Constant(logits, conditional=False)
+    res = exact_log_px_per_image(model, split, likelihood=likelihood, tolerance=1e-3)
+    xs = split.images.float().div(255).unsqueeze(1)
+    want = log_likelihood_matrix(xs.flatten(1), logits, likelihood)[:, 0].double()
+    assert torch.allclose(res.log_px, want, atol=1e-3)
+    assert float(res.error.mean()) <= 1e-3
+
+
+def test_a_cvae_image_is_integrated_under_its_own_class() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(3, 784, generator=g)
+    labels = torch.tensor([0, 2, 1, 2, 0])
+    probs = torch.sigmoid(logits[labels]).view(5, 28, 28)
+    x = torch.bernoulli(probs, generator=g)
+    split = _split(x, labels)
+    model = _Constant(logits, conditional=True)
+    res = exact_log_px_per_image(model, split, tolerance=1e-3)
+    xs = split.images.float().div(255).flatten(1)
+    own = log_likelihood_matrix(xs, logits)[torch.arange(5), labels].double()
+    assert torch.allclose(res.log_px, own, atol=1e-3)
+    wrong = log_likelihood_matrix(xs, logits)[torch.arange(5), (labels + 1) % 3].double()
+    assert (own - wrong).abs().min() > 10  # the check can tell the classes apart
+
+
+@pytest.fixture(scope="module")
+def small_vae_and_images():
+    torch.manual_seed(0)
+    model = ConvVAE(ModelSpec(kind="vae", latent_dim=2, **SMALL)).eval()
+    with torch.no_grad():  # a decoder that depends on z strongly: a posterior far from q
+        model.decoder.net[0].weight.mul_(4.0)
+        model.decoder.net[-1].weight.mul_(3.0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        z = torch.randn(8, 2, generator=g)
+        x = torch.bernoulli(torch.sigmoid(model.decode(z)).view(8, 28, 28), generator=g)
+    return model, _split(x)
+
+
+def test_the_exact_value_meets_its_tolerance_and_is_stable(small_vae_and_images) -> None:
+    model, split = small_vae_and_images
+    coarse = exact_log_px_per_image(model, split, tolerance=0.05)
+    fine = exact_log_px_per_image(model, split, tolerance=1e-3)
+    assert float(coarse.error.mean()) <= 0.05 and float(fine.error.mean()) <= 1e-3
+    assert abs(float(coarse.log_px.mean() - fine.log_px.mean())) <= 0.05
+    summary = exact_log_px(model, split, tolerance=0.05)
+    assert summary["method"] == "quadrature" and summary["n"] == 8
+    assert summary["neg_log_px"] == pytest.approx(-float(coarse.log_px.mean()), abs=1e-9)
+    assert summary["within_tolerance"]
+
+
+def test_importance_sampling_approaches_the_exact_value_from_below(small_vae_and_images) -> None:
+    model, split = small_vae_and_images
+    exact = float(exact_log_px_per_image(model, split, tolerance=5e-3).log_px.mean())
+    estimates = []
+    for k in (1, 10, 100, 1000):
+        runs = [log_px_estimate(model, split, num_samples=k, chunk=500, seed=s)["log_px"]
+                for s in range(3)]
+        estimates.append(sum(runs) / len(runs))
+    assert all(e <= exact + 0.1 for e in estimates)  # a lower bound in expectation
+    assert estimates == sorted(estimates)
+    assert exact - estimates[0] > 3  # q is a poor proposal here: K = 1 is far below
+    assert abs(exact - estimates[-1]) < 0.2
+
+
+def test_a_latent_above_two_asks_for_importance_sampling() -> None:
+    model = ConvVAE(ModelSpec(kind="vae", latent_dim=3, **SMALL))
+    split = _split(torch.rand(2, 28, 28))
+    with pytest.raises(ConfigError, match="latent size of 1 or 2.*importance"):
+        exact_log_px_per_image(model, split)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_a_bad_tolerance_is_refused(small_vae_and_images, bad) -> None:
+    model, split = small_vae_and_images
+    with pytest.raises(ConfigError, match="tolerance"):
+        exact_log_px_per_image(model, split, tolerance=bad)
+
+
+def test_a_cvae_latent_of_one_works() -> None:
+    torch.manual_seed(0)
+    model = ConvCVAE(ModelSpec(kind="cvae", latent_dim=1, **SMALL)).eval()
+    split = _split(torch.rand(4, 28, 28), torch.tensor([0, 1, 2, 3]))
+    res = exact_log_px_per_image(model, split, tolerance=1e-3)
+    assert torch.isfinite(res.log_px).all() and float(res.error.mean()) <= 1e-3
