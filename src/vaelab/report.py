@@ -393,6 +393,7 @@ def reproduce(
     """
     from rich.console import Console
 
+    from vaelab.bench import machine
     from vaelab.evaluate import DEFAULT_TOLERANCE, dataset_for_run, full_evaluation
     from vaelab.train import pick_device, versions
 
@@ -525,6 +526,7 @@ def reproduce(
                                      formats=formats, logpx_images=logpx_images,
                                      tolerance=tolerance),
         "versions": versions(),
+        "machine": machine(),
         "device": str(device),
         "out": str(out),
         "settings": {"quick": quick, "ablations": ablations, "seeds": seeds,

@@ -1,0 +1,100 @@
+"""Render the measured tables of README.md and BENCHMARKS.md from committed JSON.
+
+    python benchmarks/render_docs.py          # rewrite the marked sections
+    python benchmarks/render_docs.py --check  # exit 1 if a document differs from its JSON
+
+A section lies between ``<!-- render:NAME -->`` and ``<!-- /render:NAME -->``; NAME picks the
+function below that renders it, from the JSON file it names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def _machine(m: dict) -> str:
+    return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}"
+
+
+def exact_results() -> str:
+    """The main results table: ELBO terms, exact log p(x), and IS against it."""
+    r = _load("results/reproduce-cpu.json")
+    ev = r["evaluations"]
+    lines = ["| model | recon | KL | -ELBO | -log p(x), exact | est. error | gap | "
+             "-log p(x), IS (K = {k}) | exact, same images | IS bias |".format(
+                 k=r["settings"]["num_samples"]),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind in ("vae", "cvae"):
+        e = ev[kind]
+        ex, lp = e["exact_log_px"], e["log_px"]
+        lines.append(
+            f"| {kind.upper()} | {e['elbo']['recon']:.2f} | {e['elbo']['kl']:.2f} | "
+            f"**{e['elbo']['neg_elbo']:.2f}** | **{ex['neg_log_px']:.2f}** | "
+            f"{ex['error_estimate']:.3f} | {ex['gap']:.2f} | {lp['neg_log_px']:.2f} | "
+            f"{-lp['exact_log_px']:.2f} | {-lp['bias']:+.2f} |")
+    n_ex, n_is = ev["vae"]["exact_log_px"]["n"], ev["vae"]["log_px"]["n"]
+    t = r["timings"]
+    lines += ["", f"-ELBO, exact -log p(x) and the gap on all {n_ex:,} test images; the IS "
+              f"columns on the first {n_is:,}, with the exact value on those same images. "
+              f"Evaluation took {t['evaluation']:.0f} s of the report's {sum(t.values()):.0f} s "
+              f"on {_machine(r.get('machine', {}))}."]
+    return "\n".join(lines)
+
+
+def exact_timing() -> str:
+    """BENCHMARKS.md: the exact log p(x) over the whole test set."""
+    r = _load("benchmarks/exact-logpx-cpu.json")
+    m = r["machine"]
+    lines = [f"Measured with `python benchmarks/exact_logpx.py RUN ... --out "
+             f"benchmarks/exact-logpx-cpu.json` on {_machine(m)}, {m['torch_threads']} torch "
+             f"threads, tolerance {r['tolerance']} nats per image.", "",
+             "| run | model | images | seconds | decoder calls | own rules | -log p(x) | "
+             "est. error |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, x in r["runs"].items():
+        lines.append(f"| {name} | {x['model']} | {x['n']:,} | {x['seconds']:.1f} | "
+                     f"{x['nodes']:,} | {x['refined']:,} | {x['neg_log_px']:.2f} | "
+                     f"{x['error_estimate']:.3f} |")
+    return "\n".join(lines)
+
+
+SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing}
+DOCUMENTS = ("README.md", "BENCHMARKS.md")
+PATTERN = re.compile(r"(<!-- render:([\w-]+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
+
+
+def render(text: str) -> str:
+    return PATTERN.sub(lambda m: m.group(1) + SECTIONS[m.group(2)]() + "\n" + m.group(4), text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+    stale = []
+    for doc in DOCUMENTS:
+        path = ROOT / doc
+        old = path.read_text()
+        new = render(old)
+        if new != old:
+            stale.append(doc)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"out of date with their JSON: {', '.join(stale)} "
+              "(run python benchmarks/render_docs.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
