@@ -355,12 +355,18 @@ def test_registry_and_select_figures(vae, cvae, split, tmp_path):
     common = ["curves", "latent", "traversal", "interpolation-linear", "interpolation-spherical",
               "reconstructions", "samples"]
     only_cvae = ["cvae-interpolation", "style-transfer", "samples-per-class"]
-    assert list(plots.FIGURES) == common + only_cvae
+    only_2d = ["true-posterior"]
+    assert list(plots.FIGURES) == common + only_cvae + only_2d
     for name, spec in plots.FIGURES.items():
-        assert spec.caption and spec.applies_to == ("cvae" if name in only_cvae else "all")
+        want = "cvae" if name in only_cvae else "latent2" if name in only_2d else "all"
+        assert spec.caption and spec.applies_to == want
     v, c = fake_run(vae, tmp_path / "v"), fake_run(cvae, tmp_path / "c")
-    assert plots.select_figures(v, "all") == common
-    assert plots.select_figures(c, ["all"]) == common + only_cvae
+    assert plots.select_figures(v, "all") == common + only_2d
+    assert plots.select_figures(c, ["all"]) == common + only_cvae + only_2d
+    wide = fake_run(tiny("vae", latent_dim=3), tmp_path / "w")
+    assert "true-posterior" not in plots.select_figures(wide, "all")
+    with pytest.raises(ConfigError, match=r"needs a 2-D latent.*has a 3-D latent"):
+        plots.select_figures(wide, ["true-posterior"])
     assert plots.select_figures(v, ["samples", "latent", "samples"]) == ["samples", "latent"]
     with pytest.raises(ConfigError, match="unknown figure 'nope'"):
         plots.select_figures(v, ["nope"])
@@ -423,3 +429,20 @@ def test_cli_plot_bad_figure_is_one_line_exit_2(trained_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs a CVAE" in err and "is a vae" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_true_posterior_figure_shows_p_and_q_for_the_chosen_digits(vae, split) -> None:
+    from vaelab.evaluate import true_posteriors
+
+    pics = true_posteriors(vae, split, candidates=40, per_row=3, intervals=16)
+    assert len(pics["largest"]) == 3 and len(pics["smallest"]) == 3
+    for row in pics.values():  # one digit per class in a row
+        assert len({p.label for p in row}) == len(row)
+    assert min(p.gap for p in pics["largest"]) >= max(p.gap for p in pics["smallest"]) - 1e-6
+    for p in pics["largest"] + pics["smallest"]:
+        cell = float((p.z1[1] - p.z1[0]) * (p.z2[1] - p.z2[0]))
+        assert float(p.density.sum()) * cell == pytest.approx(1.0, abs=0.05)  # a density
+        assert p.gap >= -0.05  # KL(q || p(z|x)) >= 0, up to the quadrature's error
+    fig = plots.true_posterior(pics)
+    assert len([a for a in fig.axes if a.get_title()]) == 6
+    assert all("KL(q || p)" in a.get_title() for a in fig.axes if a.get_title())

@@ -64,7 +64,8 @@ def test_reproduce_quick_writes_everything(study) -> None:
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     # every figure that applies to each model, as PNG
     for kind in ("vae", "cvae"):
-        expected = {n for n, s in plots.FIGURES.items() if s.applies_to == "all" or kind == "cvae"}
+        expected = {n for n, s in plots.FIGURES.items()
+                    if s.applies_to in ("all", "latent2") or kind == "cvae"}  # a 2-D latent
         assert set(results["figures"][kind]) == expected
         for paths in results["figures"][kind].values():
             assert all((out / p).is_file() and p.endswith(".png") for p in paths)

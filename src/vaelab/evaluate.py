@@ -21,10 +21,13 @@ from vaelab.models import ConvVAE
 from vaelab.objectives import (
     QuadratureSums,
     elbo_terms,
+    gauss_hermite_rule,
     importance_sampled_log_px,
+    in_tiles,
     kl_normal_std,
     lattice_rule,
     log_likelihood_matrix,
+    log_standard_normal,
 )
 
 if TYPE_CHECKING:
@@ -124,6 +127,7 @@ def log_px_estimate(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    proposal: str = "q",
 ) -> dict[str, Any]:
     """Importance-sampled log p(x) (Burda et al. 2015), averaged over the split's images.
 
@@ -135,7 +139,9 @@ def log_px_estimate(
     image (Jensen): the estimate is never below the ELBO, and the gap is what the bound loses.
 
     Returns means in nats per image: ``log_px``, ``neg_log_px``, ``elbo``, ``neg_elbo``, ``gap``,
-    the standard error of log p(x) over images (``log_px_sem``), ``num_samples`` and ``n``.
+    the standard error of log p(x) over images (``log_px_sem``), ``num_samples``, ``proposal``
+    and ``n``. With another ``proposal`` than q (``objectives.sample_proposal``) there is no
+    ELBO from the same samples: ``elbo``, ``neg_elbo`` and ``gap`` are None.
     """
     if num_samples < 1:
         raise ConfigError(f"the number of importance samples must be >= 1, got {num_samples}")
@@ -152,13 +158,14 @@ def log_px_estimate(
             mu, logvar = model.encode(x, labels)
             mu, logvar = mu.float(), logvar.float()
             # k samples of all b images at a time: z is [k * b, D], sample-major
-            log_px, elbo = importance_sampled_log_px(
+            est = importance_sampled_log_px(
                 x, mu, logvar,
                 lambda z, labels=labels, b=b: model.decode(
                     z, None if labels is None else labels.repeat(z.shape[0] // b)),
                 num_samples=num_samples, chunk=chunk, likelihood=likelihood, generator=gen,
-                return_elbo=True,
+                return_elbo=proposal == "q", proposal=proposal,
             )
+            log_px, elbo = est if proposal == "q" else (est, None)
             log_px_all.append(log_px.double())
             elbo_all.append(elbo)
             if task is not None:
@@ -166,13 +173,15 @@ def log_px_estimate(
     n = len(split)
     if n == 0:
         raise ConfigError("cannot estimate log p(x) on an empty split")
-    lp, el = torch.cat(log_px_all), torch.cat(elbo_all)
+    lp = torch.cat(log_px_all)
     sem = float(lp.std() / math.sqrt(n)) if n > 1 else 0.0
-    return {
-        "log_px": float(lp.mean()), "neg_log_px": -float(lp.mean()), "log_px_sem": sem,
-        "elbo": float(el.mean()), "neg_elbo": -float(el.mean()),
-        "gap": float((lp - el).mean()), "num_samples": num_samples, "n": n,
-    }
+    out = {"log_px": float(lp.mean()), "neg_log_px": -float(lp.mean()), "log_px_sem": sem,
+           "elbo": None, "neg_elbo": None, "gap": None, "num_samples": num_samples,
+           "proposal": proposal, "n": n}
+    if proposal == "q":
+        el = torch.cat(elbo_all)
+        out.update(elbo=float(el.mean()), neg_elbo=-float(el.mean()), gap=float((lp - el).mean()))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +189,7 @@ def log_px_estimate(
 # --------------------------------------------------------------------------------------------
 EXACT_MAX_LATENT = 2
 EXACT_BOX_LIMIT = 10.0  # |z_j| beyond 10 has prior density below e^-50: never in the box
-DEFAULT_TOLERANCE = 0.05  # nats per image, on the mean over images
+DEFAULT_TOLERANCE = 0.1  # nats, for every image
 
 
 @dataclass
@@ -189,18 +198,11 @@ class ExactLogPx:
 
     log_px: Tensor
     error: Tensor  # estimated error of log_px, nats
-    elbo: Tensor  # E_q[log p(x|z)] - KL(q || p(z)), integrated on the same nodes
-    elbo_error: Tensor
-    refined: Tensor  # bool: the image needed its own finer rule
+    refined: Tensor  # bool: the image needed a rule of its own
     posterior_mean: Tensor  # [N, d] of p(z|x)
     posterior_cov: Tensor  # [N, d, d]
     tolerance: float
     nodes: int  # decoder evaluations
-
-    @property
-    def gap(self) -> Tensor:
-        """KL(q(z|x) || p(z|x)) = log p(x) - ELBO, per image: what the bound loses."""
-        return self.log_px - self.elbo
 
     def summary(self) -> dict[str, Any]:
         """Means over images (nats per image), JSON-ready."""
@@ -212,8 +214,9 @@ class ExactLogPx:
             "method": "quadrature", "log_px": float(lp.mean()), "neg_log_px": -float(lp.mean()),
             "log_px_sem": float(lp.std() / math.sqrt(n)) if n > 1 else 0.0,
             "error_estimate": float(self.error.mean()), "error_max": float(self.error.max()),
-            "tolerance": self.tolerance, "within_tolerance": float(self.error.mean())
-            <= self.tolerance, "refined": int(self.refined.sum()), "nodes": self.nodes, "n": n,
+            "tolerance": self.tolerance,
+            "over_tolerance": int((self.error > self.tolerance).sum()),
+            "refined": int(self.refined.sum()), "nodes": self.nodes, "n": n,
         }
 
 
@@ -234,10 +237,15 @@ def auto_spacing(mu: Tensor, logvar: Tensor, nodes: int) -> float:
     return (hi - lo) / per_axis
 
 
+PRIOR_BOX = 6.0  # the prior N(0, 1) has mass 2e-9 beyond 6 on each axis
+
+
 def _shared_box(mu: Tensor, logvar: Tensor) -> tuple[float, float]:
+    """The prior's [-6, 6] on every axis, wider where some q(z|x) reaches out of it (to 8 sigma,
+    at most to +-10)."""
     sd = torch.exp(0.5 * logvar.double())
-    lo = float((mu.double() - 8 * sd).amin().clamp(min=-EXACT_BOX_LIMIT))
-    hi = float((mu.double() + 8 * sd).amax().clamp(max=EXACT_BOX_LIMIT))
+    lo = float((mu.double() - 8 * sd).amin().clamp(min=-EXACT_BOX_LIMIT, max=-PRIOR_BOX))
+    hi = float((mu.double() + 8 * sd).amax().clamp(min=PRIOR_BOX, max=EXACT_BOX_LIMIT))
     return lo, hi
 
 
@@ -258,37 +266,54 @@ class _Decoder:
 
 
 def _shared_rule_pass(
-    decode: _Decoder, x: Tensor, mu: Tensor, logvar: Tensor, label: int | None, *,
-    likelihood: str, spacing: float, node_chunk: int, image_chunk: int, advance: Callable,
-) -> list[QuadratureSums]:
-    """One lattice rule over a box holding every image's q(z|x) to 8 sigma, decoded once and
-    applied to every image (``image_chunk`` at a time): one QuadratureSums per image chunk."""
-    lo, hi = _shared_box(mu, logvar)
-    d = mu.shape[1]
-    intervals = max(2, math.ceil((hi - lo) / spacing))
-    rule = lattice_rule(torch.full((d,), lo), torch.full((d,), hi), intervals)
-    chunks = [slice(i, i + image_chunk) for i in range(0, x.shape[0], image_chunk)]
-    sums = [QuadratureSums(len(range(*c.indices(x.shape[0]))), d, x.device) for c in chunks]
-    for j in range(0, len(rule), node_chunk):
-        z = rule.z[j : j + node_chunk]
-        labels = None if label is None else torch.full((z.shape[0],), label, dtype=torch.int64)
+    decode: _Decoder, x: Tensor, label: int | None, box: tuple[float, float],
+    support: Tensor | None, *, likelihood: str, spacing: float, node_chunk: int,
+    image_chunk: int, advance: Callable,
+) -> QuadratureSums:
+    """One lattice rule over the square ``box`` (every axis), its nodes in tiles
+    (``objectives.in_tiles``) decoded once each and applied to every image whose ``support``
+    box ([N, 2, d], from a coarser rule; None: everywhere) meets the tile. A tile no image
+    needs is not decoded."""
+    n, d = x.shape[0], decode.model.latent_dim
+    lo, hi = torch.full((d,), box[0]), torch.full((d,), box[1])
+    intervals = max(2, math.ceil((box[1] - box[0]) / spacing))
+    rule, tile = in_tiles(lattice_rule(lo, hi, intervals), lo, hi, intervals)
+    sums = QuadratureSums(n, d, x.device)
+    starts = torch.searchsorted(tile, tile.unique()).tolist() + [len(tile)]
+    chunks: list[tuple[int, int]] = []
+    for a, b in zip(starts, starts[1:], strict=False):  # whole tiles, about node_chunk nodes
+        if chunks and b - chunks[-1][0] <= node_chunk:
+            chunks[-1] = (chunks[-1][0], b)
+        else:
+            chunks.append((a, b))
+    for a, b in chunks:
+        z = rule.z[a:b]
+        if support is None:
+            rows = torch.arange(n, device=x.device)
+        else:
+            zlo, zhi = z.amin(0).to(x.device), z.amax(0).to(x.device)
+            meets = ((support[:, 0] <= zhi) & (support[:, 1] >= zlo)).all(1)
+            rows = meets.nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        labels = None if label is None else torch.full((len(z),), label, dtype=torch.int64)
         logits = decode(z, labels)
-        zd = z.to(x.device)
-        for c, s in zip(chunks, sums, strict=True):
-            ll = log_likelihood_matrix(x[c], logits, likelihood)
-            s.add(ll, rule.log_w[j : j + node_chunk].to(x.device), zd,
-                  rule.midpoint[j : j + node_chunk].to(x.device),
-                  rule.edge[j : j + node_chunk].to(x.device), q=(mu[c], logvar[c]))
-        advance(z.shape[0])
+        args = [t.to(x.device) for t in (rule.log_w[a:b], z, rule.midpoint[a:b],
+                                         rule.edge[a:b])]
+        for i in range(0, len(rows), image_chunk):
+            r = rows[i : i + image_chunk]
+            sums.add(log_likelihood_matrix(x[r], logits, likelihood), *args, rows=r)
+        advance(len(z))
     return sums
 
 
 def _own_rules_pass(
-    decode: _Decoder, x: Tensor, labels: Tensor | None, centre: Tensor, half: Tensor,
-    mu: Tensor, logvar: Tensor, *, likelihood: str, intervals: int, node_budget: int,
-    advance: Callable,
+    decode: _Decoder, x: Tensor, labels: Tensor | None, centre: Tensor, half: Tensor, *,
+    likelihood: str, intervals: int, node_budget: int, advance: Callable,
+    log_joint: list[Tensor] | None = None,
 ) -> QuadratureSums:
-    """A lattice rule of its own for each image: the box centre +- half ([R, d] each)."""
+    """A lattice rule of its own for each image: the box centre +- half ([R, d] each). Given a
+    list ``log_joint``, each batch's log p(x|z) + log p(z) at its nodes [b, G] is appended."""
     r, d = centre.shape
     g = (intervals + 1) ** d + intervals ** d
     per_batch = max(1, node_budget // g)
@@ -300,13 +325,13 @@ def _own_rules_pass(
         ys = None if labels is None else labels[sl].repeat_interleave(g)
         logits = decode(rule.z.reshape(b * g, d), ys).view(b, g, -1)
         ll = log_likelihood_matrix(x[sl], logits, likelihood)
+        z = rule.z.to(x.device)
+        if log_joint is not None:
+            log_joint.append((ll.double() + log_standard_normal(z)).cpu())
         part = QuadratureSums(b, d, x.device)
-        part.add(ll, rule.log_w.to(x.device), rule.z.to(x.device), rule.midpoint.to(x.device),
-                 rule.edge.to(x.device), q=(mu[sl], logvar[sl]))
-        for name in ("log_t", "log_m", "log_edge", "peak", "s0", "s1", "s2", "support_lo",
-                     "support_hi"):
-            getattr(out, name)[sl] = getattr(part, name)
-        out.eq_ll[:, sl], out.q_mass[:, sl] = part.eq_ll, part.q_mass
+        part.add(ll, rule.log_w.to(x.device), z, rule.midpoint.to(x.device),
+                 rule.edge.to(x.device))
+        out.take(part, sl)
         advance(b * g)
     return out
 
@@ -319,7 +344,7 @@ def exact_log_px_per_image(
     tolerance: float = DEFAULT_TOLERANCE,
     likelihood: str = "bernoulli",
     shared_nodes: int = 12_000,
-    max_shared_nodes: int = 800_000,
+    max_shared_nodes: int = 13_000_000,
     spacing: float | None = None,
     node_chunk: int = 2048,
     image_chunk: int = 2048,
@@ -332,20 +357,21 @@ def exact_log_px_per_image(
     """log p(x) = int p(x|z) p(z) dz for every image of a split, by quadrature (latent 1 or 2).
 
     1. A shared lattice rule (trapezoid and midpoint, ``objectives.LatticeRule``) over a box
-       that holds every image's q(z|x) to 8 sigma, with about ``shared_nodes`` nodes, then 4x
-       as many (half the spacing) until the mean error estimate is within ``tolerance`` or the
-       next rule would pass ``max_shared_nodes`` (a given node ``spacing``: that rule only).
-       The decoder runs once per node, and the log-likelihood of every image at every node is
-       one matrix product (``log_likelihood_matrix``). A CVAE gets its rules class by class,
-       each image integrated under its own class's decoder.
-    2. Images whose posterior is too narrow for that rule get a rule of their own over their
-       posterior's mean +- 6 sd, with 10, then 20 and 40 intervals per axis (``max_rounds``),
-       recentred each round: the largest error estimates first, until the mean error estimate
-       is at most ``tolerance`` (nats per image, the unit of the reported mean).
+       that holds every image's q(z|x) to 8 sigma, with about ``shared_nodes`` nodes; then
+       rules of half the spacing (4x the nodes) for the images whose error estimate is still
+       above ``tolerance`` (nats per image), each integrated only over its support (its
+       posterior's and q's mean +- 10 sd), until every image is within tolerance or the next
+       rule would pass ``max_shared_nodes`` nodes (a given node ``spacing``: that rule only).
+       The nodes come in small tiles: a tile is decoded once, if any image still needs it,
+       and the log-likelihood of every such image at its nodes is one matrix product
+       (``log_likelihood_matrix``). A CVAE gets its rules class by class, each image
+       integrated under its own class's decoder.
+    2. Images still above tolerance get a rule of their own over their posterior's mean +- 6
+       sd (q's sd where larger), with a spacing of q's sd (16 to 128 intervals per axis),
+       twice as fine each further round (``max_rounds``).
 
-    The same nodes integrate E_q[log p(x|z)], so where they resolve q (``elbo_error`` small)
-    the ELBO and the gap KL(q || p(z|x)) = log p(x) - ELBO come out image by image. Memory is
-    bounded by ``node_chunk`` x ``image_chunk`` (shared rule) and ``node_budget`` (own rules).
+    Memory is bounded by ``node_chunk`` x ``image_chunk`` (shared rule) and ``node_budget``
+    (own rules) floats.
     """
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise ConfigError(f"the tolerance must be a number > 0 (nats per image), got {tolerance}")
@@ -358,31 +384,22 @@ def exact_log_px_per_image(
     mu, logvar = encode_split(model, split, batch_size=batch_size, device=device)
     x = split.images.to(device).flatten(1).float().div_(255)
     labels = split.labels.to(device, torch.int64)
+    q_sd = torch.exp(0.5 * logvar.double())
     f64 = dict(dtype=torch.float64, device=device)
     log_px, err = torch.full((n,), -math.inf, **f64), torch.full((n,), math.inf, **f64)
-    eq_ll, eq_err = torch.zeros(n, **f64), torch.zeros(n, **f64)
     mean, cov = torch.zeros(n, d, **f64), torch.zeros(n, d, d, **f64)
-    support = torch.zeros(n, 2, d, **f64)  # the box of p(z|x)'s mass, from the last rule
-    h_used = torch.zeros(n, d, **f64)  # that rule's node spacing
+    h_used = torch.zeros(n, **f64)  # the spacing of the rule each image's value came from
     decode = _Decoder(model, device, node_chunk)
     groups = ([(c, (labels == c).nonzero().squeeze(1)) for c in range(_num_classes(model))]
               if model.conditional else [(None, torch.arange(n, device=device))])
 
     def keep(idx: Tensor, sums: QuadratureSums, h: Tensor, only_better: bool = False) -> None:
-        e = sums.error(h.amin(-1))
-        # where the box cut the posterior off, the next box reaches 2 sd further out
-        _, post_cov = sums.posterior_moments()
-        post_sd = torch.diagonal(post_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
-        grow = (sums.cut_off(h.amin(-1)) > tolerance / 10)[:, None] * 2 * post_sd
-        support[idx, 0], support[idx, 1] = sums.support_lo - grow, sums.support_hi + grow
-        h_used[idx] = h
+        e = sums.error(h, narrowest=q_sd[idx])
         ok = e < err[idx] if only_better else torch.ones_like(e, dtype=torch.bool)
-        sel = idx[ok]
-        ell, ell_err = sums.expected_log_likelihood()
         m, cv = sums.posterior_moments()
-        log_px[sel], err[sel], eq_ll[sel], eq_err[sel] = (sums.log_px()[ok], e[ok], ell[ok],
-                                                         ell_err[ok])
-        mean[sel], cov[sel] = m[ok], cv[ok]
+        sel = idx[ok]
+        log_px[sel], err[sel], mean[sel], cov[sel] = sums.log_px()[ok], e[ok], m[ok], cv[ok]
+        h_used[sel] = h.expand_as(e)[ok]
 
     with _progress_bar(progress, "exact log p(x)", 0) as bar:
         task = bar.add_task("exact log p(x), decoder calls", total=None) if progress else None
@@ -394,52 +411,53 @@ def exact_log_px_per_image(
         for c, idx in groups:
             if len(idx) == 0:
                 continue
-            nodes = shared_nodes
-            while True:  # finer shared rules (4x the nodes) until the group is within tolerance
-                h = spacing or auto_spacing(mu[idx], logvar[idx], nodes)
-                sums = _shared_rule_pass(decode, x[idx], mu[idx], logvar[idx], c,
+            box = _shared_box(mu[idx], logvar[idx])
+            nodes, active, support = shared_nodes, idx, None
+            while len(active):  # each level: half the spacing, for the images not yet within
+                h = spacing or auto_spacing(mu[idx], logvar[idx], nodes)  # tolerance
+                sums = _shared_rule_pass(decode, x[active], c, box, support,
                                          likelihood=likelihood, spacing=h,
                                          node_chunk=node_chunk, image_chunk=image_chunk,
                                          advance=advance)
-                for i, s in enumerate(sums):
-                    part = idx[i * image_chunk : (i + 1) * image_chunk]
-                    keep(part, s, torch.full((len(part), d), h, **f64))
+                keep(active, sums, torch.tensor(h, **f64))
                 nodes *= 4
-                if spacing or float(err[idx].mean()) <= tolerance or nodes > max_shared_nodes:
+                if spacing or nodes > max_shared_nodes:
                     break
+                active = active[err[active] > tolerance]
+                support = _support(mean[active], cov[active], mu[active], q_sd[active], h)
         refined = torch.zeros(n, dtype=torch.bool, device=device)
         for round_ in range(max_rounds):
-            todo = _worst_until_within(err, tolerance)
+            todo = (err > tolerance).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
             refined[todo] = True
-            # the last rule's support, one of its spacings wider on each side (a peak it
-            # resolved poorly lies within one spacing of its best node)
-            lo, hi = support[todo, 0] - h_used[todo], support[todo, 1] + h_used[todo]
-            intervals = 16 * 2**round_
-            sums = _own_rules_pass(
-                decode, x[todo], labels[todo] if model.conditional else None, (lo + hi) / 2,
-                (hi - lo) / 2, mu[todo], logvar[todo], likelihood=likelihood,
-                intervals=intervals, node_budget=node_budget, advance=advance)
-            keep(todo, sums, (hi - lo) / intervals, only_better=True)
-    kl = kl_normal_std(mu.double(), logvar.double()).sum(1)
+            post_sd = torch.diagonal(cov[todo], dim1=1, dim2=2).clamp_min(0).sqrt()
+            half = 6 * torch.maximum(q_sd[todo], post_sd) + h_used[todo, None] / 2
+            want = (2 * half / q_sd[todo]).amax(1) * 2**round_  # a spacing of q's sd
+            intervals = (2 ** torch.log2(want.clamp(16, 128 * 2**round_)).ceil()).long()
+            for k in intervals.unique().tolist():
+                pick = intervals == k
+                sums = _own_rules_pass(
+                    decode, x[todo[pick]], labels[todo[pick]] if model.conditional else None,
+                    mean[todo[pick]], half[pick], likelihood=likelihood, intervals=int(k),
+                    node_budget=node_budget, advance=advance)
+                keep(todo[pick], sums, (2 * half[pick] / k).amin(1), only_better=True)
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return ExactLogPx(
-        log_px=cpu(log_px), error=cpu(err), elbo=cpu(eq_ll - kl), elbo_error=cpu(eq_err),
-        refined=cpu(refined), posterior_mean=cpu(mean), posterior_cov=cpu(cov),
-        tolerance=float(tolerance), nodes=decode.count)
+        log_px=cpu(log_px), error=cpu(err), refined=cpu(refined), posterior_mean=cpu(mean),
+        posterior_cov=cpu(cov), tolerance=float(tolerance), nodes=decode.count)
 
 
-def _worst_until_within(err: Tensor, tolerance: float) -> Tensor:
-    """The fewest images, largest errors first, whose errors taken away would leave the mean
-    error within ``tolerance``."""
-    n = err.numel()
-    if n == 0 or float(err.mean()) <= tolerance:
-        return err.new_zeros(0, dtype=torch.int64)
-    order = torch.argsort(err, descending=True)
-    rest = err.sum() - torch.cumsum(err[order], 0)  # what stays if the first k are fixed
-    k = int((rest > tolerance * n).sum()) + 1
-    return order[:k]
+SUPPORT_SD = 10.0  # the posterior's mass beyond 10 sd of its mean is taken as nil
+
+
+def _support(mean: Tensor, cov: Tensor, mu: Tensor, q_sd: Tensor, spacing: float) -> Tensor:
+    """[N, 2, d]: where a finer rule integrates each image: p(z|x)'s mean +- 10 of its sd, as
+    a rule of ``spacing`` saw it, and q's mean +- 10 of q's sd, one spacing wider."""
+    sd = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0).sqrt()
+    lo = torch.minimum(mean - SUPPORT_SD * sd, mu - SUPPORT_SD * q_sd) - spacing
+    hi = torch.maximum(mean + SUPPORT_SD * sd, mu + SUPPORT_SD * q_sd) + spacing
+    return torch.stack([lo, hi], 1)
 
 
 def exact_log_px(model: ConvVAE, split: Split, **options: Any) -> dict[str, Any]:
@@ -448,6 +466,129 @@ def exact_log_px(model: ConvVAE, split: Split, **options: Any) -> dict[str, Any]
     out = exact_log_px_per_image(model, split, **options).summary()
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The true posterior p(z|x) of a few digits, beside q(z|x)
+# --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def gauss_hermite_elbo(
+    model: ConvVAE, split: Split, *, order: int = 8, likelihood: str = "bernoulli",
+    batch_size: int = 100, device: str | torch.device | None = None,
+) -> Tensor:
+    """ELBO(x) = E_q[log p(x|z)] - KL(q || p(z)) per image [N] (float64, CPU), the expectation
+    by an ``order``^d Gauss-Hermite rule under q (``objectives.gauss_hermite_rule``): no
+    sampling noise, so per-image gaps log p(x) - ELBO can be ranked."""
+    model.eval()
+    device = _device_of(model, device)
+    out = []
+    for x, y in _batches(split, batch_size, device):
+        labels = _labels(model, y)
+        mu, logvar = model.encode(x, labels)
+        z, log_w = gauss_hermite_rule(mu.float(), logvar.float(), order)
+        b, g, d = z.shape
+        ys = None if labels is None else labels.repeat_interleave(g)
+        logits = model.decode(z.reshape(b * g, d).float(), ys).float().view(b, g, -1)
+        ll = log_likelihood_matrix(x.flatten(1), logits, likelihood).double()
+        kl = kl_normal_std(mu.double(), logvar.double()).sum(1)
+        out.append(((ll * log_w.exp()).sum(1) - kl).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass
+class PosteriorPicture:
+    """p(z|x) of one image on a grid, with q(z|x) and the numbers a panel's title needs."""
+
+    index: int  # in the split
+    label: int
+    image: Tensor  # [28, 28] in [0, 1]
+    z1: Tensor  # [n + 1] grid coordinates
+    z2: Tensor  # [n + 1]
+    density: Tensor  # [n + 1, n + 1] p(z|x), density[i, j] at (z1[i], z2[j])
+    q_mu: Tensor  # [2]
+    q_sd: Tensor  # [2]
+    log_px: float
+    log_px_error: float
+    elbo: float
+
+    @property
+    def gap(self) -> float:
+        """KL(q(z|x) || p(z|x)) = log p(x) - ELBO, nats."""
+        return self.log_px - self.elbo
+
+
+def pick_by_gap(gap: Tensor, labels: Tensor, per_row: int) -> tuple[list[int], list[int]]:
+    """The rule of the posterior figure: the images with the largest gaps, then those with the
+    smallest, each list at most one image per class."""
+    def first_distinct(order: Tensor) -> list[int]:
+        chosen: list[int] = []
+        seen: set[int] = set()
+        for i in order.tolist():
+            if int(labels[i]) not in seen and math.isfinite(float(gap[i])):
+                chosen.append(i)
+                seen.add(int(labels[i]))
+            if len(chosen) == per_row:
+                break
+        return chosen
+
+    return (first_distinct(torch.argsort(gap, descending=True)),
+            first_distinct(torch.argsort(gap)))
+
+
+@torch.inference_mode()
+def true_posteriors(
+    model: ConvVAE, split: Split, *, candidates: int = 300, per_row: int = 5,
+    intervals: int = 64, likelihood: str = "bernoulli", progress: bool = False,
+) -> dict[str, list[PosteriorPicture]]:
+    """p(z|x) for the test digits with the largest and the smallest gaps (``pick_by_gap``)
+    among the first ``candidates`` images of a 2-D model: ``{"largest": [...], "smallest":
+    [...]}``. Gaps are ranked from a coarse exact log p(x) (tolerance 0.5 nats) and the
+    Gauss-Hermite ELBO; each chosen image then gets a lattice rule of its own, ``intervals``
+    per axis over its posterior's mean +- 4 sd (and q's), whose trapezoid nodes are the picture
+    and give log p(x) with its error estimate."""
+    if model.latent_dim != 2:
+        raise ConfigError(f"the true-posterior figure needs a 2-D latent, this model has "
+                          f"{model.latent_dim}")
+    part = split.subset(min(candidates, len(split)))
+    if len(part) == 0:
+        raise ConfigError("the true-posterior figure needs at least one image")
+    coarse = exact_log_px_per_image(model, part, tolerance=0.5, likelihood=likelihood,
+                                    progress=progress)
+    gap = coarse.log_px - gauss_hermite_elbo(model, part, likelihood=likelihood)
+    largest, smallest = pick_by_gap(gap, part.labels, per_row)
+    chosen = largest + smallest
+    device = _device_of(model, None)
+    mu, logvar = encode_split(model, part.subset(len(part)))
+    mu, logvar = mu[chosen].double(), logvar[chosen].double()
+    q_sd = torch.exp(0.5 * logvar)
+    p_mean, p_cov = coarse.posterior_mean[chosen], coarse.posterior_cov[chosen]
+    p_sd = torch.diagonal(p_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
+    lo = torch.minimum(p_mean - 4 * p_sd, mu.cpu() - 4 * q_sd.cpu())
+    hi = torch.maximum(p_mean + 4 * p_sd, mu.cpu() + 4 * q_sd.cpu())
+    x = part.images[chosen].to(device).flatten(1).float().div_(255)
+    labels = part.labels[chosen].to(device, torch.int64)
+    joint: list[Tensor] = []
+    sums = _own_rules_pass(
+        _Decoder(model, device, 4096), x, labels if model.conditional else None,
+        ((lo + hi) / 2).to(device), ((hi - lo) / 2).to(device), likelihood=likelihood,
+        intervals=intervals, node_budget=65536, advance=lambda k: None, log_joint=joint)
+    log_joints = torch.cat(joint)  # [R, G]
+    log_px, err = sums.log_px().cpu(), sums.error((hi - lo).amin(1) / intervals).cpu()
+    elbo = gauss_hermite_elbo(model, Split(part.images[chosen], part.labels[chosen]),
+                              likelihood=likelihood)
+    pictures = []
+    for r, i in enumerate(chosen):
+        rule = lattice_rule(lo[r], hi[r], intervals)
+        t = ~rule.midpoint
+        log_density = log_joints[r][t] - float(log_px[r])  # log p(x, z) - log p(x) = log p(z|x)
+        n1 = intervals + 1
+        pictures.append(PosteriorPicture(
+            index=i, label=int(part.labels[i]), image=part.images[i].float() / 255,
+            z1=rule.z[t][::n1, 0].float(), z2=rule.z[t][:n1, 1].float(),
+            density=log_density.exp().view(n1, n1).float(), q_mu=mu[r].cpu().float(),
+            q_sd=q_sd[r].cpu().float(), log_px=float(log_px[r]), log_px_error=float(err[r]),
+            elbo=float(elbo[r])))
+    return {"largest": pictures[: len(largest)], "smallest": pictures[len(largest):]}
 
 
 def _progress_bar(enabled: bool, label: str, total: int) -> Any:
@@ -682,8 +823,9 @@ def full_evaluation(
     image (``exact_log_px``, within ``tolerance`` nats per image; None skips it), with ``gap``
     = exact log p(x) - ELBO over the same images. ``logpx_images`` limits the importance-sampled
     log p(x) to the first N test images (it costs ``num_samples`` decoder passes per image;
-    None or 0: the whole test set); with the exact value known, ``log_px`` also holds the exact
-    value on those same images and the estimate's ``bias`` against it.
+    None or 0: the whole test set), once with q(z|x) as the proposal (``log_px``) and once with
+    a Student-t around it (``log_px_student_t``); with the exact value known, each also holds
+    the exact value on those same images and the estimate's ``bias`` against it.
 
     ``elbo`` (recon, KL, -ELBO, one z per image), ``log_px`` (importance sampled with
     ``num_samples`` draws per image; None if 0), ``active_units``, ``knn`` (test codes against
@@ -703,14 +845,16 @@ def full_evaluation(
         out["exact_log_px"] = per_image.summary()
         out["exact_log_px"]["gap"] = out["exact_log_px"]["log_px"] + out["elbo"]["neg_elbo"]
     logpx_split = dataset.test.subset(logpx_images) if logpx_images else dataset.test
-    out["log_px"] = log_px_estimate(
-        model, logpx_split, num_samples=num_samples, likelihood=likelihood, seed=seed,
-        progress=progress,
-    ) if num_samples > 0 else None
-    if out["log_px"] is not None and per_image is not None:
-        same = per_image.log_px[: out["log_px"]["n"]]
-        out["log_px"]["exact_log_px"] = float(same.mean())
-        out["log_px"]["bias"] = out["log_px"]["log_px"] - float(same.mean())
+    for key, proposal in (("log_px", "q"), ("log_px_student_t", "student-t")):
+        est = log_px_estimate(
+            model, logpx_split, num_samples=num_samples, likelihood=likelihood, seed=seed,
+            progress=progress, proposal=proposal,
+        ) if num_samples > 0 else None
+        if est is not None and per_image is not None:
+            same = per_image.log_px[: est["n"]]
+            est["exact_log_px"] = float(same.mean())
+            est["bias"] = est["log_px"] - float(same.mean())
+        out[key] = est
     test_mu, test_lv = encode_split(model, dataset.test)
     train_mu, _ = encode_split(model, dataset.train)
     nc = _num_classes(model)

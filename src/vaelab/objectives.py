@@ -185,6 +185,58 @@ def iw_log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
 
 
+PROPOSALS = ("q", "mixture", "student-t")
+MIXTURE_WIDTH = 3.0  # the defensive component's sd, in units of q's
+STUDENT_DOF = 3  # degrees of freedom of the Student-t proposal
+
+
+def log_student_t(z: Tensor, mu: Tensor, logvar: Tensor, dof: int = STUDENT_DOF) -> Tensor:
+    """log of a product of Student-t densities with ``dof`` degrees of freedom, centre mu and
+    scale sigma = exp(logvar / 2), summed over the last dimension (nats):
+
+        log t = sum_j [ lgamma((v + 1) / 2) - lgamma(v / 2) - log(v pi) / 2 - log sigma_j
+                        - (v + 1) / 2 log(1 + ((z_j - mu_j) / sigma_j)^2 / v) ]
+    """
+    v = float(dof)
+    u2 = (z - mu).pow(2) * torch.exp(-logvar)
+    const = math.lgamma((v + 1) / 2) - math.lgamma(v / 2) - 0.5 * math.log(v * math.pi)
+    return (const - 0.5 * logvar - (v + 1) / 2 * torch.log1p(u2 / v)).sum(-1)
+
+
+def sample_proposal(
+    mu: Tensor, logvar: Tensor, proposal: str, generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw z [..., D] from an importance proposal built on q = N(mu, sigma^2) and return
+    (z, log r(z)):
+
+    - ``q``: q itself (Burda et al. 2015);
+    - ``mixture``: the defensive mixture r = 1/2 q + 1/2 N(mu, (3 sigma)^2) (Hesterberg 1995),
+      whose wide half keeps w = p / r bounded where q's tails are too light;
+    - ``student-t``: independent Student-t with 3 degrees of freedom, centre mu, scale sigma.
+    """
+    if proposal not in PROPOSALS:
+        raise ConfigError(f"unknown proposal '{proposal}': choose one of {', '.join(PROPOSALS)}")
+
+    def normal(*shape: int) -> Tensor:
+        return torch.randn(shape or mu.shape, generator=generator, device=mu.device,
+                           dtype=mu.dtype)
+
+    sd = torch.exp(0.5 * logvar)
+    if proposal == "q":
+        z = mu + sd * normal()
+        return z, log_normal(z, mu, logvar)
+    if proposal == "mixture":
+        wide_lv = logvar + 2 * math.log(MIXTURE_WIDTH)
+        pick = torch.rand(mu.shape[:-1], generator=generator, device=mu.device) < 0.5
+        scale = torch.where(pick.unsqueeze(-1), sd * MIXTURE_WIDTH, sd)
+        z = mu + scale * normal()
+        log_r = torch.logaddexp(log_normal(z, mu, logvar), log_normal(z, mu, wide_lv))
+        return z, log_r - math.log(2.0)
+    chi2 = sum(normal().pow(2) for _ in range(STUDENT_DOF))
+    z = mu + sd * normal() / torch.sqrt(chi2 / STUDENT_DOF)
+    return z, log_student_t(z, mu, logvar)
+
+
 def importance_sampled_log_px(
     x: Tensor,
     mu: Tensor,
@@ -195,18 +247,22 @@ def importance_sampled_log_px(
     likelihood: str = "bernoulli",
     generator: torch.Generator | None = None,
     return_elbo: bool = False,
+    proposal: str = "q",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Estimate log p(x) per image (nats, [B]) with K = num_samples draws from q(z|x).
+    """Estimate log p(x) per image (nats, [B]) with K = num_samples draws from a proposal r.
 
-        log p(x) ~= log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
+        log p(x) ~= log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / r(z_k|x),   z_k ~ r(z|x)
 
+    r is q(z|x) itself by default, or one of the heavier-tailed ``sample_proposal`` choices.
     ``decode`` maps z [N, D] to logits [N, ...]; the K samples go through it ``chunk`` at a time
     for all B images together, and the chunks are combined with a running logsumexp.
-    With ``return_elbo`` it also returns the same samples' ELBO estimate (1/K) sum_k log w_k
-    ([B], float64), which by Jensen is never above the log p(x) estimate, image by image.
+    With ``return_elbo`` (proposal q only) it also returns the same samples' ELBO estimate
+    (1/K) sum_k log w_k ([B], float64), never above the log p(x) estimate (Jensen).
     """
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+    if return_elbo and proposal != "q":
+        raise ConfigError("the ELBO comes from samples of q: use proposal 'q' with return_elbo")
     b, d = mu.shape
     acc = torch.full((b,), -math.inf, device=mu.device, dtype=torch.float32)
     log_w_sum = torch.zeros(b, device=mu.device, dtype=torch.float64)
@@ -215,11 +271,15 @@ def importance_sampled_log_px(
         k = min(chunk, num_samples - done)
         mu_k = mu.unsqueeze(0).expand(k, b, d)
         lv_k = logvar.unsqueeze(0).expand(k, b, d)
-        z = reparameterize(mu_k, lv_k, generator)  # [k, B, D]
+        if proposal == "q":  # the same draws as reparameterize: the training path's noise
+            z = reparameterize(mu_k, lv_k, generator)  # [k, B, D]
+            log_r = log_normal(z, mu_k, lv_k)
+        else:
+            z, log_r = sample_proposal(mu_k, lv_k, proposal, generator)
         logits = decode(z.reshape(k * b, d))
         xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         ll = log_likelihood(logits.float(), xs, likelihood).view(k, b)
-        log_w = (ll + log_standard_normal(z) - log_normal(z, mu_k, lv_k)).float()
+        log_w = (ll + log_standard_normal(z) - log_r).float()
         acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
         log_w_sum += log_w.double().sum(0)
         done += k
@@ -262,8 +322,8 @@ class LatticeRule:
     The weights here include the prior, log w_g + log p(z_g), so that sum_g exp(ll_g + log_w_g)
     approximates p(x) = int p(x|z) p(z) dz. For an integrand that is smooth and negligible at
     the box's edges both rules converge faster than any power of h, and their leading (aliasing)
-    errors have opposite signs: (T + M) / 2 is far more accurate than either, and |log T - log M|
-    is a conservative estimate of its error.
+    errors have opposite signs: (T + M) / 2 is far more accurate than either, and
+    |log T - log M| / 2 is a conservative estimate of its error.
 
     ``z`` [..., G, d] nodes, ``log_w`` [..., G], ``midpoint`` [G] (which rule each node belongs
     to), ``edge`` [G] (trapezoid nodes on the box's boundary).
@@ -277,6 +337,24 @@ class LatticeRule:
 
     def __len__(self) -> int:
         return int(self.z.shape[-2])
+
+
+def in_tiles(rule: LatticeRule, lo: Tensor, hi: Tensor, intervals: int, side: int = 16,
+             ) -> tuple[LatticeRule, Tensor]:
+    """The shared rule's nodes reordered into square tiles of ``side`` intervals per axis, and
+    each node's tile number [G] (non-decreasing): a chunk of consecutive nodes then covers a
+    small region of the latent space, so the images whose posteriors lie elsewhere can skip
+    it."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.float64), torch.as_tensor(hi, dtype=torch.float64)
+    u = (rule.z - lo) / (hi - lo) * intervals  # node coordinates in intervals
+    per_axis = math.ceil(intervals / side) + 1
+    cell = (u / side).floor().clamp(0, per_axis - 1).long()
+    tile = torch.zeros(len(u), dtype=torch.long)
+    for j in range(u.shape[1]):
+        tile = tile * per_axis + cell[:, j]
+    order = torch.argsort(tile, stable=True)
+    return LatticeRule(z=rule.z[order], log_w=rule.log_w[order], midpoint=rule.midpoint[order],
+                       edge=rule.edge[order], spacing=rule.spacing), tile[order]
 
 
 def lattice_rule(lo: Tensor, hi: Tensor, intervals: int) -> LatticeRule:
@@ -311,112 +389,150 @@ def lattice_rule(lo: Tensor, hi: Tensor, intervals: int) -> LatticeRule:
     return LatticeRule(z=z, log_w=log_w, midpoint=midpoint, edge=edge, spacing=h)
 
 
-class QuadratureSums:
-    """Running sums of a lattice rule over chunks of nodes, for N images (float64).
+def gauss_hermite_rule(mu: Tensor, logvar: Tensor, order: int = 8) -> tuple[Tensor, Tensor]:
+    """Nodes and log weights of the order^d Gauss-Hermite rule for expectations under
+    q = N(mu, diag sigma^2): E_q[f] ~= sum_g exp(log_w_g) f(z_g), exact for polynomials of
+    degree < 2 order in each coordinate.
 
-    For each image it keeps log T, log M and the log mass on the box's edge (see
-    ``LatticeRule``), and the first two moments of the posterior on the nodes,
-    p(z|x) ~ p(x|z) p(z), with weights rescaled as the running maximum grows (streaming
-    logsumexp), so memory is one chunk of nodes at a time.
+        z = mu + sqrt(2) sigma t_i,   w = prod_j w_ij / sqrt(pi)   (t, w: the Hermite rule)
+
+    ``mu``, ``logvar`` [B, d] give z [B, order^d, d] and log_w [order^d] (weights sum to 1).
+    """
+    if order < 1:
+        raise ConfigError(f"a Gauss-Hermite rule needs order >= 1, got {order}")
+    import numpy as np
+
+    t, w = np.polynomial.hermite.hermgauss(order)
+    d = mu.shape[-1]
+    t = torch.as_tensor(t, dtype=torch.float64, device=mu.device)
+    log_w1 = torch.as_tensor(np.log(w) - 0.5 * math.log(math.pi), dtype=torch.float64,
+                             device=mu.device)
+    nodes = torch.cartesian_prod(*[t] * d).view(-1, d)
+    log_w = torch.cartesian_prod(*[log_w1] * d).view(-1, d).sum(-1)
+    sd = torch.exp(0.5 * logvar.double())
+    z = mu.double().unsqueeze(-2) + math.sqrt(2.0) * sd.unsqueeze(-2) * nodes
+    return z, log_w
+
+
+def aliasing_error(sd: Tensor, spacing: Tensor | float) -> Tensor:
+    """The relative error of the mean (T + M) / 2 of the two rules of a ``LatticeRule`` with
+    node spacing h on a Gaussian peak of standard deviation sd_j along each axis (nats, per
+    image [N]). The two rules together form a lattice whose shortest dual vectors have length
+    4 pi / h (d = 1) or 2 sqrt(2) pi / h (d = 2, the four diagonals (+-1, +-1) 2 pi / h); the
+    error is the peak's Fourier transform there (Poisson summation):
+
+        d = 1:  2 exp(-8 pi^2 sd^2 / h^2)
+        d = 2:  4 exp(-2 pi^2 (sd_1^2 + sd_2^2) / h^2)
+
+    Of order one when the peak is narrower than the spacing: such a peak is not resolved, and
+    T and M may agree by chance.
+    """
+    h = torch.as_tensor(spacing, dtype=sd.dtype, device=sd.device)
+    h2 = (h.unsqueeze(-1) if h.dim() == 1 else h).pow(2)
+    if sd.shape[-1] == 1:
+        return 2 * torch.exp(-8 * math.pi**2 * sd.pow(2) / h2).sum(-1)
+    return 4 * torch.exp(-2 * math.pi**2 * (sd.pow(2) / h2).sum(-1))
+
+
+class QuadratureSums:
+    """Running sums of a lattice rule over chunks of nodes, for N images.
+
+    Per image it keeps T, M (see ``LatticeRule``), the mass on the box's edge and the first two
+    moments of the posterior on the nodes, p(z|x) ~ p(x|z) p(z), all relative to a running
+    peak (streaming logsumexp in float64 across chunks). Within a chunk every sum is one matrix
+    product of the weights exp(a - max a) [N, g] with a node-feature matrix [g, k] (rule
+    masks, z, z z^T), in float32: four passes over the chunk, memory one chunk.
     """
 
-    SUPPORT_NATS = 30.0  # nodes this far below the peak hold < e^-30 of the mass each
-
     def __init__(self, n: int, d: int, device: torch.device | str = "cpu") -> None:
-        def full(*shape: int) -> Tensor:
-            return torch.full(shape, -math.inf, dtype=torch.float64, device=device)
+        self.d = d
+        self.peak = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(n, 3 + d + d * (d + 1) // 2, dtype=torch.float64, device=device)
 
-        self.log_t, self.log_m, self.log_edge = full(n), full(n), full(n)
-        # E_q[log p(x|z)] and the mass of q on each rule (1 when the nodes resolve q)
-        self.eq_ll = torch.zeros(2, n, dtype=torch.float64, device=device)
-        self.q_mass = torch.zeros(2, n, dtype=torch.float64, device=device)
-        self.peak = full(n)  # running max of ll + log w, the scale of the moment sums
-        self.s0 = torch.zeros(n, dtype=torch.float64, device=device)
-        self.s1 = torch.zeros(n, d, dtype=torch.float64, device=device)
-        self.s2 = torch.zeros(n, d, d, dtype=torch.float64, device=device)
-        # the box around the nodes within SUPPORT_NATS of the peak: where p(z|x) has its mass
-        self.support_lo = torch.full((n, d), math.inf, dtype=torch.float64, device=device)
-        self.support_hi = torch.full((n, d), -math.inf, dtype=torch.float64, device=device)
+    @staticmethod
+    def features(z: Tensor, midpoint: Tensor, edge: Tensor) -> Tensor:
+        """[..., g, k]: trapezoid mask, midpoint mask, edge mask, z_i, then z_i z_j (i <= j)."""
+        i, j = torch.triu_indices(z.shape[-1], z.shape[-1])
+        masks = torch.stack([~midpoint, midpoint, edge], -1).to(z.dtype)
+        masks = masks.expand(*z.shape[:-1], 3)
+        return torch.cat([masks, z, z[..., i] * z[..., j]], -1)
 
     def add(
         self, ll: Tensor, log_w: Tensor, z: Tensor, midpoint: Tensor, edge: Tensor,
-        q: tuple[Tensor, Tensor] | None = None,
+        rows: Tensor | None = None,
     ) -> None:
         """One chunk: ``ll`` [N, g] = log p(x|z_g); ``log_w`` [g] or [N, g]; ``z`` [g, d] or
-        [N, g, d]; ``midpoint``, ``edge`` [g] masks of the rule each node belongs to. With
-        ``q`` = (mu, logvar) [N, d] it also integrates E_q[log p(x|z)], the ELBO's first term."""
-        a = ll.double() + log_w.double()
-        if q is not None:
-            zq = z.double() if z.dim() == 3 else z.double().unsqueeze(0)
-            mu, logvar = (t.double().unsqueeze(1) for t in q)
-            log_qw = log_normal(zq, mu, logvar) + log_w.double() - log_standard_normal(zq)
-            qw = torch.exp(log_qw)  # q(z_g|x) times the rule's weight
-            for r, mask in enumerate((~midpoint, midpoint)):
-                self.q_mass[r] += (qw * mask).sum(1)
-                self.eq_ll[r] += (qw * mask * ll.double()).sum(1)
-        minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=a.device)
-        for target, mask in ((self.log_t, ~midpoint), (self.log_m, midpoint),
-                             (self.log_edge, edge)):
-            if bool(mask.any()):
-                part = torch.logsumexp(torch.where(mask, a, minus_inf), dim=1)
-                target.copy_(torch.logaddexp(target, part))
-        peak = torch.maximum(self.peak, a.amax(1))
-        scale = torch.exp(self.peak - peak).nan_to_num(0.0)  # -inf - -inf: nothing summed yet
-        p = torch.exp(a - peak[:, None])  # [N, g], both rules together
-        z = z.double()
-        if z.dim() == 2:
-            s1, s2 = p @ z, torch.einsum("ng,gi,gj->nij", p, z, z)
-        else:
-            s1, s2 = torch.einsum("ng,ngi->ni", p, z), torch.einsum("ng,ngi,ngj->nij", p, z, z)
-        self._update_support(a, z, peak)
-        self.s0 = self.s0 * scale + p.sum(1)
-        self.s1 = self.s1 * scale[:, None] + s1
-        self.s2 = self.s2 * scale[:, None, None] + s2
-        self.peak = peak
+        [N, g, d] (nodes shared by all images, or each image's own); ``midpoint``, ``edge``
+        [g] masks of the rule each node belongs to. ``rows``: which images ``ll``'s rows are
+        (default all)."""
+        a = ll.float() + log_w.float()
+        m = a.amax(1)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w = torch.exp(a - m[:, None])
+        f = self.features(z.float(), midpoint, edge)
+        chunk = (w @ f if f.dim() == 2 else torch.einsum("ng,ngk->nk", w, f)).double()
+        m = m.double()
+        if rows is None:
+            rows = torch.arange(len(self.peak), device=self.peak.device)
+        before = self.peak[rows]
+        peak = torch.maximum(before, m)
+        old = torch.exp(before - peak).nan_to_num(0.0)  # -inf - -inf: nothing summed yet
+        self.sums[rows] = self.sums[rows] * old[:, None] + chunk * torch.exp(m - peak)[:, None]
+        self.peak[rows] = peak
 
-    def _update_support(self, a: Tensor, z: Tensor, peak: Tensor) -> None:
-        threshold = peak - self.SUPPORT_NATS
-        inside = (a > threshold[:, None]).unsqueeze(-1)  # [N, g, 1]
-        zz = z if z.dim() == 3 else z.unsqueeze(0)
-        inf = torch.tensor(math.inf, dtype=torch.float64, device=a.device)
-        lo = torch.where(inside, zz, inf).amin(1)
-        hi = torch.where(inside, zz, -inf).amax(1)
-        stale = (self.peak < threshold)[:, None]  # the old support is below the new threshold
-        self.support_lo = torch.where(stale, lo, torch.minimum(self.support_lo, lo))
-        self.support_hi = torch.where(stale, hi, torch.maximum(self.support_hi, hi))
+    def _log(self, col: int) -> Tensor:
+        return self.peak + torch.log(self.sums[:, col])
+
+    @property
+    def log_t(self) -> Tensor:
+        return self._log(0)
+
+    @property
+    def log_m(self) -> Tensor:
+        return self._log(1)
 
     def log_px(self) -> Tensor:
         """log p(x) by (T + M) / 2, per image [N]."""
         return torch.logaddexp(self.log_t, self.log_m) - math.log(2.0)
 
-    def error(self, spacing: Tensor | float) -> Tensor:
-        """Estimated error of ``log_px`` in nats, per image: |log T - log M| (the spread of the
-        two rules, each much less accurate than their mean) plus what the box may cut off: the
-        share of the mass on its edge nodes times (posterior sd) / ``spacing``, the mass of a
-        tail that decays over one sd beyond the edge."""
-        return (self.log_t - self.log_m).abs() + self.cut_off(spacing)
+    def error(self, spacing: Tensor | float, narrowest: Tensor | None = None) -> Tensor:
+        """Estimated error of ``log_px`` in nats, per image: |log T - log M| / 2, plus what the
+        box may cut off (``cut_off``), plus the aliasing error of a peak of the given
+        ``narrowest`` sd per axis [N, d] (``aliasing_error``; default: the posterior's sd on
+        the nodes). The rules' leading errors have opposite signs, so for a resolved integrand
+        the true value lies between T and M; a peak narrower than the spacing can slip between
+        both rules' nodes, which only the aliasing term sees."""
+        spread = (self.log_t - self.log_m).abs() / 2
+        _, cov = self.posterior_moments()
+        sd = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        if narrowest is not None:
+            sd = torch.minimum(sd, narrowest.to(sd))
+        spread = torch.where(torch.isfinite(spread), spread, math.inf)
+        return spread + self.cut_off(spacing) + aliasing_error(sd, spacing)
 
     def cut_off(self, spacing: Tensor | float) -> Tensor:
-        """The part of ``error`` that estimates the mass beyond the box, per image [N]."""
-        edge = torch.exp(self.log_edge - self.log_t).nan_to_num(0.0)
+        """The mass beyond the box, estimated per image [N] as the share of the mass on its
+        edge nodes times (posterior sd) / ``spacing``: a tail that decays over one sd."""
+        edge = (self.sums[:, 2] / self.sums[:, 0]).nan_to_num(0.0)
         _, cov = self.posterior_moments()
         sd = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt().amax(-1)
         spacing = torch.as_tensor(spacing, dtype=torch.float64, device=sd.device)
         return edge * torch.clamp(sd / spacing, min=1.0)
 
-    def expected_log_likelihood(self) -> tuple[Tensor, Tensor]:
-        """E_q[log p(x|z)] by (T + M) / 2 and its error estimate |T - M| plus the share of q's
-        mass that the nodes miss, per image [N] (nats; needs ``q`` in ``add``)."""
-        value = self.eq_ll.mean(0)
-        miss = (1.0 - self.q_mass.mean(0)).abs()
-        return value, (self.eq_ll[0] - self.eq_ll[1]).abs() + miss * value.abs()
-
     def posterior_moments(self) -> tuple[Tensor, Tensor]:
-        """Mean [N, d] and covariance [N, d, d] of p(z|x) on the nodes."""
-        s0 = self.s0.clamp_min(1e-300)
-        mean = self.s1 / s0[:, None]
-        cov = self.s2 / s0[:, None, None] - mean[:, :, None] * mean[:, None, :]
-        return mean, cov
+        """Mean [N, d] and covariance [N, d, d] of p(z|x) on the nodes (both rules)."""
+        d = self.d
+        s0 = (self.sums[:, 0] + self.sums[:, 1]).clamp_min(1e-300)
+        mean = self.sums[:, 3 : 3 + d] / s0[:, None]
+        second = torch.zeros(len(s0), d, d, dtype=torch.float64, device=s0.device)
+        i, j = torch.triu_indices(d, d)
+        second[:, i, j] = self.sums[:, 3 + d :] / s0[:, None]
+        second[:, j, i] = second[:, i, j]
+        return mean, second - mean[:, :, None] * mean[:, None, :]
+
+    def take(self, other: QuadratureSums, rows: slice | Tensor) -> None:
+        """Copy ``other``'s sums into rows ``rows`` of this one."""
+        self.peak[rows], self.sums[rows] = other.peak, other.sums
 
 
 # --------------------------------------------------------------------------------------------

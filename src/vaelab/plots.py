@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle
+from matplotlib.patches import Circle, Ellipse
 from matplotlib.ticker import MaxNLocator
 
 from vaelab.data import Dataset, Split
@@ -41,6 +41,7 @@ from vaelab.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from vaelab.checkpoint import Run
+    from vaelab.evaluate import PosteriorPicture
     from vaelab.models import ConvVAE
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "style_transfer",
     "traversal_grid",
     "training_curves",
+    "true_posterior",
 ]
 
 STYLE: dict[str, Any] = {
@@ -402,6 +404,56 @@ def training_curves(metrics: list[dict[str, Any]]) -> Figure:
     fig.legend(list(legend.values()), list(legend), loc="outside lower center",
                ncol=max(1, len(legend)))
     fig.suptitle("Training curves (val/test at $\\beta$ = 1; train averaged over each epoch)")
+    return fig
+
+
+def _free_corner(pic: PosteriorPicture, size: float) -> tuple[float, float, float, float]:
+    """Axes-fraction bounds of the panel corner farthest from q's mean and p(z|x)'s mode, so
+    the digit's inset hides neither."""
+    span = [(float(a[0]), float(a[-1])) for a in (pic.z1, pic.z2)]
+    mode = divmod(int(pic.density.argmax()), pic.density.shape[1])
+    points = [tuple(pic.q_mu.tolist()), (float(pic.z1[mode[0]]), float(pic.z2[mode[1]]))]
+    frac = [tuple((v - lo) / max(hi - lo, 1e-12) for v, (lo, hi) in zip(p, span, strict=True))
+            for p in points]
+    corners = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+    best = max(corners, key=lambda c: min(math.dist(c, f) for f in frac))
+    return (best[0] * (1 - size), best[1] * (1 - size), size, size)
+
+
+@_styled
+def true_posterior(pictures: dict[str, Sequence[PosteriorPicture]]) -> Figure:
+    """The true posterior p(z|x) (filled contours) of each digit of ``evaluate.true_posteriors``
+    under q(z|x)'s 1-, 2- and 3-sigma ellipses, one row for the largest gaps and one for the
+    smallest; each title gives the digit and KL(q || p(z|x)) = log p(x) - ELBO in nats, and an
+    inset shows the image."""
+    rows = [(k, label) for k, label in (("largest", "largest gaps"),
+                                         ("smallest", "smallest gaps")) if pictures.get(k)]
+    if not rows:
+        raise ConfigError("the true-posterior figure needs at least one picture")
+    ncols = max(len(pictures[k]) for k, _ in rows)
+    fig = _figure(1.75 * ncols, 1.85 * len(rows) + 0.3)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, (key, label) in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(pictures[key]):
+                ax.axis("off")
+                continue
+            pic = pictures[key][c]
+            ax.contourf(pic.z1.numpy(), pic.z2.numpy(), pic.density.T.numpy(), levels=10,
+                        cmap="Blues")
+            for k in (1, 2, 3):
+                ax.add_patch(Ellipse(tuple(pic.q_mu.tolist()), 2 * k * float(pic.q_sd[0]),
+                                     2 * k * float(pic.q_sd[1]), fill=False, ec="#D55E00",
+                                     lw=0.7, ls="-" if k == 1 else "--"))
+            inset = ax.inset_axes(_free_corner(pic, 0.28))
+            inset.imshow(pic.image.numpy(), cmap="gray_r", vmin=0, vmax=1)
+            inset.set_axis_off()
+            ax.set_title(f"{pic.label}: KL(q || p) = {pic.gap:.2f}", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel("$z_1$" if r == len(rows) - 1 else "")
+            ax.set_ylabel(f"{label}\n$z_2$" if c == 0 else "")
+    fig.suptitle("True posterior p(z|x) (filled) and q(z|x), 1-3 sigma (orange)")
     return fig
 
 
@@ -780,7 +832,7 @@ class FigureSpec(NamedTuple):
 
     draw: Callable[[Run, Dataset], Figure]
     caption: str
-    applies_to: str  # "all" or "cvae"
+    applies_to: str  # "all", "cvae" or "latent2" (a 2-D latent)
 
 
 FIGURES: dict[str, FigureSpec] = {
@@ -838,12 +890,27 @@ FIGURES: dict[str, FigureSpec] = {
         "CVAE samples per class: independent draws z ~ N(0, I) decoded under each class 0-9 "
         "(one row per class).",
         "cvae"),
+    "true-posterior": FigureSpec(
+        lambda run, ds: true_posterior(_true_posteriors(run, ds)),
+        "The true posterior p(z|x) (filled contours, by quadrature) under q(z|x)'s 1, 2 and "
+        "3-sigma ellipses, for the five test digits of distinct classes with the largest gap "
+        "KL(q || p(z|x)) = log p(x) - ELBO (top) and the five with the smallest (bottom), among "
+        "the first 300 test images: what the Gaussian encoder misses.",
+        "latent2"),
 }
 """Every figure of the study by name (the file stem ``draw_all`` writes)."""
 
 
 def _applies(spec: FigureSpec, model: ConvVAE) -> bool:
-    return spec.applies_to == "all" or (spec.applies_to == "cvae" and model.conditional)
+    return (spec.applies_to == "all" or (spec.applies_to == "cvae" and model.conditional)
+            or (spec.applies_to == "latent2" and model.latent_dim == 2))
+
+
+def _true_posteriors(run: Run, ds: Dataset) -> dict[str, list[PosteriorPicture]]:
+    from vaelab.evaluate import true_posteriors
+
+    return true_posteriors(run.model, ds.test,
+                           likelihood=run.config["config"].get("likelihood", "bernoulli"))
 
 
 def select_figures(run: Run, names: str | Iterable[str] = "all") -> list[str]:
@@ -863,9 +930,10 @@ def select_figures(run: Run, names: str | Iterable[str] = "all") -> list[str]:
                 f"unknown figure '{name}': choose all or one of {', '.join(FIGURES)}"
             )
         if not _applies(spec, run.model):
-            raise ConfigError(
-                f"figure '{name}' needs a CVAE, but run {run.path} is a {_kind(run.model)}"
-            )
+            need = "a 2-D latent" if spec.applies_to == "latent2" else "a CVAE"
+            have = (f"has a {run.model.latent_dim}-D latent" if spec.applies_to == "latent2"
+                    else f"is a {_kind(run.model)}")
+            raise ConfigError(f"figure '{name}' needs {need}, but run {run.path} {have}")
         chosen.append(name)
     return list(dict.fromkeys(chosen))
 

@@ -581,7 +581,7 @@ def reproduce_command(
         parts += ["--logpx-images", str(logpx_images)]
     if dataset != "mnist":
         parts += ["--dataset", shlex.quote(dataset)]
-    if tolerance is not None and tolerance != 0.05:
+    if tolerance is not None and tolerance != 0.1:
         parts += ["--tolerance", repr(tolerance)]
     if list(formats) != ["png", "pdf"]:
         parts += ["--format", *formats]
@@ -697,22 +697,25 @@ def evaluation_blocks(
                               "own rules", "images"], exact_rows)]
     rows = []
     for name, ev in evaluations.items():
-        lp = ev.get("log_px") if log_px else None
-        if lp:
+        for key, proposal in (("log_px", "q(z|x)"), ("log_px_student_t", "Student-t")):
+            lp = ev.get(key) if log_px else None
+            if not lp:
+                continue
             exact = lp.get("exact_log_px")
-            rows.append([name, _f(lp["neg_log_px"]), _f(lp["neg_elbo"]), _f(lp["gap"]),
-                         _f(lp["log_px_sem"]), str(lp["num_samples"]), f"{lp['n']:,}",
-                         _f(None if exact is None else -exact),
+            rows.append([name, proposal, _f(lp["neg_log_px"]), _f(lp.get("neg_elbo")),
+                         _f(lp.get("gap")), _f(lp["log_px_sem"]), str(lp["num_samples"]),
+                         f"{lp['n']:,}", _f(None if exact is None else -exact),
                          _f(None if exact is None else -lp["bias"])])
     if rows:
         blocks += [("h3", "Importance-sampled log-likelihood"),
-                   ("p", "log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ "
-                         "q(z|x) (Burda et al. 2015); the same K samples give the ELBO, and the "
-                         "gap log p(x) - ELBO is what the bound loses. Where the exact value is "
-                         "known it is shown for the same images, with the estimate's bias "
-                         "(estimated -log p(x) minus exact)."),
-                   ("table", ["run", "-log p(x)", "-ELBO (K samples)", "gap", "s.e.", "K",
-                              "images", "exact -log p(x)", "bias"], rows)]
+                   ("p", "log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / r(z_k|x) with z_k ~ r "
+                         "(Burda et al. 2015), r = q(z|x) or a Student-t with 3 degrees of "
+                         "freedom centred on q with q's scales; q's K samples also give the "
+                         "ELBO, and the gap log p(x) - ELBO is what the bound loses. Where the "
+                         "exact value is known it is shown for the same images, with the "
+                         "estimate's bias (estimated -log p(x) minus exact)."),
+                   ("table", ["run", "proposal", "-log p(x)", "-ELBO (K samples)", "gap",
+                              "s.e.", "K", "images", "exact -log p(x)", "bias"], rows)]
     blocks += [("h3", "Active units"),
                ("p", "A_j = Var_x(E_q[z_j]); unit j is active when A_j > 0.01 "
                      "(Burda et al. 2015)."),
