@@ -164,6 +164,62 @@ def test_encode_and_test_image(client: TestClient, models: list) -> None:
     assert last.status_code == 200 and last.json()["label"] == (N_TEST - 1) % 10
 
 
+def strict_json(text: str) -> object:
+    """An answer parsed as JSON proper: NaN and Infinity are refused, as a browser would."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in a JSON answer")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_true_posterior_of_a_test_image(client: TestClient, i: int) -> None:
+    """p(z|x) on a grid: the grid's shape, non-negative, integrating to 1; KL(q || p) >= 0."""
+    ti = client.get(f"/api/runs/{i}/test_image/7").json()
+    image = (pixels(ti["image"]) / 255).round(4).tolist()
+    body = {"image": image, **({"y": ti["label"]} if i == 1 else {})}
+    r = client.post(f"/api/runs/{i}/posterior", json=body)
+    assert r.status_code == 200, r.text
+    post_ = strict_json(r.text)
+    assert {"z1", "z2", "density", "density_scale", "log_px", "log_px_error", "elbo", "kl",
+            "mu", "sigma"} <= set(post_)
+    z1, z2 = np.array(post_["z1"]), np.array(post_["z2"])
+    density = np.array(post_["density"]) * post_["density_scale"]
+    assert z1.shape == z2.shape == (49,) and density.shape == (49, 49)  # 48 intervals per axis
+    assert (np.diff(z1) > 0).all() and (np.diff(z2) > 0).all()
+    assert (density >= 0).all() and np.isclose(np.max(post_["density"]), 1)
+    mass = density.sum() * (z1[1] - z1[0]) * (z2[1] - z2[0])
+    assert abs(mass - 1) < 0.05, mass
+    assert post_["kl"] >= -0.05
+    assert math.isclose(post_["kl"], post_["log_px"] - post_["elbo"], abs_tol=1e-3)
+    assert post_["log_px"] < 0 and post_["log_px_error"] >= 0
+    # q(z|x) as encode gives it, for the same image
+    enc = post(client, f"/api/runs/{i}/encode", body)
+    np.testing.assert_allclose(post_["mu"], enc["mu"], atol=1e-3)
+    np.testing.assert_allclose(post_["sigma"], enc["sigma"], rtol=1e-2)
+    # the posterior's mass is near q's mean: its mode within a few of q's sd
+    k1, k2 = np.unravel_index(np.argmax(density), density.shape)
+    mode = np.array([z1[k1], z2[k2]])
+    assert (np.abs(mode - enc["mu"]) < 4 * np.array(enc["sigma"]) + 0.5).all(), (mode, enc)
+
+
+def test_true_posterior_of_a_drawing(client: TestClient) -> None:
+    """Any image in [0, 1] (not only a test image's 256 levels) gets a posterior."""
+    stroke = [[0.0] * 28 for _ in range(28)]
+    for k in range(6, 22):
+        stroke[k][14] = stroke[k][13] = 0.8
+    r = client.post("/api/runs/1/posterior", json={"image": stroke, "y": 1})
+    assert r.status_code == 200, r.text
+    data = strict_json(r.text)
+    assert len(data["density"]) == 49 and data["kl"] >= -0.05
+
+
+def test_true_posterior_needs_a_2d_latent(client: TestClient) -> None:
+    r = client.post("/api/runs/2/posterior", json={"image": IMG})
+    assert_refused(r, 400, "needs a 2-D latent, this run has 3")
+    assert "\n" not in r.json()["error"]
+
+
 def test_one_request_at_a_time_touches_the_models(client: TestClient) -> None:
     """Concurrent requests all succeed, and no two model calls ever overlap."""
     explorer = client.app.state.explorer
@@ -221,6 +277,8 @@ def test_a_broken_run_is_answered_not_500(explore_runs: dict[str, Path],
         assert np.isfinite(np.array(c.get("/api/runs/0/points").json()["mu"])).all()
         enc = post(c, "/api/runs/0/encode", {"image": IMG, "y": 1})
         assert all(math.isfinite(v) for v in enc["mu"] + enc["sigma"])
+        r = c.post("/api/runs/0/posterior", json={"image": IMG, "y": 1})
+        assert_refused(r, 400, "non-finite")
         assert pixels(post(c, "/api/runs/0/decode", {"z": [0, 0], "y": 1})["image"]).shape == (
             28, 28)
 
@@ -330,6 +388,10 @@ BAD_JSON = [
 ]
 
 
+ENCODE_REFUSALS = [(run, body) for run, endpoint, body, _ in BAD_JSON if endpoint == "encode"]
+ENCODE_RAW = [b"", b"{", b'{"image": NaN}', b"[]", b'{"image": [' + b"[" * 5000 + b"]}"]
+
+
 def assert_refused(r, status: int | tuple[int, ...], fragment: str = "") -> None:
     assert r.status_code in ((status,) if isinstance(status, int) else status), r.text
     assert r.headers["content-type"].startswith("application/json")
@@ -350,6 +412,26 @@ def test_bad_json_values(client: TestClient, run: int, endpoint: str, body: obje
                          fragment: str) -> None:
     r = client.post(f"/api/runs/{run}/{endpoint}", content=json.dumps(body), headers=JSON_CT)
     assert_refused(r, 400, fragment)
+
+
+@pytest.mark.parametrize(("run", "body"), ENCODE_REFUSALS)
+def test_posterior_refuses_what_encode_refuses(client: TestClient, run: int,
+                                               body: object) -> None:
+    """The same body checks, hence the same status and message, as encode."""
+    want = client.post(f"/api/runs/{run}/encode", content=json.dumps(body), headers=JSON_CT)
+    got = client.post(f"/api/runs/{run}/posterior", content=json.dumps(body), headers=JSON_CT)
+    assert_refused(got, want.status_code)
+    assert got.status_code == 400 and got.json() == want.json()
+
+
+@pytest.mark.parametrize("raw", ENCODE_RAW)
+def test_posterior_refuses_bad_raw_bodies_as_encode(client: TestClient, raw: bytes) -> None:
+    want = client.post("/api/runs/1/encode", content=raw, headers=JSON_CT)
+    got = client.post("/api/runs/1/posterior", content=raw, headers=JSON_CT)
+    assert_refused(got, want.status_code)
+    assert got.json() == want.json()
+    plain = client.post("/api/runs/1/posterior", content=b"{}", headers={"content-type": "x"})
+    assert_refused(plain, 415, "application/json")
 
 
 @pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded",
@@ -393,7 +475,8 @@ def test_unknown_runs_and_paths_are_404(client: TestClient, path: str) -> None:
 
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/api/runs/0/decode"), ("GET", "/api/runs/0/decode_batch"),
-    ("GET", "/api/runs/0/encode"), ("PUT", "/api/runs/0/decode"),
+    ("GET", "/api/runs/0/encode"), ("GET", "/api/runs/0/posterior"),
+    ("PUT", "/api/runs/0/decode"),
     ("POST", "/api/runs"), ("POST", "/api/runs/0/points"), ("DELETE", "/api/runs/0"),
     ("POST", "/"), ("PATCH", "/static/app.js"), ("OPTIONS", "/api/runs/0/decode"),
 ])

@@ -153,6 +153,16 @@ def test_explorer_in_a_browser(page) -> None:
     wait(pg, "document.getElementById('encoded-readout').textContent.includes('sigma')")
     assert "label 3" in pg.text_content("#encoded-readout")
 
+    # its true posterior: a heat map on the plane, with log p(x), the ELBO and their gap KL(q‖p)
+    assert pg.locator("#posterior").is_visible()
+    pg.click("#posterior")
+    wait(pg, "document.getElementById('posterior-readout').textContent.includes('nats')")
+    text = pg.text_content("#posterior-readout")
+    number = r"-?\d+\.\d\d"
+    assert re.search(rf"log p\(x\) = {number}, ELBO = {number}, KL\(q‖p\) = {number} nats",
+                     text), text
+    assert pg.get_attribute("#plane", "data-posterior") == "1"
+
     # draw a stroke: it is encoded too
     d = pg.locator("#draw").bounding_box()
     pg.mouse.move(d["x"] + 0.3 * d["width"], d["y"] + 0.3 * d["height"])
@@ -160,6 +170,9 @@ def test_explorer_in_a_browser(page) -> None:
     pg.mouse.move(d["x"] + 0.7 * d["width"], d["y"] + 0.6 * d["height"], steps=6)
     pg.mouse.up()
     wait(pg, "document.getElementById('encoded-readout').textContent.startsWith('drawing')")
+    # a new encoding forgets the old one's posterior
+    assert pg.text_content("#posterior-readout") == ""
+    assert pg.get_attribute("#plane", "data-posterior") == "0"
 
     # the CVAE: a class selector, and the same z under every class
     pg.select_option("#run", "1")
@@ -184,6 +197,7 @@ def test_explorer_in_a_browser(page) -> None:
     wait(pg, "document.getElementById('plane').dataset.run === '2'"
              " && document.getElementById('digit').dataset.run === '2'")
     assert pg.locator("#dims").is_visible() and pg.locator("#classes").is_hidden()
+    assert pg.locator("#posterior").is_hidden()  # no encoding yet, and p(z|x) needs 2-D
     box = pg.locator("#plane").bounding_box()
     pg.mouse.click(box["x"] + 0.15 * box["width"], box["y"] + 0.15 * box["height"])
     pin = json.loads(pg.get_attribute("#plane", "data-pins"))[0]

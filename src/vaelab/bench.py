@@ -91,6 +91,7 @@ def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
             r = ref.train_reference(ref_model, ds.train, epochs=1, max_steps=steps,
                                     device=device)
             theirs.append(r["images_per_s"])
+        trainer.close()
     a, b = statistics.median(ours), statistics.median(theirs)
     return {"vaelab": a, "reference": b, "ratio": a / b, "rounds": rounds, "steps": steps}
 

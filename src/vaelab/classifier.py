@@ -33,6 +33,7 @@ from vaelab.checkpoint import _verified_bytes, load_weights, weights_bytes
 from vaelab.data import Batcher, Dataset, Split, load_dataset
 from vaelab.errors import CheckpointError, ConfigError, NumericalError
 from vaelab.io import atomic_write_bytes, atomic_write_json
+from vaelab.locks import FolderLock, is_lock_file
 
 WEIGHTS = "classifier.safetensors"
 META = "classifier.json"
@@ -121,7 +122,7 @@ def classifier_accuracy(model: nn.Module, split: Split, batch_size: int = 1000) 
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not is_lock_file(p) for p in out.iterdir()):
         ours = (out / META).exists() or (out / WEIGHTS).exists()
         if not force:
             what = "a classifier" if ours else "other files"
@@ -155,8 +156,19 @@ def train_classifier(
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
-    log = log or (lambda s: None)
-    out = Path(out)
+    with FolderLock(out) as lock:  # one writer per folder
+        meta = _train_classifier(dataset, Path(out), epochs=epochs, seed=seed,
+                                 batch_size=batch_size, lr=lr, limit=limit, spec=spec,
+                                 device=device, force=force, log=log or (lambda s: None))
+        lock.keep()
+    return meta
+
+
+def _train_classifier(
+    dataset: str | Dataset, out: Path, *, epochs: int, seed: int, batch_size: int, lr: float,
+    limit: int | None, spec: ClassifierSpec | None, device: str, force: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     _prepare_out(out, force)
     if isinstance(dataset, str):
         data = load_dataset(dataset, val_size=0, limit=limit)

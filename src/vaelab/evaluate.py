@@ -556,9 +556,28 @@ def true_posteriors(
                                     progress=progress)
     gap = coarse.log_px - gauss_hermite_elbo(model, part, likelihood=likelihood)
     largest, smallest = pick_by_gap(gap, part.labels, per_row)
-    chosen = largest + smallest
+    pictures = posterior_pictures(model, part, largest + smallest, coarse,
+                                  intervals=intervals, likelihood=likelihood)
+    return {"largest": pictures[: len(largest)], "smallest": pictures[len(largest):]}
+
+
+@torch.inference_mode()
+def posterior_pictures(
+    model: ConvVAE, split: Split, chosen: list[int], coarse: ExactLogPx | None = None, *,
+    intervals: int = 64, likelihood: str = "bernoulli",
+) -> list[PosteriorPicture]:
+    """p(z|x) of the images ``chosen`` (indices into ``split``) of a 2-D model, each on a
+    lattice rule of its own (``intervals`` per axis) over its posterior's mean +- 4 sd and q's,
+    the posterior's moments taken from ``coarse`` (``exact_log_px_per_image`` of ``split`` at
+    a loose tolerance; computed when None)."""
+    if model.latent_dim != 2:
+        raise ConfigError(f"a picture of p(z|x) needs a 2-D latent, this model has "
+                          f"{model.latent_dim}")
+    if coarse is None:
+        coarse = exact_log_px_per_image(model, split, tolerance=0.5, likelihood=likelihood)
+    part = split
     device = _device_of(model, None)
-    mu, logvar = encode_split(model, part.subset(len(part)))
+    mu, logvar = encode_split(model, part)
     mu, logvar = mu[chosen].double(), logvar[chosen].double()
     q_sd = torch.exp(0.5 * logvar)
     p_mean, p_cov = coarse.posterior_mean[chosen], coarse.posterior_cov[chosen]
@@ -588,7 +607,7 @@ def true_posteriors(
             density=log_density.exp().view(n1, n1).float(), q_mu=mu[r].cpu().float(),
             q_sd=q_sd[r].cpu().float(), log_px=float(log_px[r]), log_px_error=float(err[r]),
             elbo=float(elbo[r])))
-    return {"largest": pictures[: len(largest)], "smallest": pictures[len(largest):]}
+    return pictures
 
 
 def _progress_bar(enabled: bool, label: str, total: int) -> Any:

@@ -37,6 +37,7 @@ from vaelab.config import PRESETS, TrainConfig, resolve_config
 from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.io import atomic_write_json, atomic_write_text
+from vaelab.locks import FolderLock, is_lock_file
 
 REPORT_FORMAT = 1
 MARKER = "vaelab-report.json"
@@ -157,7 +158,8 @@ def prepare_report_dir(out: Path, force: bool) -> None:
     (which writes beside the other files and never deletes them)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not force:
+    others = out.exists() and any(not is_lock_file(p) for p in out.iterdir())
+    if others and not (out / MARKER).exists() and not force:
         raise ConfigError(
             f"output folder {out} holds files that are not a vaelab report: choose a new or "
             "empty folder, or --force to write the report beside them"
@@ -357,7 +359,16 @@ def _annealing_pair(base: TrainConfig, kind: str) -> dict[str, tuple[str | None,
 # --------------------------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------------------------
-def reproduce(
+def reproduce(out: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Run the whole study into folder ``out`` (see ``run_study`` for the ``options``), holding the
+    folder's lock (``vaelab.locks``) throughout: a second reproduce into ``out`` is refused."""
+    with FolderLock(out) as lock:
+        results = run_study(out, **options)
+        lock.keep()
+    return results
+
+
+def run_study(
     out: str | os.PathLike,
     *,
     runs: Sequence[str | os.PathLike] | None = None,

@@ -40,6 +40,7 @@ from vaelab.data import Batcher, Dataset, load_dataset
 from vaelab.errors import CheckpointError, ConfigError, NumericalError, VaelabError
 from vaelab.evaluate import evaluate_elbo
 from vaelab.io import atomic_write_json, atomic_write_text
+from vaelab.locks import FolderLock, is_lock_file
 from vaelab.models import ConvVAE, build_model
 from vaelab.objectives import BetaSchedule, elbo_terms, make_beta_schedule, training_loss
 
@@ -151,7 +152,7 @@ def check_run_dir(out: Path, *, force: bool) -> bool:
 
     Writes nothing; True when the folder holds a run that ``--force`` is to replace.
     """
-    if not (out.exists() and any(out.iterdir())):
+    if not (out.exists() and any(not is_lock_file(p) for p in out.iterdir())):
         return False
     is_run = (out / "config.json").exists() or (out / "checkpoints").exists()
     if not force:
@@ -176,8 +177,11 @@ def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool
             return TrainConfig.from_dict(saved).validate()
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"cannot resume: {cfg_path} is corrupted ({e})") from None
-    if check_run_dir(out, force=force):
-        shutil.rmtree(out)
+    if check_run_dir(out, force=force):  # the old run goes; the lock held on out stays
+        for child in out.iterdir():
+            if not is_lock_file(child):
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() \
+                    else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_path, {
         "config": config.to_dict(), "model": config.model_spec().to_dict(),
@@ -213,6 +217,29 @@ class Trainer:
         self.out = Path(out)
         config.validate()
         self.rank, self.world_size, local_rank = dist_env()
+        # one writer per run folder: a second process is refused here (FolderInUse), and a
+        # start refused below leaves no folder it created behind
+        self._folder_lock = FolderLock(self.out).acquire() if self.rank == 0 else None
+        try:
+            self._setup(config, resume=resume, force=force, progress=progress,
+                        dataset=dataset, detect_anomaly=detect_anomaly,
+                        tensorboard=tensorboard, log=log, local_rank=local_rank)
+        except BaseException:
+            self.close()
+            raise
+        if self._folder_lock is not None:
+            self._folder_lock.keep()
+
+    def close(self) -> None:
+        """Let go of the run folder's lock (``fit`` does this when it ends)."""
+        if getattr(self, "_folder_lock", None) is not None:
+            self._folder_lock.release()
+
+    def _setup(
+        self, config: TrainConfig, *, resume: bool, force: bool, progress: bool,
+        dataset: Dataset | None, detect_anomaly: bool, tensorboard: bool,
+        log: Callable[[str], None] | None, local_rank: int,
+    ) -> None:
         self.distributed = self.world_size > 1
         if self.distributed:
             self._init_distributed(config)
@@ -625,6 +652,14 @@ class Trainer:
         return row
 
     def fit(self) -> TrainResult:
+        """Train to the last epoch (or the next interruption); the folder's lock is let go
+        however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
         old_handlers = self._install_signal_handlers()
         self.model.train()

@@ -9,6 +9,7 @@ each run's data set, and answers a JSON API that the page (``static/``) calls:
 ``POST /api/runs/{i}/decode``          ``{z, y?}`` -> one image
 ``POST /api/runs/{i}/decode_batch``    ``{zs, y?}``, ``{zs, ys}`` or ``{z, ys}`` -> images
 ``POST /api/runs/{i}/encode``          ``{image: 28x28 in [0, 1], y?}`` -> mean, sigma, recon
+``POST /api/runs/{i}/posterior``       ``{image, y?}`` -> the true p(z|x) on a grid (latent 2)
 ``GET  /api/runs/{i}/test_image/{k}``  test image ``k`` and its label
 =====================================  ===================================================
 
@@ -71,6 +72,8 @@ MAX_POINTS = 5000
 MAX_DIGITS = 20
 """Longest integer literal accepted in a body (longer ones are refused before conversion)."""
 ENCODE_BATCH = 500
+POSTERIOR_INTERVALS = 48
+"""Intervals per axis of the grid ``posterior`` evaluates p(z|x) on ((n + 1)^2 nodes)."""
 
 STATIC = {
     "index.html": "text/html; charset=utf-8",
@@ -284,6 +287,12 @@ class ExplorerRun:
     def test_size(self) -> int:
         return 0 if self.images is None else int(self.images.shape[0])
 
+    @property
+    def likelihood(self) -> str:
+        """The decoder's likelihood the run was trained with (its config's ``likelihood``)."""
+        value = _dict(_dict(self.config).get("config")).get("likelihood", "bernoulli")
+        return value if isinstance(value, str) else "bernoulli"
+
     def describe(self) -> dict[str, Any]:
         cfg = _dict(_dict(self.config).get("config"))
         test = _dict(_dict(self.summary).get("test"))
@@ -366,6 +375,50 @@ def _encode(run: ExplorerRun, image: list[list[float]], y: int | None) -> dict[s
     recon = _to_b64(torch.sigmoid(run.model.decode(mu, yt)).squeeze(1))[0]
     return {"mu": [round(float(v), 5) for v in mu[0]],
             "sigma": [round(float(v), 5) for v in sigma[0]], "recon": recon}
+
+
+def _number(value: float, digits: int = 6) -> float:
+    """A float for JSON: finite (NaN as 0, +-inf as +-1e6) and rounded to ``digits`` places."""
+    value = float(value)
+    if math.isnan(value):
+        return 0.0
+    return round(max(-1e6, min(1e6, value)), digits)
+
+
+def _posterior(run: ExplorerRun, image: list[list[float]], y: int | None) -> dict[str, Any]:
+    """The true posterior p(z|x) of one image on a grid, by ``evaluate.posterior_pictures``.
+
+    ``density[i][j]`` is p(z|x) at ``(z1[i], z2[j])`` divided by its largest value and rounded
+    to 4 decimals (what a heat map needs); ``density_scale`` is that largest value, so
+    ``density * density_scale`` is p(z|x) itself, per unit area of z. Every number is finite.
+    """
+    from vaelab.data import Split
+    from vaelab.evaluate import posterior_pictures
+
+    t = torch.tensor(image, dtype=torch.float32).view(1, run.image_size, run.image_size)
+    yt = None if y is None else torch.tensor([y])
+    mu, logvar = run.model.encode(t.unsqueeze(1), yt)
+    if not (torch.isfinite(mu).all() and torch.isfinite(logvar).all()
+            and torch.isfinite(run.model.decode(mu, yt)).all()):
+        # a broken model (NaN weights): the quadrature would have no box to integrate over
+        raise ApiError(400, f"run {run.index}'s model gives non-finite values for this image: "
+                       "its true posterior cannot be computed")
+    split = Split((t * 255).round().to(torch.uint8), torch.tensor([0 if y is None else y]))
+    pic = posterior_pictures(run.model, split, [0], intervals=POSTERIOR_INTERVALS,
+                             likelihood=run.likelihood)[0]
+    density = _finite(pic.density).clamp_min(0)
+    peak = float(density.max()) if density.numel() else 0.0
+    scaled = density / peak if peak > 0 else density
+    return {
+        "z1": [_number(v, 5) for v in _finite(pic.z1).tolist()],
+        "z2": [_number(v, 5) for v in _finite(pic.z2).tolist()],
+        "density": [[round(v, 4) for v in row] for row in scaled.tolist()],
+        "density_scale": float(f"{peak:.6g}"),
+        "log_px": _number(pic.log_px, 4), "log_px_error": _number(pic.log_px_error, 4),
+        "elbo": _number(pic.elbo, 4), "kl": _number(pic.gap, 4),
+        "mu": [_number(v, 5) for v in _finite(pic.q_mu).tolist()],
+        "sigma": [_number(v, 5) for v in _finite(pic.q_sd).tolist()],
+    }
 
 
 def _points(run: ExplorerRun) -> dict[str, Any]:
@@ -560,6 +613,26 @@ class Explorer:
         result = await self.compute(_encode, run, image, y)
         return JSONResponse({**result, "size": run.image_size})
 
+    async def posterior(self, request: Request) -> Response:
+        """p(z|x) of a digit on a grid, with log p(x), the ELBO and KL(q || p(z|x)).
+
+        Its own endpoint (not part of ``encode``): the quadrature costs a second or more on a
+        CPU, so the page asks for it only when the user does.
+        """
+        run = self.run_of(request)
+        body = await read_json(request)
+        check_fields(body, ["image", "y"])
+        y = self.conditioning(run, body)
+        if "image" not in body:
+            raise ApiError(400, f"give image: {run.image_size} arrays of {run.image_size} "
+                           "numbers in [0, 1]")
+        image = parse_image(body["image"], run.image_size)
+        if run.latent_dim != 2:
+            raise ApiError(400, f"the true posterior needs a 2-D latent, this run has "
+                           f"{run.latent_dim}")
+        result = await self.compute(_posterior, run, image, y)
+        return JSONResponse({**result, "size": run.image_size})
+
     async def test_image(self, request: Request) -> Response:
         run = self.run_of(request)
         if run.images is None or run.labels is None:
@@ -599,6 +672,7 @@ def create_app(
         Route("/api/runs/{run}/decode", api(explorer.decode), methods=["POST"]),
         Route("/api/runs/{run}/decode_batch", api(explorer.decode_batch), methods=["POST"]),
         Route("/api/runs/{run}/encode", api(explorer.encode), methods=["POST"]),
+        Route("/api/runs/{run}/posterior", api(explorer.posterior), methods=["POST"]),
         Route("/api/runs/{run}/test_image/{index}", api(explorer.test_image)),
     ]
     middleware = [Middleware(_SecurityHeaders)]

@@ -24,7 +24,8 @@
     pins: [],                   // [{z: full vector, label?, index?}]
     cursor: null,               // [x, y] on the plane, latent units
     rowImages: null,            // the current z under every class (CVAE)
-    encoded: null,              // {mu, sigma, source}
+    encoded: null,              // {mu, sigma, source, body}: body is what was encoded
+    posterior: null,            // the true p(z|x) of state.encoded: {z1, z2, canvas, ...}
     range: 4,
     seq: 0,
   };
@@ -230,6 +231,7 @@
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     plane.dataset.pins = JSON.stringify(state.pins.map((p) => p.z));
     if (!state.run) return;
+    drawPosterior(ctx);
     const enc = state.encoded;
     if (enc) {
       const [px, py] = toPx(coord(enc.mu, 0), coord(enc.mu, 1));
@@ -279,6 +281,83 @@
       ctx.moveTo(px - 8, py); ctx.lineTo(px + 8, py);
       ctx.moveTo(px, py - 8); ctx.lineTo(px, py + 8);
       ctx.stroke();
+    }
+  }
+
+  // The true posterior as a blue heat map under q's ellipse: its grid, one pixel per node
+  // (alpha proportional to density / max), stretched so that each node sits at its own z.
+  function drawPosterior(ctx) {
+    const post = state.posterior;
+    const shown = Boolean(post) && state.dims[0] === 0 && state.dims[1] === 1;
+    plane.dataset.posterior = shown ? "1" : "0";
+    if (!shown) return;
+    const { z1, z2 } = post;
+    const n = z1.length - 1;
+    const h1 = (z1[n] - z1[0]) / n;
+    const h2 = (z2[n] - z2[0]) / n;
+    const [x0, y0] = toPx(z1[0] - h1 / 2, z2[n] + h2 / 2);
+    const [x1, y1] = toPx(z1[n] + h1 / 2, z2[0] - h2 / 2);
+    ctx.imageSmoothingEnabled = true;
+    ctx.drawImage(post.canvas, x0, y0, x1 - x0, y1 - y0);
+  }
+
+  function posteriorCanvas(z1, z2, density) {
+    const n1 = z1.length;
+    const n2 = z2.length;
+    const canvas = document.createElement("canvas");
+    canvas.width = n1;
+    canvas.height = n2;
+    const ctx = canvas.getContext("2d");
+    const img = ctx.createImageData(n1, n2);
+    let top = 0;
+    for (const row of density) for (const v of row) top = Math.max(top, v);
+    for (let i = 0; i < n1; i++) {
+      for (let j = 0; j < n2; j++) {
+        const k = 4 * ((n2 - 1 - j) * n1 + i);   // z2 grows upwards, canvas rows downwards
+        img.data[k] = 31;
+        img.data[k + 1] = 90;
+        img.data[k + 2] = 220;
+        img.data[k + 3] = top > 0 ? Math.round((200 * clamp(density[i][j], 0, top)) / top) : 0;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
+    return canvas;
+  }
+
+  // Forget the true posterior: the encoding it belonged to changed, or the run did.
+  function clearPosterior() {
+    state.posterior = null;
+    $("posterior-readout").textContent = "";
+    const button = $("posterior");
+    button.hidden = !(state.encoded && state.run && state.run.latent_dim === 2);
+    button.disabled = false;
+  }
+
+  async function fetchPosterior() {
+    const run = state.run;
+    const enc = state.encoded;
+    if (!enc || run.latent_dim !== 2) return;
+    const gen = state.generation;
+    const button = $("posterior");
+    button.disabled = true;
+    $("posterior-readout").textContent = "computing the true posterior…";
+    try {
+      const data = await api(`/api/runs/${run.index}/posterior`, enc.body);
+      if (gen !== state.generation || enc !== state.encoded) return;   // a late answer
+      state.posterior = { z1: data.z1, z2: data.z2,
+                          canvas: posteriorCanvas(data.z1, data.z2, data.density) };
+      $("posterior-readout").textContent =
+        `log p(x) = ${data.log_px.toFixed(2)}, ELBO = ${data.elbo.toFixed(2)}, ` +
+        `KL(q‖p) = ${data.kl.toFixed(2)} nats\n` +
+        `(log p(x) ± ${data.log_px_error.toFixed(2)}; blue: the true posterior p(z|x))`;
+      drawOverlay();
+      showError(null);
+    } catch (e) {
+      if (gen !== state.generation || enc !== state.encoded) return;
+      $("posterior-readout").textContent = "";
+      showError(e);
+    } finally {
+      if (gen === state.generation && enc === state.encoded) button.disabled = false;
     }
   }
 
@@ -468,6 +547,7 @@
     $("run").value = String(i);
     state.pins = [];
     state.encoded = null;
+    clearPosterior();
     state.rowImages = null;
     state.cursor = null;
     state.others = "zero";
@@ -615,6 +695,7 @@
     $("clear-draw").addEventListener("click", () => {
       resetGrid(gridSize);
       state.encoded = null;
+      clearPosterior();
       paint($("recon"), new Uint8Array(gridSize * gridSize), gridSize);
       $("encoded-readout").textContent = "";
       refreshOthers();
@@ -663,7 +744,8 @@
     try {
       const data = await api(`/api/runs/${run.index}/encode`, body);
       if (gen !== state.generation) return;
-      state.encoded = { mu: data.mu, sigma: data.sigma, source };
+      state.encoded = { mu: data.mu, sigma: data.sigma, source, body };
+      clearPosterior();
       paint($("recon"), bytesOf(data.recon), data.size);
       const dims = data.mu.length > 8 ? " (first 8 dimensions)" : "";
       $("encoded-readout").textContent =
@@ -703,6 +785,7 @@
       state.others = $("others").value;
       requestDecode(currentZ());
     });
+    $("posterior").addEventListener("click", fetchPosterior);
     $("clear-pins").addEventListener("click", () => {
       state.pins = [];
       refreshOthers();
