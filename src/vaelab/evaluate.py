@@ -368,7 +368,7 @@ def exact_log_px_per_image(
        integrated under its own class's decoder.
     2. Images still above tolerance get a rule of their own over their posterior's mean +- 6
        sd (q's sd where larger), with a spacing of q's sd (16 to 128 intervals per axis),
-       twice as fine each further round (``max_rounds``).
+       twice as fine each further round (``max_rounds``) up to 128.
 
     Memory is bounded by ``node_chunk`` x ``image_chunk`` (shared rule) and ``node_budget``
     (own rules) floats.
@@ -434,7 +434,7 @@ def exact_log_px_per_image(
             post_sd = torch.diagonal(cov[todo], dim1=1, dim2=2).clamp_min(0).sqrt()
             half = 6 * torch.maximum(q_sd[todo], post_sd) + h_used[todo, None] / 2
             want = (2 * half / q_sd[todo]).amax(1) * 2**round_  # a spacing of q's sd
-            intervals = (2 ** torch.log2(want.clamp(16, 128 * 2**round_)).ceil()).long()
+            intervals = (2 ** torch.log2(want.clamp(16, OWN_RULE_MAX))).ceil().long()
             for k in intervals.unique().tolist():
                 pick = intervals == k
                 sums = _own_rules_pass(
@@ -449,6 +449,7 @@ def exact_log_px_per_image(
 
 
 SUPPORT_SD = 10.0  # the posterior's mass beyond 10 sd of its mean is taken as nil
+OWN_RULE_MAX = 128  # intervals per axis of an image's own rule: 33,000 nodes in 2-D
 
 
 def _support(mean: Tensor, cov: Tensor, mu: Tensor, q_sd: Tensor, spacing: float) -> Tensor:
