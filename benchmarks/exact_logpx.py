@@ -3,8 +3,8 @@
     python benchmarks/exact_logpx.py RUN [RUN ...] --out benchmarks/exact-logpx-cpu.json
 
 Writes the machine, the settings and, per run, the seconds, decoder calls, the mean -log p(x),
-its estimated error and the number of images that needed rules of their own; prints the
-Markdown table that BENCHMARKS.md shows.
+its estimated error and the number of images that needed rules of their own; BENCHMARKS.md's
+table is rendered from that file by benchmarks/render_docs.py.
 """
 
 from __future__ import annotations
@@ -19,20 +19,6 @@ from vaelab.bench import machine
 from vaelab.checkpoint import load_run
 from vaelab.evaluate import DEFAULT_TOLERANCE, dataset_for_run, exact_log_px_per_image
 from vaelab.io import atomic_write_json
-
-
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [f"Measured with `python benchmarks/exact_logpx.py` on {m['cpu']} "
-             f"({m['torch_threads']} torch threads), torch {m['torch']}, tolerance "
-             f"{results['tolerance']} nats per image.", "",
-             "| run | model | images | seconds | decoder calls | own rules | -log p(x) | "
-             "est. error |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results["runs"].items():
-        lines.append(f"| {name} | {r['model']} | {r['n']:,} | {r['seconds']:.1f} | "
-                     f"{r['nodes']:,} | {r['refined']:,} | {r['neg_log_px']:.2f} | "
-                     f"{r['error_estimate']:.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -53,7 +39,7 @@ def main() -> None:
                                       **res.summary()}
         print(path, f"{seconds:.1f} s", flush=True)
     atomic_write_json(args.out, results)
-    print(markdown(results))
+    print(f"wrote {args.out}; BENCHMARKS.md shows it (python benchmarks/render_docs.py)")
 
 
 if __name__ == "__main__":

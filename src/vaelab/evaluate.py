@@ -344,7 +344,7 @@ def exact_log_px_per_image(
     tolerance: float = DEFAULT_TOLERANCE,
     likelihood: str = "bernoulli",
     shared_nodes: int = 12_000,
-    max_shared_nodes: int = 13_000_000,
+    max_shared_nodes: int = 800_000,
     spacing: float | None = None,
     node_chunk: int = 2048,
     image_chunk: int = 2048,

@@ -601,7 +601,10 @@ class Explorer:
         images = await self.compute(_decode, run, zs, ys)
         return JSONResponse({"images": images, "size": run.image_size})
 
-    async def encode(self, request: Request) -> Response:
+    async def image_input(
+        self, request: Request
+    ) -> tuple[ExplorerRun, list[list[float]], int | None]:
+        """The run, image and class of an ``encode`` or ``posterior`` request, validated."""
         run = self.run_of(request)
         body = await read_json(request)
         check_fields(body, ["image", "y"])
@@ -609,7 +612,10 @@ class Explorer:
         if "image" not in body:
             raise ApiError(400, f"give image: {run.image_size} arrays of {run.image_size} "
                            "numbers in [0, 1]")
-        image = parse_image(body["image"], run.image_size)
+        return run, parse_image(body["image"], run.image_size), y
+
+    async def encode(self, request: Request) -> Response:
+        run, image, y = await self.image_input(request)
         result = await self.compute(_encode, run, image, y)
         return JSONResponse({**result, "size": run.image_size})
 
@@ -619,14 +625,7 @@ class Explorer:
         Its own endpoint (not part of ``encode``): the quadrature costs a second or more on a
         CPU, so the page asks for it only when the user does.
         """
-        run = self.run_of(request)
-        body = await read_json(request)
-        check_fields(body, ["image", "y"])
-        y = self.conditioning(run, body)
-        if "image" not in body:
-            raise ApiError(400, f"give image: {run.image_size} arrays of {run.image_size} "
-                           "numbers in [0, 1]")
-        image = parse_image(body["image"], run.image_size)
+        run, image, y = await self.image_input(request)
         if run.latent_dim != 2:
             raise ApiError(400, f"the true posterior needs a 2-D latent, this run has "
                            f"{run.latent_dim}")
