@@ -51,7 +51,8 @@ def exact_results() -> str:
               f"mean estimated error) and the gap on all {n_ex:,} test "
               f"images; the IS columns on the first {n_is:,}, with the exact value on those "
               f"same images. Evaluation took {t['evaluation']:.0f} s of the report's "
-              f"{sum(t.values()):.0f} s on {_machine(r.get('machine', {}))}."]
+              f"{t['total']:.0f} s on {_machine(r.get('machine', {}))} (the runs were given, "
+              "not trained)."]
     return "\n".join(lines)
 
 
