@@ -4,7 +4,12 @@ A second process that tries to write the same folder is refused at once with one
 names the holder ("runs/vae is in use by pid 4242 on node-3"). The lock is ``filelock``'s
 ``FileLock`` (an OS lock, ``flock`` on Linux) on ``FOLDER/.vaelab.lock``, so it dies with its
 holder: a lock left by a killed process is simply taken over, never waited for. The holder's
-pid and host are written beside it, to ``FOLDER/.vaelab.lock.json``, for the message.
+pid and host are written beside it, to ``FOLDER/.vaelab.lock.json``, for the message. Both
+files are removed on release (only a killed holder leaves them), so a folder that vaelab was
+refused, or has finished writing, holds no trace of the lock. (Removing a lock file has one
+known race: a contender that opened the old file in the microseconds before its removal may
+lock it while a third process locks a new one; vaelab's writers are people starting runs, for
+whom this does not arise.)
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ class FolderLock:
             assert self._lock is not None
             self._lock.release()
             self._lock = None
+            try:  # a folder that is let go keeps no trace of the lock
+                (self.folder / LOCK_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass
             self._forget_created()
 
     def _forget_created(self) -> None:
