@@ -529,3 +529,49 @@ def test_disk_full_while_writing_the_summary_keeps_the_run_resumable(
     assert leftovers(finished) == []
     assert cli(["train", "--resume", "--out", str(finished), "--quiet"], capsys) == (0, [])
     assert_same_run(finished, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# Small things a user meets (issue 17, part 4)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                         (0o077, 0o600, 0o700)])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int, file_mode: int,
+                                        dir_mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        model = build_model(ModelSpec(channels=(4, 8), enc_hidden=8, dec_hidden=8))
+        ckpt = save_checkpoint(tmp_path / "run", model, model.spec, {"step": 1}, step=1, epoch=0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == file_mode
+    assert ckpt.stat().st_mode & 0o777 == dir_mode
+    assert (ckpt / "model.safetensors").stat().st_mode & 0o777 == file_mode
+
+
+def test_the_printed_resume_command_survives_copy_and_paste() -> None:
+    import shlex
+
+    from vaelab.train import resume_command
+
+    out = Path("/tmp/my runs/it's here")
+    assert shlex.split(resume_command(out))[-1] == str(out)
+
+
+def test_a_nan_before_any_checkpoint_says_nothing_was_kept(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, one_thread: None,
+) -> None:
+    real = vaelab.data.Batcher.epoch
+
+    def epoch(self: vaelab.data.Batcher, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in real(self, e):
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+            yield x, y
+
+    monkeypatch.setattr(vaelab.data.Batcher, "epoch", epoch)
+    code, err = cli(train_args(data, tmp_path / "run"), capsys)
+    assert code == 2 and len(err) == 1
+    assert "no checkpoint had been saved" in err[0] and "kept in" not in err[0]

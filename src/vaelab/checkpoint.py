@@ -33,7 +33,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from vaelab.errors import CheckpointError, VaelabError
-from vaelab.io import _fsync_dir, atomic_write_bytes, atomic_write_json, sha256_file, write_error
+from vaelab.io import (
+    _fsync_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    process_umask,
+    sha256_file,
+    write_error,
+)
 from vaelab.models import ConvVAE, ModelSpec, build_model
 
 CHECKPOINT_DIR = "checkpoints"
@@ -111,6 +118,7 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp's 0700 would ignore the umask
     except OSError as e:
         raise write_error(e, final, what=f"checkpoint {final}",
                           kept="the previous checkpoints are kept") from e

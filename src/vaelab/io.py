@@ -23,6 +23,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would ignore the umask
     except OSError as e:
         raise write_error(e, path) from e
     try:
@@ -40,6 +41,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             raise write_error(e, path) from e
         raise
     _fsync_dir(path.parent)
+
+
+def process_umask() -> int:
+    """The process's file-mode creation mask, read without changing it (Linux: from
+    /proc/self/status; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_error(e: OSError, path: str | os.PathLike, *, what: str = "",

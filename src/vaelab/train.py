@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -30,6 +31,7 @@ import torch
 from vaelab import __version__
 from vaelab.checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
     load_weights,
     save_checkpoint,
     save_final,
@@ -141,7 +143,8 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def resume_command(out: Path) -> str:
-    return f"vaelab train --resume --out {out}"
+    """The command that continues the run in ``out``, quoted for a POSIX shell."""
+    return f"vaelab train --resume --out {shlex.quote(str(out))}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,7 +626,10 @@ class Trainer:
         return NumericalError(
             f"the loss became NaN/Inf at epoch {self.epoch + 1}, step {step}"
             + (f" ({detail})" if detail else "")
-            + f"; the last good checkpoint is kept in {self.out / 'checkpoints'}. Usual causes: "
+            + (f"; the last good checkpoint is kept in {self.out / 'checkpoints'}"
+               if list_checkpoints(self.out) else
+               "; no checkpoint had been saved, so nothing of the run is kept to resume")
+            + ". Usual causes: "
             "a learning rate too high, corrupted input data, or log-variance overflow; try a "
             + ("lower --lr" if detail else "lower --lr, or --detect-anomaly to find the operation")
         )
