@@ -439,3 +439,35 @@ def test_mnist_statistics(real_mnist) -> None:
     assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     mean = (s["train"]["pixel_mean"] * 55000 + s["val"]["pixel_mean"] * 5000) / 60000
     assert mean == pytest.approx(0.1307, abs=1e-3)
+
+
+@pytest.mark.mnist
+@mnist
+def test_a_damaged_mnist_cache_is_refused_and_fetch_repairs_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    from vaelab.cli import main
+    from vaelab.data import CACHE_STAMP, data_root, fetch_mnist
+
+    real = data_root() / "mnist"
+    cache = tmp_path / "mnist"
+    cache.mkdir()
+    for name in MNIST_FILES.values():
+        shutil.copy2(real / name, cache / name)
+    assert len(load_dataset("mnist", root=tmp_path, fetch=False).test) == 10000
+    assert (cache / CACHE_STAMP).is_file()  # verified once, stamped
+    labels = cache / MNIST_FILES["test_labels"]
+    data = bytearray(labels.read_bytes())
+    data[100] = (data[100] + 1) % 10  # one label byte: the same size, a different digit
+    labels.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"damaged.*vaelab data fetch mnist"):
+        load_dataset("mnist", root=tmp_path, fetch=False)
+    monkeypatch.setenv("VAELAB_DATA", str(tmp_path))
+    capsys.readouterr()
+    assert main(["data", "info", "mnist"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vaelab data fetch mnist" in err[0]
+    fetch_mnist(tmp_path, from_dir=real, progress=False)  # fetches the damaged file only
+    assert len(load_dataset("mnist", root=tmp_path, fetch=False).test) == 10000

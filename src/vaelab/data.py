@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.io import atomic_open, atomic_write_bytes, sha256_file
+from vaelab.io import atomic_open, atomic_write_bytes, atomic_write_json, sha256_file
 
 __all__ = [
     "MNIST_FILES",
@@ -296,6 +297,43 @@ def _mnist_cache_ok(folder: Path) -> bool:
     return True
 
 
+CACHE_STAMP = ".verified.json"
+
+
+def verify_mnist_cache(folder: Path) -> None:
+    """Check every cached MNIST file against its pinned SHA-256, hashing each file once: a
+    stamp (``folder/.verified.json``: size, mtime and hash of each verified file) spares the
+    re-hash while a file is unchanged, and a file whose size or mtime moved is hashed again.
+    A mismatch is a DataError that names the repair (``vaelab data fetch mnist`` fetches
+    exactly the files whose hash is wrong)."""
+    try:
+        stamp = json.loads((folder / CACHE_STAMP).read_text())
+        stamp = stamp if isinstance(stamp, dict) else {}
+    except (OSError, ValueError):
+        stamp = {}
+    changed = False
+    for name, expected in MNIST_SHA256.items():
+        path = folder / name
+        st = path.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        entry = stamp.get(name)
+        if isinstance(entry, dict) and entry.get("stat") == key and \
+                entry.get("sha256") == expected:
+            continue
+        got = sha256_file(path)
+        if got != expected:
+            raise DataError(f"{path}: the cached file is damaged (sha256 {got[:16]}..., "
+                            f"expected {expected[:16]}...): run `vaelab data fetch mnist` to "
+                            "repair it")
+        stamp[name] = {"stat": key, "sha256": got}
+        changed = True
+    if changed:
+        try:
+            atomic_write_json(folder / CACHE_STAMP, stamp)
+        except OSError:  # a read-only cache is still verified, just again next time
+            pass
+
+
 def load_dataset(
     name: str = "mnist",
     *,
@@ -324,6 +362,7 @@ def load_dataset(
             fetch_mnist(folder.parent)
             if not _mnist_cache_ok(folder):  # pragma: no cover - fetch verified every file
                 raise DataError(f"MNIST files in {folder} have unexpected sizes after fetch")
+        verify_mnist_cache(folder)
         paths = {role: folder / fname for role, fname in MNIST_FILES.items()}
         ds_name = "mnist"
     elif key.lower().startswith("idx:"):
