@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-from starlette.testclient import TestClient  # noqa: E402
+import uvicorn  # noqa: F401 - the [test] extra: a missing one fails, never skips
+from starlette.testclient import TestClient
 
 from synthetic import ring_blobs, write_synthetic  # noqa: E402
 from vaelab.checkpoint import load_run, save_final  # noqa: E402

@@ -1,13 +1,15 @@
 """The latent explorer in a real browser: `vaelab explore` serving, headless Chromium driving.
 
-Skipped unless the ``playwright`` package imports and Debian's Chromium is at /usr/bin/chromium
-(no browser is ever downloaded). The page's own Content-Security-Policy stays on, so a script
+Needs the ``playwright`` package (the [test] extra) and Debian's Chromium at /usr/bin/chromium
+(no browser is ever downloaded): without Chromium it skips, except under CI=true, where it
+fails. The page's own Content-Security-Policy stays on, so a script
 or style the page needs from elsewhere would show up as a console error.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,11 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import playwright.sync_api as sync_api  # the [test] extra: a missing one fails, never skips
 import pytest
-
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-sync_api = pytest.importorskip("playwright.sync_api")
+import starlette  # noqa: F401
+import uvicorn  # noqa: F401
 
 from synthetic import ring_blobs, write_synthetic  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402
@@ -31,6 +32,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
+# Debian's Chromium is a system package: a developer without it skips, CI (which installs it
+# in .ci/run) fails instead
+if not CHROMIUM.exists() and os.environ.get("CI") == "true":
+    raise RuntimeError(f"CI=true but there is no browser at {CHROMIUM}: .ci/run installs it")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}")
 
 

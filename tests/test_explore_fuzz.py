@@ -12,12 +12,9 @@ import math
 from urllib.parse import quote
 
 import pytest
-
-pytest.importorskip("starlette")
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from starlette.testclient import TestClient  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
 
 from synthetic import uniform_noise, write_synthetic  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402

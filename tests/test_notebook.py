@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ipykernel  # noqa: F401 - the [test] extra: a missing one fails, never skips
+import nbclient
+import nbformat
 import pytest
 
 from synthetic import strokes, write_synthetic
@@ -16,7 +19,6 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.i
 
 
 def test_notebook_is_valid_and_clean() -> None:
-    nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -26,9 +28,6 @@ def test_notebook_is_valid_and_clean() -> None:
 
 @pytest.mark.slow
 def test_notebook_runs_in_quick_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
     data = write_synthetic(tmp_path / "data", strokes, 300, 100, seed=0)
     out = tmp_path / "runs"
     monkeypatch.setenv("VAELAB_NOTEBOOK_DATA", f"idx:{data}")

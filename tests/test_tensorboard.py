@@ -6,16 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import (  # the [test] extra
+    EventAccumulator,
+)
 
 from synthetic import block_digits, synthetic_dataset
 from vaelab.cli import main
 from vaelab.config import resolve_config
 from vaelab.train import Trainer
-
-pytest.importorskip("tensorboard", reason="the tensorboard extra is part of the test extra")
-from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
-    EventAccumulator,
-)
 
 
 def read_events(run: Path) -> EventAccumulator:
