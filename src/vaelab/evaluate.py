@@ -385,22 +385,10 @@ def exact_log_px_per_image(
     x = split.images.to(device).flatten(1).float().div_(255)
     labels = split.labels.to(device, torch.int64)
     q_sd = torch.exp(0.5 * logvar.double())
-    f64 = dict(dtype=torch.float64, device=device)
-    log_px, err = torch.full((n,), -math.inf, **f64), torch.full((n,), math.inf, **f64)
-    mean, cov = torch.zeros(n, d, **f64), torch.zeros(n, d, d, **f64)
-    h_used = torch.zeros(n, **f64)  # the spacing of the rule each image's value came from
+    est = _Estimates(n, d, q_sd)
     decode = _Decoder(model, device, node_chunk)
     groups = ([(c, (labels == c).nonzero().squeeze(1)) for c in range(_num_classes(model))]
               if model.conditional else [(None, torch.arange(n, device=device))])
-
-    def keep(idx: Tensor, sums: QuadratureSums, h: Tensor, only_better: bool = False) -> None:
-        e = sums.error(h, narrowest=q_sd[idx])
-        ok = e < err[idx] if only_better else torch.ones_like(e, dtype=torch.bool)
-        m, cv = sums.posterior_moments()
-        sel = idx[ok]
-        log_px[sel], err[sel], mean[sel], cov[sel] = sums.log_px()[ok], e[ok], m[ok], cv[ok]
-        h_used[sel] = h.expand_as(e)[ok]
-
     with _progress_bar(progress, "exact log p(x)", 0) as bar:
         task = bar.add_task("exact log p(x), decoder calls", total=None) if progress else None
 
@@ -411,41 +399,93 @@ def exact_log_px_per_image(
         for c, idx in groups:
             if len(idx) == 0:
                 continue
-            box = _shared_box(mu[idx], logvar[idx])
-            nodes, active, support = shared_nodes, idx, None
-            while len(active):  # each level: half the spacing, for the images not yet within
-                h = spacing or auto_spacing(mu[idx], logvar[idx], nodes)  # tolerance
-                sums = _shared_rule_pass(decode, x[active], c, box, support,
-                                         likelihood=likelihood, spacing=h,
-                                         node_chunk=node_chunk, image_chunk=image_chunk,
-                                         advance=advance)
-                keep(active, sums, torch.tensor(h, **f64))
-                nodes *= 4
-                if spacing or nodes > max_shared_nodes:
-                    break
-                active = active[err[active] > tolerance]
-                support = _support(mean[active], cov[active], mu[active], q_sd[active], h)
-        refined = torch.zeros(n, dtype=torch.bool, device=device)
-        for round_ in range(max_rounds):
-            todo = (err > tolerance).nonzero().squeeze(1)
-            if len(todo) == 0:
-                break
-            refined[todo] = True
-            post_sd = torch.diagonal(cov[todo], dim1=1, dim2=2).clamp_min(0).sqrt()
-            half = 6 * torch.maximum(q_sd[todo], post_sd) + h_used[todo, None] / 2
-            want = (2 * half / q_sd[todo]).amax(1) * 2**round_  # a spacing of q's sd
-            intervals = (2 ** torch.log2(want.clamp(16, OWN_RULE_MAX))).ceil().long()
-            for k in intervals.unique().tolist():
-                pick = intervals == k
-                sums = _own_rules_pass(
-                    decode, x[todo[pick]], labels[todo[pick]] if model.conditional else None,
-                    mean[todo[pick]], half[pick], likelihood=likelihood, intervals=int(k),
-                    node_budget=node_budget, advance=advance)
-                keep(todo[pick], sums, (2 * half[pick] / k).amin(1), only_better=True)
+            _shared_levels(decode, est, x, idx, c, mu, logvar, tolerance=tolerance,
+                           likelihood=likelihood, shared_nodes=shared_nodes,
+                           max_shared_nodes=max_shared_nodes, spacing=spacing,
+                           node_chunk=node_chunk, image_chunk=image_chunk, advance=advance)
+        refined = _own_rules(decode, est, x, labels if model.conditional else None,
+                             tolerance=tolerance, likelihood=likelihood, max_rounds=max_rounds,
+                             node_budget=node_budget, advance=advance)
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return ExactLogPx(
-        log_px=cpu(log_px), error=cpu(err), refined=cpu(refined), posterior_mean=cpu(mean),
-        posterior_cov=cpu(cov), tolerance=float(tolerance), nodes=decode.count)
+        log_px=cpu(est.log_px), error=cpu(est.err), refined=cpu(refined),
+        posterior_mean=cpu(est.mean), posterior_cov=cpu(est.cov), tolerance=float(tolerance),
+        nodes=decode.count)
+
+
+class _Estimates:
+    """Each image's best value so far: log p(x), its error estimate, the posterior's moments
+    and the spacing of the rule they came from."""
+
+    def __init__(self, n: int, d: int, q_sd: Tensor) -> None:
+        f64 = dict(dtype=torch.float64, device=q_sd.device)
+        self.q_sd = q_sd
+        self.log_px = torch.full((n,), -math.inf, **f64)
+        self.err = torch.full((n,), math.inf, **f64)
+        self.mean, self.cov = torch.zeros(n, d, **f64), torch.zeros(n, d, d, **f64)
+        self.h_used = torch.zeros(n, **f64)
+
+    def keep(self, idx: Tensor, sums: QuadratureSums, h: Tensor, only_better: bool = False,
+             ) -> None:
+        """Take ``sums``' values for images ``idx`` (rule spacing ``h``), or with
+        ``only_better`` only where its error estimate is smaller."""
+        e = sums.error(h, narrowest=self.q_sd[idx])
+        ok = e < self.err[idx] if only_better else torch.ones_like(e, dtype=torch.bool)
+        m, cv = sums.posterior_moments()
+        sel = idx[ok]
+        self.log_px[sel], self.err[sel] = sums.log_px()[ok], e[ok]
+        self.mean[sel], self.cov[sel] = m[ok], cv[ok]
+        self.h_used[sel] = h.expand_as(e)[ok]
+
+
+def _shared_levels(
+    decode: _Decoder, est: _Estimates, x: Tensor, idx: Tensor, label: int | None, mu: Tensor,
+    logvar: Tensor, *, tolerance: float, likelihood: str, shared_nodes: int,
+    max_shared_nodes: int, spacing: float | None, node_chunk: int, image_chunk: int,
+    advance: Callable,
+) -> None:
+    """Step 1 of ``exact_log_px_per_image`` for the images ``idx`` (one class of a CVAE):
+    shared rules of half the spacing each level, for the images not yet within tolerance."""
+    box = _shared_box(mu[idx], logvar[idx])
+    nodes, active, support = shared_nodes, idx, None
+    while len(active):
+        h = spacing or auto_spacing(mu[idx], logvar[idx], nodes)
+        sums = _shared_rule_pass(decode, x[active], label, box, support,
+                                 likelihood=likelihood, spacing=h, node_chunk=node_chunk,
+                                 image_chunk=image_chunk, advance=advance)
+        est.keep(active, sums, torch.tensor(h, dtype=torch.float64, device=x.device))
+        nodes *= 4
+        if spacing or nodes > max_shared_nodes:
+            break
+        active = active[est.err[active] > tolerance]
+        support = _support(est.mean[active], est.cov[active], mu[active], est.q_sd[active], h)
+
+
+def _own_rules(
+    decode: _Decoder, est: _Estimates, x: Tensor, labels: Tensor | None, *, tolerance: float,
+    likelihood: str, max_rounds: int, node_budget: int, advance: Callable,
+) -> Tensor:
+    """Step 2 of ``exact_log_px_per_image``: a rule of its own for each image still above
+    tolerance, finer each round. Returns which images got one [N] (bool)."""
+    refined = torch.zeros(len(est.err), dtype=torch.bool, device=x.device)
+    for round_ in range(max_rounds):
+        todo = (est.err > tolerance).nonzero().squeeze(1)
+        if len(todo) == 0:
+            break
+        refined[todo] = True
+        q_sd = est.q_sd[todo]
+        post_sd = torch.diagonal(est.cov[todo], dim1=1, dim2=2).clamp_min(0).sqrt()
+        half = 6 * torch.maximum(q_sd, post_sd) + est.h_used[todo, None] / 2
+        want = (2 * half / q_sd).amax(1) * 2**round_  # a spacing of q's sd
+        intervals = (2 ** torch.log2(want.clamp(16, OWN_RULE_MAX))).ceil().long()
+        for k in intervals.unique().tolist():
+            pick = todo[intervals == k]
+            sums = _own_rules_pass(
+                decode, x[pick], None if labels is None else labels[pick], est.mean[pick],
+                half[intervals == k], likelihood=likelihood, intervals=int(k),
+                node_budget=node_budget, advance=advance)
+            est.keep(pick, sums, (2 * half[intervals == k] / k).amin(1), only_better=True)
+    return refined
 
 
 SUPPORT_SD = 10.0  # the posterior's mass beyond 10 sd of its mean is taken as nil
@@ -576,7 +616,7 @@ def posterior_pictures(
                           f"{model.latent_dim}")
     if coarse is None:
         coarse = exact_log_px_per_image(model, split, tolerance=0.5, likelihood=likelihood)
-    part = split
+    part = split  # the images ``chosen`` indexes
     device = _device_of(model, None)
     mu, logvar = encode_split(model, part)
     mu, logvar = mu[chosen].double(), logvar[chosen].double()
