@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -349,4 +350,62 @@ def test_bad_input_in_a_real_process(truncated_data: Path, tmp_path: Path) -> No
     assert proc.stderr.splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"vaelab: error: {truncated_data / 'train-images-idx3-ubyte'}: "
                                   "truncated IDX file")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Messages that say what is wrong (issue 17): not "does not exist" for a file, not "No such
+# file" for /proc, not a val_size range for an empty IDX file
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["evaluate", "plot"])
+def test_a_file_given_as_a_run_folder_says_it_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    given = tmp_path / "notes.txt"
+    given.write_text("precious")
+    code, err, out = cli([command, str(given)], capsys)
+    assert_refused(code, err, out, f"{given} is a file, not a run folder")
+    assert "does not exist" not in err[0]
+    assert given.read_text() == "precious"
+
+
+def test_a_file_given_as_out_says_it_is_a_file(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = tmp_path / "notes.txt"
+    given.write_text("precious")
+    assert_refused(*cli(train_args(data, given), capsys), f"{given} is a file, not a folder")
+    below = given / "run"
+    assert_refused(*cli(train_args(data, below), capsys),
+                   f"cannot create {below}: {given} is a file, not a folder")
+    assert given.read_text() == "precious"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["train", "reproduce"])
+def test_an_out_folder_under_proc_says_it_cannot_be_written(
+    data: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """/proc refuses mkdir with ENOENT; the message was "No such file or directory"."""
+    out = Path("/proc/vaelab-cannot-be-here")
+    args = train_args(data, out) if command == "train" else \
+        ["reproduce", "--out", str(out), "--quick", "--dataset", f"idx:{data}"]
+    code, err, stdout = cli(args, capsys)
+    assert_refused(code, err, stdout, f"cannot create {out}: /proc cannot be written")
+    assert "No such file" not in err[0]
+
+
+def test_an_idx_file_with_no_images_says_so(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vaelab.data import MNIST_FILES, write_idx
+
+    folder = Path(shutil.copytree(data, tmp_path / "idx"))
+    empty = folder / MNIST_FILES["train_images"]
+    write_idx(empty, np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(folder / MNIST_FILES["train_labels"], np.zeros(0, dtype=np.uint8))
+    out = tmp_path / "run"
+    code, err, stdout = cli(train_args(folder, out), capsys)
+    assert_refused(code, err, stdout, f"{empty} holds no images")
+    assert "val_size" not in err[0]
     assert not out.exists()

@@ -128,6 +128,32 @@ def test_trailing_bytes(tmp_path: Path) -> None:
         read_labels(p)
 
 
+@pytest.mark.parametrize("truncated", [True, False])
+def test_a_header_with_153_dimensions_gives_one_short_line(tmp_path: Path,
+                                                           truncated: bool) -> None:
+    """A hostile header's dimension list is cut short: the message was 909 characters."""
+    dims = [28, 28, 1] + [1] * 150 if not truncated else [28, 28, 1] + [4_000_000_000] * 150
+    header = bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    p = tmp_path / "odd-images"
+    p.write_bytes(header + bytes(28 * 28 + 7))  # 7 trailing bytes when the data fits
+    with pytest.raises(DataError) as caught:
+        read_idx(p)
+    message = str(caught.value)
+    assert "(28, 28, 1, ... 150 more)" in message
+    assert ("truncated" in message) == truncated and ("7 trailing bytes" in message) != truncated
+    if truncated:  # 784 * 4e9**150 = 7.3e1443 bytes: written as its order of magnitude
+        assert "(about 10^1443 bytes)" in message
+    assert len(message) < len(str(p)) + 140, message
+    assert "\n" not in message
+
+
+def test_short_dimension_lists_are_written_whole(tmp_path: Path) -> None:
+    p = tmp_path / "four-d"
+    p.write_bytes(bytes([0, 0, 0x08, 4]) + b"".join(d.to_bytes(4, "big") for d in (2, 3, 4, 5)))
+    with pytest.raises(DataError, match=r"shape \(2, 3, 4, 5\) \(140 bytes\)"):
+        read_idx(p)
+
+
 def test_wrong_image_size(tmp_path: Path) -> None:
     p = tmp_path / "small-images"
     write_idx(p, np.zeros((2, 14, 14), dtype=np.uint8))
@@ -183,6 +209,19 @@ def test_load_limit_and_val_range(tmp_path: Path) -> None:
     for bad in (-1, N_TRAIN):
         with pytest.raises(DataError, match="val_size"):
             load_dataset(f"idx:{tmp_path}", val_size=bad)
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_an_idx_file_with_zero_images_says_it_holds_none(tmp_path: Path, part: str) -> None:
+    """Not "need 0 <= val_size < 0": the file is named and its emptiness is the message."""
+    make_idx_dir(tmp_path)
+    write_idx(tmp_path / MNIST_FILES[f"{part}_images"], np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / MNIST_FILES[f"{part}_labels"], np.zeros(0, dtype=np.uint8))
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"idx:{tmp_path}", val_size=0)
+    assert str(caught.value).startswith(f"{tmp_path / MNIST_FILES[f'{part}_images']} holds "
+                                        "no images")
+    assert "val_size" not in str(caught.value)
 
 
 def test_load_count_mismatch(tmp_path: Path) -> None:

@@ -284,6 +284,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
     """Give back a finished run's model (eval mode, on ``device``), config, metrics and summary."""
     run = Path(path)
+    if run.exists() and not run.is_dir():
+        raise CheckpointError(f"{run} is a file, not a run folder")
     if not run.is_dir():
         raise CheckpointError(f"run folder {run} does not exist")
     if not (run / "config.json").exists():

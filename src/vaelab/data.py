@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.io import atomic_open, atomic_write_bytes, atomic_write_json, sha256_file
+from vaelab.io import atomic_open, atomic_write_bytes, atomic_write_json, make_folder, sha256_file
 
 __all__ = [
     "MNIST_FILES",
@@ -141,6 +141,21 @@ def _read_bytes(path: str | os.PathLike) -> bytearray:
     return buf
 
 
+def _shape_text(dims: tuple[int, ...], keep: int = 3) -> str:
+    """``dims`` as a tuple, cut to its first ``keep`` entries when longer: one short line even
+    for a header that claims 255 dimensions, e.g. ``(28, 28, 1, ... 150 more)``."""
+    if len(dims) <= keep + 1:
+        return str(tuple(dims))
+    return f"({', '.join(map(str, dims[:keep]))}, ... {len(dims) - keep} more)"
+
+
+def _bytes_text(n: int) -> str:
+    """``n`` bytes, or its order of magnitude when a hostile header makes it absurdly large."""
+    if n < 10**15:
+        return f"{n} bytes"
+    return f"about 10^{len(str(n)) - 1} bytes"  # at most 255 * 10 digits: str() allows it
+
+
 def _parse_idx(buf: bytearray, where: str) -> tuple[int, np.ndarray]:
     """Parse an IDX buffer into (magic number, array in native byte order)."""
     if len(buf) < 4:
@@ -160,13 +175,13 @@ def _parse_idx(buf: bytearray, where: str) -> tuple[int, np.ndarray]:
     expected = header + count * dtype.itemsize
     if len(buf) < expected:
         raise DataError(
-            f"{where}: truncated IDX file: header says shape {tuple(dims)} ({expected} bytes) "
-            f"but the file has {len(buf)} bytes"
+            f"{where}: truncated IDX file: header says shape {_shape_text(dims)} "
+            f"({_bytes_text(expected)}) but the file has {len(buf)} bytes"
         )
     if len(buf) > expected:
         raise DataError(
             f"{where}: {len(buf) - expected} trailing bytes after the data for shape "
-            f"{tuple(dims)} ({expected} bytes expected)"
+            f"{_shape_text(dims)} ({expected} bytes expected)"
         )
     arr = np.frombuffer(buf, dtype=dtype, count=count, offset=header).reshape(dims)
     if dtype.byteorder == ">":
@@ -388,6 +403,9 @@ def load_dataset(
             raise DataError(
                 f"{ipath} has {len(images)} images but {lpath} has {len(labels)} labels"
             )
+        if len(images) == 0:
+            raise DataError(f"{ipath} holds no images (its header says 0): a {part} split "
+                            "needs at least one")
         splits[part] = (images, labels)
 
     n_train = len(splits["train"][0])
@@ -617,9 +635,9 @@ def fetch_mnist(
             raise DataError(f"no checksum given for {name}")
     dest = (Path(root).expanduser() if root is not None else data_root()) / "mnist"
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        make_folder(dest)
     except OSError as e:
-        raise DataError(f"{dest}: cannot create the cache folder ({e})") from None
+        raise DataError(f"{e.strerror} (the MNIST cache folder)") from None
 
     remaining = [
         n for n in names if not ((dest / n).is_file() and sha256_file(dest / n) == sums[n])

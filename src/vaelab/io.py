@@ -6,6 +6,7 @@ a kill) leaves the previous file untouched and removes the temporary.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,8 +21,8 @@ from typing import IO, Any
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on a clean exit it replaces ``path`` atomically."""
     path = Path(path)
+    make_folder(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would ignore the umask
     except OSError as e:
@@ -41,6 +42,33 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             raise write_error(e, path) from e
         raise
     _fsync_dir(path.parent)
+
+
+def make_folder(folder: str | os.PathLike) -> None:
+    """``mkdir -p folder``; a failure is an OSError (same errno) naming the folder that refused.
+
+    A kernel file system such as /proc refuses a new entry with ENOENT ("No such file or
+    directory") although the parent plainly exists; that is reported as what it is, a folder
+    that cannot be written: "cannot create /proc/x: /proc cannot be written".
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return
+    except OSError as e:
+        error = e
+    above = folder.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        why = f"{above} is a file, not a folder"
+    elif error.errno == errno.ENOENT:
+        why = f"{above} cannot be written (it takes no new folders)"
+    elif folder.exists() and not folder.is_dir():
+        why = f"{folder} is a file, not a folder"
+    else:
+        why = f"{above} cannot be written ({error.strerror or error})"
+    raise OSError(error.errno, f"cannot create {folder}: {why}")
 
 
 def process_umask() -> int:

@@ -24,7 +24,7 @@ from types import TracebackType
 import filelock
 
 from vaelab.errors import VaelabError
-from vaelab.io import atomic_write_json
+from vaelab.io import atomic_write_json, make_folder
 
 LOCK_FILE = ".vaelab.lock"
 HOLDER_FILE = ".vaelab.lock.json"
@@ -56,12 +56,13 @@ class FolderLock:
         if self.held:
             return self
         if self.folder.exists() and not self.folder.is_dir():
-            raise VaelabError(f"{self.folder} exists and is not a folder")
+            what = "a file" if self.folder.is_file() else "something other than a folder"
+            raise VaelabError(f"{self.folder} is {what}, not a folder")
         self._created = not self.folder.exists()
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder)
         except OSError as e:
-            raise VaelabError(f"cannot create {self.folder}: {e.strerror or e}") from None
+            raise VaelabError(e.strerror or str(e)) from None
         lock = filelock.FileLock(str(self.folder / LOCK_FILE), timeout=0,
                                  thread_local=False, is_singleton=False)
         try:

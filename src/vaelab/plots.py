@@ -37,7 +37,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vaelab.data import Dataset, Split
 from vaelab.errors import ConfigError
-from vaelab.io import atomic_write_bytes
+from vaelab.io import atomic_write_bytes, make_folder
 
 if TYPE_CHECKING:
     from vaelab.checkpoint import Run
@@ -949,6 +949,6 @@ def draw_all(
     chosen = select_figures(run, names)
     formats = _check_formats(formats)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     return {name: save_figure(FIGURES[name].draw(run, dataset), out / name, formats)
             for name in chosen}
