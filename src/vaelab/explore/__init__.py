@@ -5,6 +5,15 @@ Needs the ``explore`` extra (``pip install 'vaelab[explore]'``: Starlette and uv
 
 from __future__ import annotations
 
-from vaelab.explore.server import MAX_BATCH, MAX_BODY, MAX_POINTS, Z_BOUND, create_app, serve
+from vaelab.explore.server import (
+    MAX_BATCH,
+    MAX_BODY,
+    MAX_POINTS,
+    REQUEST_TIMEOUT,
+    Z_BOUND,
+    create_app,
+    serve,
+)
 
-__all__ = ["MAX_BATCH", "MAX_BODY", "MAX_POINTS", "Z_BOUND", "create_app", "serve"]
+__all__ = ["MAX_BATCH", "MAX_BODY", "MAX_POINTS", "REQUEST_TIMEOUT", "Z_BOUND", "create_app",
+           "serve"]

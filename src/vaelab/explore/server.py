@@ -22,6 +22,15 @@ sent as ``application/json``, without NaN, Infinity, overflowing or 20-digit num
 request gets a 4xx answer ``{"error": message}``. The page and its two assets are served from a
 fixed list; no path a client names is ever opened.
 
+A request must arrive whole within ``REQUEST_TIMEOUT`` seconds of the connection's opening (or of
+the previous response): a client that sends half a request and waits (a slow-loris hold) gets a
+408 and is disconnected. uvicorn has its own timer only for a connection idle after a response
+(``timeout_keep_alive``), which any byte received cancels, and none for headers or bodies; so
+the server runs uvicorn's h11 protocol with one more timer (``_TimedH11Protocol``). A request
+that carries both ``Content-Length`` and ``Transfer-Encoding`` (two answers to where its body
+ends: the way requests are smuggled past proxies) is refused with a 400 and the connection
+closed.
+
 One lock serialises every model call (the models are shared, and a CPU has few cores to give),
 and each call runs under ``torch.inference_mode`` in a worker thread.
 """
@@ -57,7 +66,8 @@ from vaelab.checkpoint import load_run
 from vaelab.errors import VaelabError
 from vaelab.models import ConvVAE
 
-__all__ = ["MAX_BATCH", "MAX_BODY", "MAX_POINTS", "Z_BOUND", "create_app", "serve"]
+__all__ = ["MAX_BATCH", "MAX_BODY", "MAX_POINTS", "REQUEST_TIMEOUT", "Z_BOUND", "create_app",
+           "serve"]
 
 log = logging.getLogger("vaelab.explore")
 
@@ -71,6 +81,13 @@ MAX_POINTS = 5000
 """Most test images encoded for the scatter."""
 MAX_DIGITS = 20
 """Longest integer literal accepted in a body (longer ones are refused before conversion)."""
+REQUEST_TIMEOUT = 5.0
+"""Seconds a client has to send one whole request (headers and body), counted from the
+connection's opening or the end of the previous response; a slower one is disconnected."""
+KEEP_ALIVE = 5
+"""Seconds an idle keep-alive connection is kept after a response (uvicorn's own setting)."""
+MAX_HEADER = 16 * 1024
+"""Largest request head (request line and headers) in bytes; a longer one gets a 400."""
 ENCODE_BATCH = 500
 POSTERIOR_INTERVALS = 48
 """Intervals per axis of the grid ``posterior`` evaluates p(z|x) on ((n + 1)^2 nodes)."""
@@ -467,6 +484,28 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class _OneBodyFraming:
+    """Refuses a request with both Content-Length and Transfer-Encoding (400, then closed).
+
+    RFC 9112 section 6.1 lets a server refuse such a request and says it must close the
+    connection after answering: the two headers disagree on where the body ends, so whatever
+    follows on the connection cannot be trusted to be the next request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if {b"content-length", b"transfer-encoding"} <= names:
+                response = _error(400, "a request may not carry both Content-Length and "
+                                  "Transfer-Encoding", headers={"connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -674,7 +713,7 @@ def create_app(
         Route("/api/runs/{run}/posterior", api(explorer.posterior), methods=["POST"]),
         Route("/api/runs/{run}/test_image/{index}", api(explorer.test_image)),
     ]
-    middleware = [Middleware(_SecurityHeaders)]
+    middleware = [Middleware(_SecurityHeaders), Middleware(_OneBodyFraming)]
     if allowed_hosts is not None:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
     app = Starlette(routes=routes, middleware=middleware,
@@ -707,6 +746,76 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise VaelabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def _timed_h11_protocol() -> type:
+    """uvicorn's h11 protocol with a deadline on each request; see ``_TimedH11Protocol``."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _TimedH11Protocol(H11Protocol):
+        """Closes a connection whose request is not in whole ``REQUEST_TIMEOUT`` s after the
+        connection opened or the previous response ended.
+
+        The deadline is not moved by the bytes that do arrive, so a request trickled in one
+        byte at a time is cut off as surely as one that stops. A request that is only partly
+        in is answered 408 first (if no answer has started); a connection that sent nothing
+        is closed silently, as uvicorn closes an idle keep-alive one.
+        """
+
+        request_timeout = REQUEST_TIMEOUT
+        _deadline: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            state = self.conn.their_state
+            if state not in (h11.IDLE, h11.SEND_BODY):
+                return  # the whole request is in: the app is answering it
+            if state is h11.IDLE:  # the head is not in: some bytes of it, or none at all
+                unanswered = bool(self.conn.trailing_data[0])
+            else:  # the head is in, the body is not; the app may have answered already
+                unanswered = self.cycle is None or not self.cycle.response_started
+            if unanswered:
+                body = json.dumps({"error": f"the request did not arrive whole within "
+                                            f"{self.request_timeout:g} s"}).encode()
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return _TimedH11Protocol
+
+
+def server_config(app: ASGIApp) -> Any:
+    """The uvicorn settings the explorer is served with (``serve`` and the tests use them)."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=_timed_h11_protocol(), log_level="warning",
+                          access_log=False, lifespan="off", timeout_keep_alive=KEEP_ALIVE,
+                          h11_max_incomplete_event_size=MAX_HEADER)
 
 
 def _allowed_hosts(host: str) -> list[str] | None:
@@ -743,9 +852,8 @@ def serve(
     if host in ("0.0.0.0", "::"):
         print("vaelab: warning: the explorer is reachable from other machines", file=sys.stderr)
     say(f"vaelab explorer: http://{shown}:{bound_port}/  (Ctrl+C to stop)")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(server_config(app)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl+C
         pass
     finally:
