@@ -1,14 +1,24 @@
 """Speed work keeps the numbers honest: bf16 close to fp32, the reference computes vaelab's loss,
-and the benchmark runs end to end (its figures live in BENCHMARKS.md, not in asserts)."""
+each rate is the images each contender counted over its own seconds, the peak RSS is the
+training process's own, and nothing in the current folder is run (the figures themselves live
+in BENCHMARKS.md, not in asserts)."""
 
 from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from synthetic import dark_noise, write_synthetic
-from vaelab.bench import load_reference, markdown, run_bench
+from vaelab import bench_reference as ref
+from vaelab.bench import markdown, report_paths, run_bench
 from vaelab.config import resolve_config
+from vaelab.errors import ConfigError
 from vaelab.models import ModelSpec, build_model
 from vaelab.objectives import elbo_terms, training_loss
 from vaelab.train import Trainer
@@ -22,7 +32,6 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["vae", "cvae"])
 def test_reference_loss_equals_vaelab_loss(kind):
-    ref = load_reference()
     torch.manual_seed(0)
     model = build_model(ModelSpec(kind=kind, channels=(8, 16), enc_hidden=32, dec_hidden=32))
     x = torch.rand(16, 1, 28, 28)
@@ -58,18 +67,79 @@ def test_bf16_training_steps_are_finite_and_close_to_fp32(data_dir, tmp_path):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.01 * losses["fp32"]
 
 
-def test_bench_runs_end_to_end_and_writes_the_report(data_dir, tmp_path):
-    out = tmp_path / "BENCHMARKS.md"
-    results = run_bench(models=("vae",), rounds=1, steps=2, device="cpu", num_samples=2,
-                        dataset=f"idx:{data_dir}", out=out, log=lambda s: None,
+@pytest.fixture(scope="module")
+def full_batches_dir(tmp_path_factory):
+    """288 training images, 32 kept for validation: 256 = two full batches of 128 an epoch."""
+    return write_synthetic(tmp_path_factory.mktemp("bench-full"), dark_noise, 288, 64, seed=1,
+                           power=4)
+
+
+HOSTILE = "from pathlib import Path; Path({marker!r}).write_text('ran'); raise SystemExit(0)\n"
+
+
+def test_bench_counts_what_it_times_and_runs_nothing_from_the_current_folder(
+    full_batches_dir, tmp_path, monkeypatch
+):
+    """The current folder holds a ``benchmarks/reference.py`` and a ``vaelab`` package that
+    would leave a marker if run; the bench runs neither, and writes only where it is told."""
+    here = tmp_path / "cwd"
+    marker = tmp_path / "MARKER"
+    for name in ("benchmarks/reference.py", "vaelab/__init__.py", "vaelab/__main__.py"):
+        (here / name).parent.mkdir(parents=True, exist_ok=True)
+        (here / name).write_text(HOSTILE.format(marker=str(marker)))
+    monkeypatch.chdir(here)
+    # a child that touched ~1 GiB: the largest child so far, which RUSAGE_CHILDREN would report
+    subprocess.run([sys.executable, "-c", "b = b'x' * (1 << 30)"], check=True)
+
+    out = tmp_path / "report" / "bench.md"
+    results = run_bench(models=("vae",), rounds=2, steps=2, device="cpu", num_samples=2,
+                        dataset=f"idx:{full_batches_dir}", out=out, log=lambda s: None,
                         rss_limit=64, val_size=32)
+    assert not marker.exists()
+
     t = results["models"]["vae"]["throughput"]
-    assert t["vaelab"] > 0 and t["reference"] > 0 and t["ratio"] > 0
-    assert results["peak_rss_mb"] > 0
-    text = out.read_text()
-    assert "| vae |" in text and "Peak RSS" in text
-    assert text == markdown(results)
-    assert out.with_suffix(".json").exists()
+    assert len(t["per_round"]) == 2
+    for r in t["per_round"]:  # every step a full batch: both counted 2 x 128 images a round
+        assert r["vaelab_images"] == r["reference_images"] == 2 * 128
+        assert r["vaelab_seconds"] > 0 and r["reference_seconds"] > 0
+    assert t["vaelab"] == statistics.median(
+        r["vaelab_images"] / r["vaelab_seconds"] for r in t["per_round"])
+    assert t["reference"] == statistics.median(
+        r["reference_images"] / r["reference_seconds"] for r in t["per_round"])
+    assert t["ratio"] == t["vaelab"] / t["reference"]
+    f = results["models"]["vae"]["roofline"]
+    assert f["vaelab_gflops"] == pytest.approx(t["vaelab"] * f["flops_per_image"] / 1e9)
+
+    # the training process's own peak: torch is loaded (> 100 MB), the 1 GiB child is not it
+    assert 100 < results["peak_rss_mb"] < 900, results["peak_rss_mb"]
+
+    assert out.read_text() == markdown(results)
+    assert json.loads(out.with_suffix(".json").read_text()) == results
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                  if p.is_file() and "cwd" not in p.parts) == ["report/bench.json",
+                                                                "report/bench.md"]
+
+
+def test_bench_writes_into_the_current_folder_unless_told(tmp_path, monkeypatch):
+    from vaelab.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    assert args.out == Path("bench.md")  # relative: the current folder, not the docs
+    assert report_paths(Path("x/bench.json")) == (Path("x/bench.md"), Path("x/bench.json"))
+    assert report_paths(Path("r.md")) == (Path("r.md"), Path("r.json"))
+
+
+@pytest.mark.parametrize("case", ["folder", "under_a_file"])
+def test_bench_refuses_an_out_it_cannot_write_before_measuring(tmp_path, case):
+    given = tmp_path / "f"
+    if case == "folder":
+        given.mkdir()
+        out, why = given, "is a folder: name a file"
+    else:
+        given.write_text("x")
+        out, why = given / "bench.md", f"{given} is a file, not a folder"
+    with pytest.raises(ConfigError, match=why):
+        run_bench(out=out, dataset="idx:/nonexistent", log=lambda s: None)
 
 
 @pytest.mark.parametrize("target,reached", [(float("inf"), True), (float("-inf"), False)])

@@ -1,30 +1,32 @@
 """``vaelab bench``: vaelab's training and evaluation against the plain tutorial recipe.
 
 The contenders run in one process, alternating round by round so that machine drift (thermal,
-other load) hits both. For throughput the reference (``benchmarks/reference.py``) uses vaelab's
+other load) hits both. For throughput the reference (``vaelab.bench_reference``) uses vaelab's
 own network, so the ratio compares only how the training is driven: data pipeline,
 synchronisation, memory format, optimiser implementation. Time to quality compares whole
 recipes: vaelab's defaults against the tutorial loop with the study's plain network.
+
+The report goes to ``--out`` (default ``bench.md`` in the current folder) with its JSON beside
+it (``bench.json``); the repository's BENCHMARKS.md is rendered from committed JSON by
+``benchmarks/render_docs.py``, never written by a measurement.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
+from vaelab import bench_reference as ref
 from vaelab.config import resolve_config
 from vaelab.data import Dataset, load_dataset
 from vaelab.errors import ConfigError
@@ -36,27 +38,16 @@ from vaelab.train import Trainer, versions
 STUDY_NEG_ELBO = {"vae": 144.59, "cvae": 129.16}
 
 
-def load_reference() -> ModuleType:
-    """Import ``benchmarks/reference.py`` from the source tree vaelab is installed from."""
-    here = Path(__file__).resolve()
-    for root in (here.parents[2], Path.cwd()):
-        path = root / "benchmarks" / "reference.py"
-        if path.exists():
-            spec = importlib.util.spec_from_file_location("vaelab_reference", path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    raise ConfigError("vaelab bench needs benchmarks/reference.py: run it from a source checkout")
-
-
 def _vaelab_trainer(model: str, ds: Dataset, run_dir: Path, **overrides: Any) -> Trainer:
     cfg = resolve_config("seed", model=model, dataset=ds.name, **overrides)
     return Trainer(cfg, run_dir, dataset=ds, progress=False, force=True)
 
 
-def _time_vaelab_steps(trainer: Trainer, steps: int) -> float:
-    """Seconds for ``steps`` training steps exactly as ``Trainer.fit`` runs them."""
+def _time_vaelab_steps(trainer: Trainer, steps: int) -> tuple[float, int]:
+    """(seconds, images) of ``steps`` training steps exactly as ``Trainer.fit`` runs them; the
+    images are the trainer's own count of what it trained on (an epoch's last batch may be
+    short)."""
+    before = int(trainer.sums["count"])
     it = trainer.batcher.epoch(trainer.epoch)
     done = 0
     t0 = time.perf_counter()
@@ -69,31 +60,39 @@ def _time_vaelab_steps(trainer: Trainer, steps: int) -> float:
         else:
             trainer.epoch += 1
             it = trainer.batcher.epoch(trainer.epoch)
-    float(trainer.sums["count"])  # one sync at the end, as the trainer's refresh does
-    return time.perf_counter() - t0
+    images = int(trainer.sums["count"])  # one sync at the end, as the trainer's refresh does
+    return time.perf_counter() - t0, images - before
 
 
 def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
                batch_size: int = 128) -> dict[str, Any]:
-    """Images/s of vaelab's training step and of the reference, alternating rounds."""
+    """Images/s of vaelab's training step and of the reference, alternating rounds.
+
+    Each contender's rate is the median over rounds of (images it trained on) / (seconds),
+    with both counts kept per round in ``per_round``.
+    """
     if rounds < 1 or steps < 1:
         raise ConfigError(f"rounds and steps must be >= 1, got {rounds} and {steps}")
-    ref = load_reference()
+    per_round = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _vaelab_trainer(model, ds, Path(tmp) / "run", device=device)
         torch.manual_seed(0)
         ref_model = build_model(trainer.spec)
-        ours, theirs = [], []
         _time_vaelab_steps(trainer, 5)  # warm-up
-        ref.train_reference(ref_model, ds.train, epochs=1, max_steps=5, device=device)
+        ref.train_reference(ref_model, ds.train, epochs=1, max_steps=5, device=device,
+                            batch_size=batch_size)
         for _ in range(rounds):
-            ours.append(steps * batch_size / _time_vaelab_steps(trainer, steps))
+            seconds, images = _time_vaelab_steps(trainer, steps)
             r = ref.train_reference(ref_model, ds.train, epochs=1, max_steps=steps,
-                                    device=device)
-            theirs.append(r["images_per_s"])
+                                    device=device, batch_size=batch_size)
+            per_round.append({"vaelab_images": images, "vaelab_seconds": seconds,
+                              "reference_images": r["images"],
+                              "reference_seconds": r["seconds"]})
         trainer.close()
-    a, b = statistics.median(ours), statistics.median(theirs)
-    return {"vaelab": a, "reference": b, "ratio": a / b, "rounds": rounds, "steps": steps}
+    a = statistics.median(p["vaelab_images"] / p["vaelab_seconds"] for p in per_round)
+    b = statistics.median(p["reference_images"] / p["reference_seconds"] for p in per_round)
+    return {"vaelab": a, "reference": b, "ratio": a / b, "rounds": rounds, "steps": steps,
+            "per_round": per_round}
 
 
 def training_flops_per_image(model: str, *, batch_size: int = 128) -> float:
@@ -150,7 +149,6 @@ def time_to_quality(ds: Dataset, model: str, *, device: str, max_epochs: int = 3
     """Training seconds (evaluation excluded) until the test -ELBO first reaches the study's
     number: vaelab's seed preset (its architecture, cosine lr, its training loop) against the
     reference recipe (the tutorial loop, constant lr, the study's plain network)."""
-    ref = load_reference()
     target = STUDY_NEG_ELBO[model] if target is None else target
     out: dict[str, Any] = {"target": target}
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,18 +223,33 @@ def evaluation_speed(ds: Dataset, model: str, *, device: str, num_samples: int,
     return out
 
 
-def peak_rss_of_training(dataset: str, *, limit: int | None = None) -> float:
+def peak_rss_of_training(dataset: str, *, limit: int | None = None,
+                         val_size: int = 100) -> float:
     """Peak RSS (MB) of a real `vaelab train` process: one epoch of the seed preset (on the
-    first ``limit`` images of each split when given: the whole data set is loaded either way)."""
+    first ``limit`` images of each split when given: the whole data set is loaded either way).
+
+    The figure is that process's own (``os.wait4``), not the largest of every child this
+    process has had (``RUSAGE_CHILDREN``). The process starts in an empty temporary folder, so
+    no ``vaelab`` package lying in the current folder can stand in for the installed one.
+    """
+    if dataset.strip().lower().startswith("idx:"):  # the child runs elsewhere: a full path
+        dataset = "idx:" + str(Path(dataset.strip()[4:]).expanduser().resolve())
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "vaelab", "train", "--model", "vae", "--epochs", "1",
                "--dataset", dataset, "--out", str(Path(tmp) / "run"), "--quiet"]
         if limit:
-            cmd += ["--limit", str(limit), "--val-size", "100"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run(cmd, check=True, capture_output=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(before, after) / 1024.0
+            cmd += ["--limit", str(limit), "--val-size", str(val_size)]
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                err.seek(0)
+                why = err.read().decode(errors="replace").strip().splitlines()
+                raise ConfigError("the training process for the peak-RSS figure failed: "
+                                  + (why[-1] if why else f"exit code {proc.returncode}"))
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return usage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
 def machine() -> dict[str, Any]:
@@ -254,11 +267,32 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def report_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """(Markdown report, JSON) for ``--out``: ``X.md`` and ``X.json`` for ``--out X.json``,
+    else ``out`` itself and the same name with ``.json``. Refused now, before minutes of
+    measuring, if either cannot be written."""
+    out = Path(out)
+    md, js = (out.with_suffix(".md"), out) if out.suffix.lower() == ".json" else \
+        (out, out.with_suffix(".json"))
+    for path in (md, js):
+        if path.is_dir():
+            raise ConfigError(f"--out {path} is a folder: name a file, e.g. {path / 'bench.md'}")
+        above = path.parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise ConfigError(f"cannot write {path}: {above} is a file, not a folder")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write {path}: {above} cannot be written")
+    return md, js
+
+
 def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, steps: int = 40,
               device: str = "auto", quality: bool = False, num_samples: int = 1000,
-              dataset: str = "mnist", out: Path | None = None, log=print,
+              dataset: str = "mnist", out: str | os.PathLike | None = None, log=print,
               rss_limit: int = 10000, val_size: int = 5000) -> dict[str, Any]:
-    """The whole benchmark; writes the Markdown report to ``out`` when given."""
+    """The whole benchmark; writes the Markdown report and its JSON (``report_paths(out)``)
+    when ``out`` is given."""
     from vaelab.train import pick_device
 
     for name, value in (("rounds", rounds), ("steps", steps), ("rss_limit", rss_limit)):
@@ -266,6 +300,7 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if num_samples < 0:
         raise ConfigError(f"num_samples must be >= 0, got {num_samples}")
+    paths = report_paths(out) if out is not None else None
 
     dev = str(pick_device(device))
     ds = load_dataset(dataset, val_size=val_size)
@@ -286,9 +321,10 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
     results["peak_rss_mb"] = peak_rss_of_training(dataset, limit=rss_limit)
     argv = sys.argv[1:] if sys.argv and sys.argv[1:2] == ["bench"] else ["bench"]
     results["command"] = "vaelab " + " ".join(argv)
-    if out is not None:
-        atomic_write_text(out, markdown(results))
-        atomic_write_text(Path(out).with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    if paths is not None:
+        md, js = paths
+        atomic_write_text(js, json.dumps(results, indent=2) + "\n")
+        atomic_write_text(md, markdown(results))
     return results
 
 

@@ -502,17 +502,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_BENCH_OUT = Path("bench.md")  # the current folder: never the repository's docs
+
+
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="benchmark training and evaluation against the plain tutorial recipe",
         description="Measure, in one run and alternating the contenders, the training "
-        "throughput of vaelab and of the plain reference (benchmarks/reference.py: the same "
+        "throughput of vaelab and of the plain reference (vaelab.bench_reference: the same "
         "network trained with a per-sample Dataset, DataLoader, fp32 eager and .item() every "
         "step), the evaluation speed (test -ELBO, importance-sampled log p(x)), peak memory, "
         "and with --quality the training time until the test -ELBO reaches the study's "
         "numbers: vaelab's seed preset against the whole tutorial recipe (that loop with the "
-        "study's plain network and a constant learning rate). Writes BENCHMARKS.md (and "
-        ".json).",
+        "study's plain network and a constant learning rate). Writes the report to --out "
+        "and its JSON beside it (bench.md and bench.json in the current folder unless told).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", choices=["vae", "cvae"], default=["vae", "cvae"])
     p.add_argument("--rounds", type=_positive_int, default=3, help="alternating rounds")
@@ -523,7 +526,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=1000,
                    help="importance samples for the log p(x) timing (0: skip)")
     p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR")
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
+    p.add_argument("--out", type=Path, default=DEFAULT_BENCH_OUT,
+                   help="Markdown report to write; its JSON goes beside it (X.json)")
     p.set_defaults(func=cmd_bench)
 
 

@@ -1,4 +1,6 @@
-"""The plain reference: training written the way tutorials write it.
+"""The plain reference ``vaelab bench`` measures against: training written the way tutorials
+write it. It is part of the package and imported as such: ``vaelab bench`` never runs a file
+found in the current folder.
 
 A ``Dataset`` returning one image tensor per ``__getitem__``, ``DataLoader(batch_size=128,
 shuffle=True)``, fp32, eager, constant learning rate, the loss written inline and ``.item()``
