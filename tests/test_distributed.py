@@ -1,4 +1,10 @@
-"""torchrun: two CPU processes (gloo) train one run; the run folder is whole and resumable."""
+"""torchrun: two CPU processes (gloo) train one run; the run folder is whole and resumable.
+
+What is checked, beyond "it ran": both ranks end with bitwise the same weights (they did not
+diverge), the metrics count every image exactly once over both ranks, the logged test numbers
+are those of the saved weights, and a single process with the same global batch ends where the
+two did, up to the draws of z (each rank has its own noise generator).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -63,12 +68,77 @@ def test_torchrun_two_processes_writes_a_whole_run(data_dir, tmp_path):
     assert summary["processes"] == 2
     # each rank took half of every epoch: 224 training images / global batch 32 = 7 steps
     assert summary["steps"] == 2 * 7
-    # the metrics count every image once, over both ranks
-    assert all(np.isfinite(row["test_neg_elbo"]) for row in rows)
+    # the metrics count every image once, over both ranks: 224 images in each epoch's rate
+    for row in rows:
+        assert row["images_per_s"] * row["seconds"] == pytest.approx(224, rel=1e-9)
     from vaelab.checkpoint import load_run
+    from vaelab.data import load_dataset
+    from vaelab.evaluate import evaluate_elbo
 
     run = load_run(out)
     assert run.model.latent_dim == 2
+    # the logged test numbers are the saved weights' own (evaluated here, in one process)
+    cfg = run.config["config"]
+    ev = evaluate_elbo(run.model, load_dataset(f"idx:{data_dir}", val_size=32).test,
+                       batch_size=cfg["eval_batch_size"], seed=cfg["seed"])
+    for key in ("recon", "kl", "neg_elbo"):
+        assert summary["test"][key] == pytest.approx(ev[key], rel=1e-6, abs=1e-6), key
+    assert rows[-1]["test_neg_elbo"] == summary["test"]["neg_elbo"]
+
+
+RANK_WEIGHTS = """
+import os, sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vaelab.config import resolve_config
+from vaelab.train import Trainer
+
+data, out, ranks = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+torch.set_num_threads(1)
+cfg = resolve_config("quick", dataset=f"idx:{data}", val_size=32, batch_size=32, epochs=2)
+trainer = Trainer(cfg, out, progress=False)
+trainer.fit()
+ranks.mkdir(exist_ok=True)
+save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()},
+          str(ranks / f"rank{os.environ.get('RANK', '0')}.safetensors"))
+"""
+
+
+def test_both_ranks_end_with_the_same_weights_and_one_process_agrees(data_dir, tmp_path):
+    """Every rank saves its own weights after training: they are bitwise equal (DDP kept the
+    ranks together) and equal to the run's model.safetensors. A single process with the same
+    global batch of 32 sees the same images at every step (rank r takes every other image of
+    each global batch); only its z noise differs, so it ends within 0.05 nats of the two-rank
+    run in train and test -ELBO (measured: 0.013 at most). That closeness is a sanity check,
+    not the proof: on this noise data the ELBO barely moves whatever the batch."""
+    script = tmp_path / "rank_weights.py"
+    script.write_text(RANK_WEIGHTS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    two, one = tmp_path / "two", tmp_path / "one"
+    for cmd, out in ((_torchrun() + ["--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                                     "--master-port", str(_free_port())], two),
+                     ([sys.executable], one)):
+        r = subprocess.run(cmd + [str(script), str(data_dir), str(out / "run"),
+                                  str(out / "ranks")],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    rank0 = load_file(two / "ranks" / "rank0.safetensors")
+    rank1 = load_file(two / "ranks" / "rank1.safetensors")
+    saved = load_file(two / "run" / "model.safetensors")
+    assert rank0.keys() == rank1.keys() == saved.keys()
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+        assert torch.equal(rank0[k], saved[k]), k
+    rows = {name: [json.loads(line) for line in
+                   (out / "run" / "metrics.jsonl").read_text().splitlines()]
+            for name, out in (("two", two), ("one", one))}
+    assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["one"]] == [7, 14]
+    for a, b in zip(rows["two"], rows["one"], strict=True):
+        for key in ("train_neg_elbo", "test_neg_elbo"):
+            assert abs(a[key] - b[key]) < 0.05, (key, a[key], b[key])
 
 
 def test_torchrun_resume_continues_the_run(data_dir, tmp_path):
