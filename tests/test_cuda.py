@@ -88,12 +88,24 @@ def test_graphed_run_interrupted_mid_epoch_resumes_to_the_same_result(
         torch.testing.assert_close(w[k], w_ref[k], rtol=1e-3, atol=1e-4)
 
 
+BF16_NATS = 0.3
+"""The published claim (BENCHMARKS.md, README): bf16's final test -ELBO, as a mean over three
+seeds, is within 0.3 nats of IEEE fp32's. A relative 2% would allow several nats."""
+
+
 def test_bf16_autocast_on_cuda_trains_close_to_fp32(data: Path, tmp_path: Path) -> None:
-    fp32 = train(config(data, precision="fp32", epochs=4), tmp_path / "fp32", progress=False)
-    bf16 = train(config(data, precision="bf16", epochs=4), tmp_path / "bf16", progress=False)
-    assert bf16.summary["precision"] == "bf16"
-    a, b = fp32.summary["test"]["neg_elbo"], bf16.summary["test"]["neg_elbo"]
-    assert math.isfinite(b) and b == pytest.approx(a, rel=0.02)
+    """The claim's own form on this small set: the mean over seeds 0, 1 and 2 of the final
+    test -ELBO, bf16 against fp32, within ``BF16_NATS`` nats (absolute, not relative)."""
+    final: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for precision in final:
+        for seed in (0, 1, 2):
+            r = train(config(data, precision=precision, epochs=4, seed=seed),
+                      tmp_path / f"{precision}-{seed}", progress=False)
+            assert r.summary["precision"] == precision
+            final[precision].append(r.summary["test"]["neg_elbo"])
+    assert all(math.isfinite(v) for v in final["fp32"] + final["bf16"])
+    gap = sum(final["bf16"]) / 3 - sum(final["fp32"]) / 3
+    assert abs(gap) <= BF16_NATS, final
 
 
 def test_a_nan_inside_the_captured_graph_is_caught_naming_its_step(
