@@ -127,8 +127,9 @@ class TrainConfig:
 
 
 # The study's table (latent 2, batch 128, Adam 1e-3, 30 epochs, 10-epoch warm-up). vaelab's own
-# choices on top: the architecture (TrainConfig defaults) and a cosine decay of the learning rate
-# from the study's 1e-3 (``--lr-schedule constant`` gives the table exactly).
+# choices on top: a per-step warm-up, the architecture (TrainConfig defaults) and a cosine decay
+# of the learning rate from the study's 1e-3; ``--lr-schedule constant`` undoes only the last
+# (README, "Training", names the flags nearest the study's recipe).
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(
         latent_dim=2, batch_size=128, lr=1e-3, epochs=30, beta_schedule="linear",

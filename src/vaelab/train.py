@@ -271,7 +271,8 @@ class Trainer:
 
         self.data = dataset or load_dataset(cfg.dataset, val_size=cfg.val_size, limit=cfg.limit)
         # under torchrun each rank takes its shard of every epoch; the global batch stays
-        # batch_size, so the optimisation is the single-process one
+        # batch_size, so each step sees the single-process run's images (but each rank draws
+        # its own z, and free bits clamp per rank: README, "Scaling out")
         self.batcher = Batcher(self.data.train, cfg.batch_size // self.world_size,
                                device=self.device, seed=cfg.seed, rank=self.rank,
                                world_size=self.world_size)
