@@ -357,7 +357,7 @@ def test_bad_input_in_a_real_process(truncated_data: Path, tmp_path: Path) -> No
 # Messages that say what is wrong (issue 17): not "does not exist" for a file, not "No such
 # file" for /proc, not a val_size range for an empty IDX file
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["evaluate", "plot"])
+@pytest.mark.parametrize("command", ["evaluate", "plot", "explore"])
 def test_a_file_given_as_a_run_folder_says_it_is_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
