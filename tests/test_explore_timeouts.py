@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 from synthetic import uniform_noise, write_synthetic
 from vaelab.config import resolve_config
 from vaelab.explore import REQUEST_TIMEOUT, create_app
-from vaelab.explore.server import KEEP_ALIVE, server_config
+from vaelab.explore.server import KEEP_ALIVE, MAX_HEADER, server_config
 from vaelab.train import train
 
 BODY = b'{"z": [0.5, -1.0]}'
@@ -195,6 +195,15 @@ def test_content_length_with_transfer_encoding_is_400_and_the_connection_closed(
     assert seconds < 2  # closed at once, not by a timeout
 
 
+def test_a_head_that_keeps_growing_is_refused_at_max_header(port: int) -> None:
+    """A head with no end is not buffered past MAX_HEADER bytes: a 400 at once, not a wait."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+                     + b"a" * (MAX_HEADER + 1024))
+        got, seconds = read_until_closed(conn, 2 * REQUEST_TIMEOUT)
+    assert statuses(got) == [400] and seconds < 2, (got[:200], seconds)
+
+
 def test_either_framing_alone_is_answered(port: int) -> None:
     """The control: Content-Length alone, and chunked alone, decode the same image."""
     chunked = f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n"
@@ -231,4 +240,4 @@ def test_serve_uses_the_timed_protocol() -> None:
     assert "server_config(app)" in source and "uvicorn.Config(" not in source
     config = server_config(lambda scope, receive, send: None)
     assert config.timeout_keep_alive == KEEP_ALIVE
-    assert config.http.__name__ == "_TimedH11Protocol"
+    assert config.http.__name__ == "_TimedH11Protocol" and config.ws == "none"

@@ -87,7 +87,9 @@ connection's opening or the end of the previous response; a slower one is discon
 KEEP_ALIVE = 5
 """Seconds an idle keep-alive connection is kept after a response (uvicorn's own setting)."""
 MAX_HEADER = 16 * 1024
-"""Largest request head (request line and headers) in bytes; a longer one gets a 400."""
+"""Most bytes of a request head that are buffered while its end has not arrived (uvicorn's
+``h11_max_incomplete_event_size``); past that the request gets a 400 and the connection is
+closed. A longer head that arrives whole is parsed."""
 ENCODE_BATCH = 500
 POSTERIOR_INTERVALS = 48
 """Intervals per axis of the grid ``posterior`` evaluates p(z|x) on ((n + 1)^2 nodes)."""
@@ -813,7 +815,9 @@ def server_config(app: ASGIApp) -> Any:
     """The uvicorn settings the explorer is served with (``serve`` and the tests use them)."""
     import uvicorn
 
-    return uvicorn.Config(app, http=_timed_h11_protocol(), log_level="warning",
+    # ws="none": the explorer has no WebSocket route, so no connection leaves the timed
+    # protocol for another one
+    return uvicorn.Config(app, http=_timed_h11_protocol(), ws="none", log_level="warning",
                           access_log=False, lifespan="off", timeout_keep_alive=KEEP_ALIVE,
                           h11_max_incomplete_event_size=MAX_HEADER)
 
