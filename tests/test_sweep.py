@@ -201,6 +201,63 @@ def test_a_rerun_resumes_an_unfinished_trial_to_the_same_weights(
     assert_same_run(trial, swept["out"] / TRIALS[3])
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    return subprocess.Popen([ray_cli, "start", "--block", "--num-cpus", "1",
+                             "--disable-usage-stats", *args], env=env, cwd=cwd, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_the_readme_cluster_recipe_two_nodes_on_this_machine(data: Path, tmp_path: Path) -> None:
+    """README's recipe: `ray start --head`, `ray start --address` (a second node, here on the
+    same machine, a non-default port, token authentication), then `vaelab sweep --address`:
+    both trials finish, on the two nodes, each an ordinary run folder. The nodes' processes
+    are this test's own `ray start --block`, stopped by SIGTERM."""
+    import secrets
+
+    env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    port = _free_port()
+    nodes = [_ray_start("--head", "--port", str(port), "--include-dashboard", "false",
+                        env=env, cwd=tmp_path)]
+    try:
+        nodes.append(_ray_start("--address", f"127.0.0.1:{port}", env=env, cwd=tmp_path))
+        wait = (f"import ray, time; ray.init(address='127.0.0.1:{port}', "
+                "logging_level='ERROR')\nt = time.monotonic()\n"
+                "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.monotonic() - t < 60:"
+                " time.sleep(0.2)\n"
+                "print(sum(n['Alive'] for n in ray.nodes()))")
+        up = subprocess.run([sys.executable, "-c", wait], env=env, text=True,
+                            capture_output=True, timeout=120)
+        assert up.stdout.strip() == "2", up.stderr[-2000:]
+        out = tmp_path / "grid"
+        done = subprocess.run(
+            [sys.executable, "-m", "vaelab", "sweep", "--out", str(out), *base_options(data),
+             "--grid", "seed=0,1", "--tolerance", "0", "--quiet", "--address",
+             f"127.0.0.1:{port}"], env=env, text=True, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        for proc in reversed(nodes):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["settings"]["ray"]["nodes"] == 2 and not result["settings"]["ray"]["local"]
+    assert [t["status"] for t in result["trials"]] == ["done", "done"]
+    assert len({t["this_sweep"]["node"] for t in result["trials"]}) == 2
+    assert all((out / t["name"] / "model.json").exists() for t in result["trials"])
+
+
 # --------------------------------------------------------------------------------------------
 # The pieces, without Ray
 # --------------------------------------------------------------------------------------------

@@ -333,7 +333,8 @@ def run_trial(config: dict[str, Any], out: str, *, threads: int = 1, force: bool
     torch.set_num_threads(max(1, int(threads)))
     cfg = TrainConfig.from_dict(config).validate()
     path = Path(out)
-    record: dict[str, Any] = {"pid": os.getpid(), "host": _host(), "trained": False,
+    record: dict[str, Any] = {"pid": os.getpid(), "host": _host(), "node": _ray_node(),
+                              "trained": False,
                               "resumed_from_step": None}
 
     def start() -> Trainer | None:
@@ -365,6 +366,16 @@ def _host() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def _ray_node() -> str | None:
+    """The Ray node this runs on, when it runs as a Ray task."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,11 +540,19 @@ def _start_ray(ray: Any, res: Resources) -> bool:
                                    logging_level=logging.ERROR, configure_logging=True)
     try:
         if res.address is not None:
+            # the cluster's workers run this vaelab, shipped by Ray, whatever vaelab (if any)
+            # their node has installed; torch and the rest must be installed there
+            import vaelab
+
+            options["runtime_env"] = {"py_modules": [str(Path(vaelab.__file__).parent)]}
             ray.init(address=res.address, **options)
         else:
             ray.init(num_cpus=res.local_cpus or len(os.sched_getaffinity(0)), **options)
     except ConnectionError as e:
-        raise VaelabError(f"cannot reach the Ray cluster at {res.address}: {e}") from None
+        raise VaelabError(
+            f"cannot reach the Ray cluster at {res.address}: {e} (a cluster with token "
+            "authentication also needs RAY_AUTH_MODE=token and its token, in RAY_AUTH_TOKEN "
+            "or ~/.ray/auth_token)") from None
     except (RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {res.address}" if res.address else "a local Ray"
         raise VaelabError(f"cannot start {where}: {str(e).splitlines()[0]}") from None
@@ -694,7 +713,7 @@ def _run_on_ray(plan: SweepPlan, todo: Sequence[Trial], res: Resources, *, max_r
     try:
         cluster = ray.cluster_resources()
         gpus = gpus_for(todo, res, float(cluster.get("GPU", 0)))
-        info = {"version": ray.__version__, "started_here": started,
+        info = {"version": ray.__version__, "local": res.address is None,
                 "cluster_cpus": cluster.get("CPU", 0), "cluster_gpus": cluster.get("GPU", 0),
                 "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                 "gpus_per_trial": gpus}
