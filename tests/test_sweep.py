@@ -251,6 +251,11 @@ def test_the_readme_cluster_recipe_two_nodes_on_this_machine(data: Path, tmp_pat
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        # `ray start --head` names its cluster in /tmp/ray for a plain `ray.init()`; `ray stop`
+        # would remove that, and every Ray on the machine with it: remove only our own
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink(missing_ok=True)
     result = json.loads((out / "sweep.json").read_text())
     assert result["settings"]["ray"]["nodes"] == 2 and not result["settings"]["ray"]["local"]
     assert [t["status"] for t in result["trials"]] == ["done", "done"]

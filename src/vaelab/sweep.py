@@ -547,7 +547,9 @@ def _start_ray(ray: Any, res: Resources) -> bool:
             options["runtime_env"] = {"py_modules": [str(Path(vaelab.__file__).parent)]}
             ray.init(address=res.address, **options)
         else:
-            ray.init(num_cpus=res.local_cpus or len(os.sched_getaffinity(0)), **options)
+            # "local": a new Ray of our own, even where `ray start` left a cluster running
+            ray.init(address="local", num_cpus=res.local_cpus or len(os.sched_getaffinity(0)),
+                     **options)
     except ConnectionError as e:
         raise VaelabError(
             f"cannot reach the Ray cluster at {res.address}: {e} (a cluster with token "
@@ -578,8 +580,8 @@ class _ProgressView:
     """A rich progress bar per trial (epochs done, read from its metrics.jsonl, and who is
     training it, from its lock), or one line per finished trial without a terminal."""
 
-    def __init__(self, plan: SweepPlan, todo: Sequence[Trial], console: Any, live: bool) -> None:
-        self.plan, self.todo, self.console, self.live = plan, todo, console, live
+    def __init__(self, out: Path, todo: Sequence[Trial], console: Any, live: bool) -> None:
+        self.out, self.todo, self.console, self.live = out, todo, console, live
         self.bar: Any = None
         self.tasks: dict[str, Any] = {}
 
@@ -606,7 +608,7 @@ class _ProgressView:
         if self.bar is None:
             return
         for t in self.todo:
-            path = self.plan.out / t.name
+            path = self.out / t.name
             status = done.get(t.name)
             if status is None:
                 who = _holder(path)
@@ -655,15 +657,6 @@ def run_sweep(
     t0 = time.perf_counter()
     with FolderLock(out) as lock:  # one sweep at a time in a folder
         lock.keep()
-        states = {t.name: trial_state(out / t.name, t.config) for t in plan.trials}
-        clash = [t for t in plan.trials if states[t.name] == "other"]
-        if clash and not force:
-            t = clash[0]
-            raise ConfigError(f"{out / t.name} holds {_settings_differ(out / t.name, t.config)}"
-                              ": use --force to train it again, or another --out")
-        todo = [t for t in plan.trials if states[t.name] != "done"
-                or (needs_exact(t.config, tolerance)
-                    and not exact_done(out / t.name, tolerance))]
         result: dict[str, Any] = {
             "format": SWEEP_FORMAT, "plan": plan.to_dict(),
             "settings": {"tolerance": tolerance, "max_retries": max_retries,
@@ -673,13 +666,13 @@ def run_sweep(
                          "ray": None},
             "status": "running", "trials": [], "rows": []}
         atomic_write_json(out / SWEEP_FILE, result)
-        records: dict[str, dict[str, Any]] = {}
-        failures: dict[str, str] = {}
-        if todo:
-            records, failures, ray_info = _run_on_ray(
-                plan, todo, res, max_retries=max_retries, tolerance=tolerance, force=force,
-                console=console, progress=progress)
-            result["settings"].update(gpus_per_trial=ray_info["gpus_per_trial"], ray=ray_info)
+        outcome = train_trials(out, plan.trials, res, max_retries=max_retries,
+                               tolerance=tolerance, force=force, console=console,
+                               progress=progress)
+        records, failures = outcome.records, outcome.failures
+        if outcome.ray is not None:
+            result["settings"].update(gpus_per_trial=outcome.ray["gpus_per_trial"],
+                                      ray=outcome.ray)
         trials = []
         for t in plan.trials:
             path = out / t.name
@@ -703,7 +696,38 @@ def run_sweep(
     return result
 
 
-def _run_on_ray(plan: SweepPlan, todo: Sequence[Trial], res: Resources, *, max_retries: int,
+@dataclass
+class Outcome:
+    """What ``train_trials`` did: each trained trial's record (``run_trial``'s), the failed
+    ones' messages, and the Ray cluster's description (None when nothing was to do)."""
+
+    records: dict[str, dict[str, Any]]
+    failures: dict[str, str]
+    ray: dict[str, Any] | None
+
+
+def train_trials(out: Path, trials: Sequence[Trial], res: Resources, *,
+                 max_retries: int = DEFAULT_RETRIES, tolerance: float = 0.0,
+                 force: bool = False, console: Any = None, progress: bool = False) -> Outcome:
+    """Bring every trial's folder ``out/NAME`` to a finished run of its config, on Ray: the
+    finished ones are left alone (Ray is not even started when all are), the others trained
+    or resumed as tasks. A folder holding other settings is refused (``ConfigError``) before
+    anything starts, unless ``force``."""
+    states = {t.name: trial_state(out / t.name, t.config) for t in trials}
+    clash = [t for t in trials if states[t.name] == "other"]
+    if clash and not force:
+        t = clash[0]
+        raise ConfigError(f"{out / t.name} holds {_settings_differ(out / t.name, t.config)}"
+                          ": use --force to train it again, or another --out")
+    todo = [t for t in trials if states[t.name] != "done"
+            or (needs_exact(t.config, tolerance) and not exact_done(out / t.name, tolerance))]
+    if not todo:
+        return Outcome({}, {}, None)
+    return Outcome(*_run_on_ray(out, todo, res, max_retries=max_retries, tolerance=tolerance,
+                                force=force, console=console, progress=progress))
+
+
+def _run_on_ray(out: Path, todo: Sequence[Trial], res: Resources, *, max_retries: int,
                 tolerance: float, force: bool, console: Any, progress: bool,
                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict[str, Any]]:
     ray = _import_ray()
@@ -720,19 +744,19 @@ def _run_on_ray(plan: SweepPlan, todo: Sequence[Trial], res: Resources, *, max_r
         task = ray.remote(run_trial).options(
             num_cpus=res.cpus_per_trial, num_gpus=gpus,
             max_retries=max_retries, retry_exceptions=False)
-        futures = {task.remote(t.config.to_dict(), str((plan.out / t.name).absolute()),
+        futures = {task.remote(t.config.to_dict(), str((out / t.name).absolute()),
                                threads=res.threads, force=force, tolerance=tolerance): t
                    for t in todo}
         pending = list(futures)
         done: dict[str, str] = {}
-        with _ProgressView(plan, todo, console, progress) as view:
+        with _ProgressView(out, todo, console, progress) as view:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
                 for ref in ready:
                     t = futures[ref]
                     try:
                         records[t.name] = ray.get(ref)
-                        m = trial_metrics(plan.out / t.name, tolerance)
+                        m = trial_metrics(out / t.name, tolerance)
                         done[t.name] = (f"done, -ELBO {m['neg_elbo']:.2f}"
                                         if m["neg_elbo"] is not None else "done")
                     except Exception as e:  # noqa: BLE001 - one trial's failure, kept
@@ -740,10 +764,7 @@ def _run_on_ray(plan: SweepPlan, todo: Sequence[Trial], res: Resources, *, max_r
                         done[t.name] = f"failed: {failures[t.name]}"
                     view.finished(t.name, done[t.name])
                 view.update(done)
-    except KeyboardInterrupt:
-        raise VaelabError(f"interrupted: the trials keep their checkpoints; run the same "
-                          f"command again to resume the sweep in {plan.out}") from None
-    finally:
+    finally:  # on Ctrl-C too: the trials keep their checkpoints, the same command resumes
         if started:
             ray.shutdown()
     return records, failures, info
