@@ -434,7 +434,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    "classifier, 50 importance samples; for tests and a first look")
     p.add_argument("--ablations", action="store_true",
                    help="also train without KL warm-up (constant beta = 1) and one run per "
-                   "extra seed of --seeds for both models; report mean ± std over seeds")
+                   "extra seed of --seeds for both models; report mean ± std over seeds (on a "
+                   "CPU with the sweep extra, the runs train at once on a local Ray, one per "
+                   "core)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
                    help="seeds of the runs (the first for the main runs; the rest only with "
                    "--ablations; default 0 1 2)")

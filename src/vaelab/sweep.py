@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vaelab.config import ARCHITECTURE_KNOBS, PRESETS, TrainConfig, resolve_config
-from vaelab.errors import ConfigError, VaelabError
+from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderInUse, FolderLock, is_lock_file
 
@@ -344,7 +344,13 @@ def run_trial(config: dict[str, Any], out: str, *, threads: int = 1, force: bool
         if state == "other" and not force:
             raise ConfigError(f"{path} holds {_settings_differ(path, cfg)}: use --force to "
                               "train it again, or another --out")
-        return Trainer(cfg, path, resume=state == "unfinished", force=force, progress=False)
+        try:
+            return Trainer(cfg, path, resume=state == "unfinished", force=force,
+                           progress=False)
+        except (ConfigError, CheckpointError):
+            if trial_state(path, cfg) != state:  # another attempt wrote it meanwhile: again
+                raise FolderInUse(f"{path} changed while this attempt started") from None
+            raise
 
     trainer = _wait_for(start, path, lock_wait)
     if trainer is not None:
