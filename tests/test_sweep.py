@@ -382,6 +382,16 @@ def test_a_spec_file_gives_the_grid_and_options(tmp_path: Path) -> None:
         [("seed=0", 2, "quick"), ("seed=1", 2, "quick")]
 
 
+def test_a_missing_data_set_exits_2_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "sweep"
+    code, err = cli(["sweep", "--out", str(out), "--preset", "quick", "--dataset",
+                     f"idx:{tmp_path / 'nowhere'}", "--grid", "seed=0,1"], capsys)
+    assert code == 2 and len(err) == 1 and "nowhere: no such folder" in err[0], err
+    assert not out.exists()
+
+
 def test_a_folder_that_is_not_a_sweep_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

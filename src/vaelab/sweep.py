@@ -660,6 +660,7 @@ def run_sweep(
     res = choose_resources(address=address, num_cpus=num_cpus,
                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
     _prepare_sweep_dir(out)
+    check_data([t for t in plan.trials if trial_state(out / t.name, t.config) != "done"])
     t0 = time.perf_counter()
     with FolderLock(out) as lock:  # one sweep at a time in a folder
         lock.keep()
@@ -729,8 +730,19 @@ def train_trials(out: Path, trials: Sequence[Trial], res: Resources, *,
             or (needs_exact(t.config, tolerance) and not exact_done(out / t.name, tolerance))]
     if not todo:
         return Outcome({}, {}, None)
+    check_data(todo)
     return Outcome(*_run_on_ray(out, todo, res, max_retries=max_retries, tolerance=tolerance,
                                 force=force, console=console, progress=progress))
+
+
+def check_data(trials: Sequence[Trial]) -> None:
+    """Read each data set of ``trials`` once (MNIST fetched, if missing), before any worker
+    starts: a bad one is one line now (``DataError``), and the workers do not all fetch it at
+    once."""
+    from vaelab.data import load_dataset
+
+    for name in dict.fromkeys(t.config.dataset for t in trials):
+        load_dataset(name, val_size=0, limit=1)
 
 
 def _run_on_ray(out: Path, todo: Sequence[Trial], res: Resources, *, max_retries: int,
