@@ -359,6 +359,9 @@ def test_a_bad_grid_exits_2_with_one_line_and_writes_nothing(
     ('{"grid": {"seed": []}}', "an empty list of values"),
     ('{"grid": {"seed": [0]}, "sweep": 1}', "unknown spec fields sweep"),
     ('{"grid": {"seed": [0]}, "preset": "huge"}', "unknown preset 'huge'"),
+    ('{"grid": {"seed": [0]}, "options": {"epochs": "three"}}',
+     "option epochs: 'three' is not a whole number"),
+    ('{"grid": {"seed": [0]}, "options": {"warmup": 1}}', "unknown train option(s): warmup"),
 ])
 def test_a_bad_spec_file_exits_2_with_one_line(
     spec: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -502,9 +502,9 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     from vaelab.config import PRESETS
 
     # every `vaelab train` option, as train defines it; the sweep's own below replace some
-    holder = argparse.ArgumentParser(add_help=False)
-    add_train(holder.add_subparsers())
-    train = holder._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    trainers = argparse.ArgumentParser(add_help=False).add_subparsers()
+    add_train(trainers)
+    train = trainers.choices["train"]
     p = sub.add_parser(
         "sweep", parents=[train], conflict_handler="resolve", formatter_class=_PresetDefaults,
         help="train a grid of settings at once on Ray, one run folder per trial",

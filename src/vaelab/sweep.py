@@ -66,14 +66,14 @@ def _field_types() -> dict[str, str]:
     return {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
-def parse_value(key: str, value: Any) -> Any:
+def parse_value(key: str, value: Any, where: str = "--grid") -> Any:
     """One grid value of ``key``, from the command line's text or a spec file's JSON value,
     as ``TrainConfig`` holds it. Raises ``ConfigError`` naming the key and the value."""
     kind = _field_types()[key]
     shown = value if isinstance(value, str) else json.dumps(value)
 
     def bad(what: str) -> ConfigError:
-        return ConfigError(f"--grid {key}: '{shown}' is not {what}")
+        return ConfigError(f"{where} {key}: '{shown}' is not {what}")
 
     if kind in ("int", "int | None"):
         if isinstance(value, bool) or isinstance(value, float):
@@ -105,7 +105,7 @@ def parse_value(key: str, value: Any) -> Any:
         if len(pair) != 2 or any(isinstance(p, (bool, float)) for p in parts):
             raise bad("two whole numbers like 16x32")
         return pair
-    raise ConfigError(f"--grid {key}: this setting cannot be swept")
+    raise ConfigError(f"{where} {key}: this setting cannot be swept")
 
 
 def parse_grid_option(text: str) -> tuple[str, list[str]]:
@@ -222,6 +222,7 @@ def plan_sweep(
         repeated = [v for i, v in enumerate(parsed[key]) if v in parsed[key][:i]]
         if repeated:
             raise ConfigError(f"--grid {key}: the value {_value_text(repeated[0])} is listed twice")
+    given = {k: v if k == "cuda_graphs" else parse_value(k, v, "option") for k, v in given.items()}
     if "dataset" in given:
         given["dataset"] = _absolute_dataset(given["dataset"])
     if "dataset" in parsed:
