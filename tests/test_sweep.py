@@ -181,6 +181,21 @@ def test_a_second_invocation_trains_nothing_and_starts_no_ray(
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_a_rerun_with_other_settings_is_refused_until_force(
+    swept: dict[str, Any], data: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The same folder with --epochs 5: its trials hold 4-epoch runs, so it exits 2 naming the
+    setting that differs, and touches nothing (no Ray, no trial file)."""
+    out = swept["out"]
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    args = [a if a != "4" else "5" for a in sweep_args(data, out)]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"{out / TRIALS[0]} holds a run with other settings (epochs)" in err[0]
+    assert "--force" in err[0]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
 def test_a_rerun_resumes_an_unfinished_trial_to_the_same_weights(
     swept: dict[str, Any], data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

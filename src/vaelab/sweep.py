@@ -661,7 +661,8 @@ def run_sweep(
     res = choose_resources(address=address, num_cpus=num_cpus,
                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
     _prepare_sweep_dir(out)
-    check_data([t for t in plan.trials if trial_state(out / t.name, t.config) != "done"])
+    states = refuse_other_settings(out, plan.trials, force=force)  # before a file is written
+    check_data([t for t in plan.trials if states[t.name] != "done"])
     t0 = time.perf_counter()
     with FolderLock(out) as lock:  # one sweep at a time in a folder
         lock.keep()
@@ -714,6 +715,18 @@ class Outcome:
     ray: dict[str, Any] | None
 
 
+def refuse_other_settings(out: Path, trials: Sequence[Trial], *, force: bool) -> dict[str, str]:
+    """Each trial's ``trial_state``; ``ConfigError`` for the first whose folder holds other
+    settings, unless ``force``."""
+    states = {t.name: trial_state(out / t.name, t.config) for t in trials}
+    clash = [t for t in trials if states[t.name] == "other"]
+    if clash and not force:
+        t = clash[0]
+        raise ConfigError(f"{out / t.name} holds {_settings_differ(out / t.name, t.config)}"
+                          ": use --force to train it again, or another --out")
+    return states
+
+
 def train_trials(out: Path, trials: Sequence[Trial], res: Resources, *,
                  max_retries: int = DEFAULT_RETRIES, tolerance: float = 0.0,
                  force: bool = False, console: Any = None, progress: bool = False) -> Outcome:
@@ -721,12 +734,7 @@ def train_trials(out: Path, trials: Sequence[Trial], res: Resources, *,
     finished ones are left alone (Ray is not even started when all are), the others trained
     or resumed as tasks. A folder holding other settings is refused (``ConfigError``) before
     anything starts, unless ``force``."""
-    states = {t.name: trial_state(out / t.name, t.config) for t in trials}
-    clash = [t for t in trials if states[t.name] == "other"]
-    if clash and not force:
-        t = clash[0]
-        raise ConfigError(f"{out / t.name} holds {_settings_differ(out / t.name, t.config)}"
-                          ": use --force to train it again, or another --out")
+    states = refuse_other_settings(out, trials, force=force)
     todo = [t for t in trials if states[t.name] != "done"
             or (needs_exact(t.config, tolerance) and not exact_done(out / t.name, tolerance))]
     if not todo:
