@@ -72,7 +72,38 @@ def exact_timing() -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing}
+def sweep_timing() -> str:
+    """BENCHMARKS.md: the ablation runs through the sweep against one after another (CPU)."""
+    r = _load("benchmarks/sweep-cpu.json")
+    m, s = r["machine"], r["settings"]
+    cpu = m.get("lscpu", {}).get("Model name", m.get("cpu", "?"))
+    limit = "all images" if s["limit"] is None else f"the first {s['limit']:,} images per split"
+    lines = [f"Measured with `python benchmarks/sweep_bench.py --out benchmarks/sweep-cpu.json` "
+             f"on {cpu} ({m.get('affinity_cores', m.get('cores', '?'))} cores), torch "
+             f"{m.get('torch', '?')}: the {len(s['runs'])} runs `--ablations` adds "
+             f"({', '.join(s['runs'])}), preset {s['preset']}, {s['epochs']} epoch(s), {limit}. "
+             f"One after another: one process, {s['sequential_threads']} torch threads, or 1. "
+             f"Sweep: a local Ray, {s['sweep_trials_at_once']} trials at once, "
+             f"{s['sweep_threads_per_trial']} thread each, Ray's start and stop included.", "",
+             "| round | one after another, s | the same, 1 thread, s | sweep, s | speed-up "
+             "(against each) | load average before (1 min) | largest -ELBO difference |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, row in enumerate(r["rounds"], 1):
+        a, one, b = (row["one_after_another"], row["one_after_another_1_thread"],
+                     row["sweep"])
+        diff = max(abs(x["neg_elbo"][n] - b["neg_elbo"][n]) for x in (a, one)
+                   for n in b["neg_elbo"])
+        lines.append(f"| {i} | {a['seconds']:.1f} | {one['seconds']:.1f} | {b['seconds']:.1f} | "
+                     f"{a['seconds'] / b['seconds']:.2f}x, {one['seconds'] / b['seconds']:.2f}x "
+                     f"| {a['loadavg_before'][0]:.1f}, {one['loadavg_before'][0]:.1f}, "
+                     f"{b['loadavg_before'][0]:.1f} | {diff:.3f} |")
+    if r.get("note"):
+        lines += ["", r["note"]]
+    return "\n".join(lines)
+
+
+SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
+            "sweep-timing": sweep_timing}
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
 PATTERN = re.compile(r"(<!-- render:([\w-]+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 

@@ -350,12 +350,28 @@ def test_cli_evaluate_samples_and_full(study, capsys) -> None:
     assert main(["evaluate", run, "--samples", "-1"]) == 2
 
 
-def test_reproduce_with_ablations(study, data_dir, tmp_path) -> None:
+def test_reproduce_with_ablations(study, data_dir, tmp_path, monkeypatch) -> None:
+    """The four new runs train through the sweep (a local Ray) on this CPU; the two main runs
+    are reused."""
+    import vaelab.sweep
+
     out, _ = study
     copy = tmp_path / "ablations"
     shutil.copytree(out, copy)
+    swept = []
+    real = vaelab.sweep.train_trials
+
+    def spy(folder, trials, *args, **kwargs):
+        swept.append(sorted(t.name for t in trials))
+        outcome = real(folder, trials, *args, **kwargs)
+        swept.append(sorted(n for n, r in outcome.records.items() if r["trained"]))
+        return outcome
+
+    monkeypatch.setattr(vaelab.sweep, "train_trials", spy)
     results = reproduce(copy, quick=True, ablations=True, seeds=(0, 1), num_samples=3,
                         dataset=f"idx:{data_dir}", progress=False, formats=("png",))
+    new = ["cvae-no-warmup", "cvae-seed1", "vae-no-warmup", "vae-seed1"]
+    assert swept == [new, new]
     assert set(results["runs"]) == {"vae", "cvae", "vae-seed1", "cvae-seed1", "vae-no-warmup",
                                     "cvae-no-warmup"}
     assert results["runs"]["vae-no-warmup"]["path"].endswith("no-warmup")

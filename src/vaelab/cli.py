@@ -434,7 +434,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    "classifier, 50 importance samples; for tests and a first look")
     p.add_argument("--ablations", action="store_true",
                    help="also train without KL warm-up (constant beta = 1) and one run per "
-                   "extra seed of --seeds for both models; report mean ± std over seeds")
+                   "extra seed of --seeds for both models; report mean ± std over seeds (on a "
+                   "CPU with the sweep extra, the runs train at once on a local Ray, one per "
+                   "core)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
                    help="seeds of the runs (the first for the main runs; the rest only with "
                    "--ablations; default 0 1 2)")
@@ -460,6 +462,93 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    "deleted), retrain runs and the classifier whose settings changed, and "
                    "redraw every figure")
     p.set_defaults(func=cmd_reproduce)
+
+
+# --------------------------------------------------------------------------------------------
+# vaelab sweep
+# --------------------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vaelab.sweep import format_table, load_spec, parse_grid_option, plan_sweep, run_sweep
+
+    for flag in ("resume", "tensorboard", "detect_anomaly"):
+        if getattr(args, flag):
+            raise VaelabError(f"--{flag.replace('_', '-')} is not a sweep option"
+                              + (": a sweep always resumes its unfinished trials"
+                                 if flag == "resume" else ""))
+    spec = load_spec(args.spec) if args.spec is not None else {}
+    grid: dict[str, list] = dict(spec.get("grid", {}))
+    for text in args.grid:
+        key, values = parse_grid_option(text)
+        if key in grid:
+            raise VaelabError(f"--grid {key} is given twice: give each key once")
+        grid[key] = values
+    given = {k: v for k, v in _train_overrides(args).items() if v is not None}
+    options = {**spec.get("options", {}), **given}
+    plan = plan_sweep(args.out, grid=grid, preset=args.preset or spec.get("preset", "seed"),
+                      options=options)
+    console = _console()
+    result = run_sweep(plan, address=args.address, num_cpus=args.num_cpus,
+                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                       max_retries=args.max_retries, tolerance=args.tolerance, force=args.force,
+                       console=None if args.quiet else console,
+                       progress=not args.quiet and sys.stdout.isatty())
+    format_table(result, console)
+    console.print(f"{len(plan.trials)} trials ({result['trained']} trained now) in {args.out}; "
+                  f"table in {args.out / 'sweep.md'}")
+    return 0
+
+
+def add_sweep(sub: argparse._SubParsersAction) -> None:
+    from vaelab.config import PRESETS
+
+    # every `vaelab train` option, as train defines it; the sweep's own below replace some
+    trainers = argparse.ArgumentParser(add_help=False).add_subparsers()
+    add_train(trainers)
+    train = trainers.choices["train"]
+    p = sub.add_parser(
+        "sweep", parents=[train], conflict_handler="resolve", formatter_class=_PresetDefaults,
+        help="train a grid of settings at once on Ray, one run folder per trial",
+        description="Train every combination of the --grid values (over a preset and any "
+        "`vaelab train` option) as Ray tasks: a local Ray with one trial per core by default "
+        "(two per GPU on CUDA), or a running cluster with --address. Each trial is an "
+        "ordinary run folder OUT/KEY=V,... (evaluate, plot and explore work on it); a worker "
+        "that dies is retried and resumes from its last checkpoint; running the same command "
+        "again skips finished trials and resumes unfinished ones. Writes OUT/sweep.json and "
+        "OUT/sweep.md: one row per setting, mean ± std over seeds of the test recon, KL, "
+        "-ELBO and, for a 1- or 2-D latent, the exact -log p(x). Needs the sweep extra "
+        "(pip install 'vaelab[sweep]').",
+        epilog="Example: `vaelab sweep --out sweeps/seeds --preset quick --grid seed=0,1,2 "
+        "--grid latent_dim=2,5`.")
+    p.add_argument("--out", required=True, type=Path, help="sweep folder to write")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="base settings (default: the spec's, else seed)")
+    p.add_argument("--model", choices=["vae", "cvae"], default=None, help="model kind")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a train option's name (as in --latent-dim: latent_dim) and its "
+                   "values; repeat for more keys; the trials are every combination")
+    p.add_argument("--spec", type=Path, default=None, metavar="FILE",
+                   help='the grid from a JSON file: {"preset": "quick", "options": '
+                   '{"epochs": 3}, "grid": {"seed": [0, 1, 2]}}')
+    p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                   help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--num-cpus", type=_positive_int, default=None,
+                   help="CPUs of the local Ray (default: every core of this machine)")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs (and torch threads) of each trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="share of a GPU per trial, e.g. 0.25 packs four on one (default 0.5 "
+                   "where Ray sees a GPU, else 0)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="times a trial whose worker died is retried (default 3)")
+    p.add_argument("--tolerance", type=float, default=0.1, metavar="NATS",
+                   help="exact -log p(x) of each 1- or 2-D trial within NATS per test image "
+                   "(default 0.1; 0 skips it)")
+    p.add_argument("--force", action="store_true",
+                   help="train again a trial whose folder holds a run of other settings")
+    for flag in ("--resume", "--tensorboard", "--detect-anomaly"):  # not for a sweep's trials
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress view or trial lines")
+    p.set_defaults(func=cmd_sweep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot(sub)
     add_classifier(sub)
     add_reproduce(sub)
+    add_sweep(sub)
     add_explore(sub)
     return parser
 

@@ -4,7 +4,8 @@
 
     vaelab-report.json   marks the folder as a vaelab report (so a re-run may reuse it)
     runs/vae, runs/cvae  the two models (the ``seed`` preset), reused when already finished
-    runs/*-seed*, runs/*-no-warmup      ablation runs (``ablations=True``)
+    runs/*-seed*, runs/*-no-warmup      ablation runs (``ablations=True``; on a CPU trained
+                                        at once through ``vaelab.sweep`` where Ray is installed)
     classifier/          the CNN that judges the CVAE's samples
     evaluations/         each run's numbers, reused while its weights and the settings agree
     figures/{vae,cvae}/  every figure of ``vaelab.plots``, PNG and PDF
@@ -35,7 +36,7 @@ import torch
 from vaelab.checkpoint import Run, load_run
 from vaelab.config import PRESETS, TrainConfig, resolve_config
 from vaelab.data import Dataset
-from vaelab.errors import CheckpointError, ConfigError
+from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderLock, is_lock_file
 
@@ -218,19 +219,48 @@ def _plan_run(
 def ensure_runs(
     jobs: Sequence[tuple[Path, TrainConfig]], *, force: bool, progress: bool,
     log: Callable[[str], None], device: torch.device, parallel: int = 2,
+    sweep: bool = False, console: Any = None,
 ) -> list[Run]:
     """The finished runs ``[(path, config), ...]``: each reused if there, resumed if
-    unfinished, trained if absent (on CUDA up to ``parallel`` side by side, see
-    ``train_concurrently``). A run of another config is replaced only with ``force``."""
-    from vaelab.train import train_concurrently
+    unfinished, trained if absent. On CUDA up to ``parallel`` train side by side in one
+    process (``train_concurrently``); elsewhere, with ``sweep`` and Ray installed, they train
+    at once as the tasks of a local Ray, one per core (``vaelab.sweep.train_trials``), else one
+    after the other. A run of another config is replaced only with ``force``."""
+    from vaelab.train import dist_env, train_concurrently
 
     todo = []
     for path, config in jobs:
         options = _plan_run(path, config, force=force, log=log)
         if options is not None:
             todo.append((config, path, options))
-    train_concurrently(todo, parallel=parallel, progress=progress, log=log)
+    folders = {path.parent for _, path, _ in todo}
+    if sweep and len(todo) > 1 and device.type != "cuda" and len(folders) == 1 \
+            and dist_env()[1] == 1 and _sweep_available(log):
+        from vaelab.sweep import Trial, choose_resources, train_trials
+
+        log(f"training {len(todo)} runs at once on a local Ray (vaelab sweep, one per core)")
+        outcome = train_trials(
+            folders.pop(), [Trial(path.name, {}, cfg) for cfg, path, _ in todo],
+            choose_resources(address=None, num_cpus=None, cpus_per_trial=None,
+                             gpus_per_trial=0),
+            force=force, console=console, progress=progress)
+        if outcome.failures:
+            name, message = next(iter(outcome.failures.items()))
+            raise VaelabError(f"{len(outcome.failures)} of {len(todo)} runs failed "
+                              f"({name}: {message})")
+    else:
+        train_concurrently(todo, parallel=parallel, progress=progress, log=log)
     return [load_run(path, device) for path, _ in jobs]
+
+
+def _sweep_available(log: Callable[[str], None]) -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        log("training the runs one after the other (pip install 'vaelab[sweep]' to train "
+            "them at once, one per core)")
+        return False
+    return True
 
 
 def ensure_run(
@@ -460,7 +490,8 @@ def run_study(
                     jobs[name] = cfg
                 annealing[kind][arm] = name or kind
     runs_done = ensure_runs([(out / "runs" / name, cfg) for name, cfg in jobs.items()],
-                            force=force, progress=progress, log=log, device=device)
+                            force=force, progress=progress, log=log, device=device,
+                            sweep=ablations, console=console)
     named.update(zip(jobs, runs_done, strict=True))
     named = {k: named[k] for k in [*KINDS, *(n for n in jobs if n not in KINDS)]}
     timings["training"] = time.perf_counter() - t0
