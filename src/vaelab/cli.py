@@ -16,6 +16,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vaelab import __version__
 from vaelab.errors import VaelabError
@@ -47,6 +48,17 @@ def _positive_int(text: str) -> int:
 def _count(text: str) -> int:
     """argparse type: a whole number >= 0 (a number of optional layers)."""
     return _whole_number(text, 0)
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed, a whole number from 0 to 2^63 - 1."""
+    from vaelab.config import SEED_MAX
+
+    value = _whole_number(text, 0)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= 2^63 - 1, got {text[:30]}"
+                                         + ("..." if len(text) > 30 else ""))
+    return value
 
 
 class _PresetDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -140,13 +152,24 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """What ``vaelab train ARGS`` asks ``train`` for: (config, None) for a new run, resolved
+    and validated; (None, changes) for ``--resume``, the options given explicitly (an option
+    left out is None), which ``train`` checks against the run's config."""
     from vaelab.config import resolve_config
+
+    overrides = _train_overrides(args)
+    if args.resume:
+        return None, {**overrides, "preset": args.preset}
+    return resolve_config(args.preset or "seed", **overrides), None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from vaelab.train import dist_env, train
 
     console = _console()
-    config = resolve_config(args.preset, **_train_overrides(args))
-    result = train(config, args.out, resume=args.resume, force=args.force,
+    config, changes = train_request(args)
+    result = train(config, args.out, resume=args.resume, force=args.force, changes=changes,
                    progress=not args.quiet and sys.stdout.isatty(),
                    detect_anomaly=args.detect_anomaly, tensorboard=args.tensorboard,
                    log=None if args.quiet else console.print)
@@ -173,8 +196,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "killed or interrupted run exactly.",
         formatter_class=_PresetDefaults)
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--model", choices=["vae", "cvae"], default="vae", help="model kind")
-    p.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="base settings")
+    p.add_argument("--model", choices=["vae", "cvae"], default=None,
+                   help="model kind (default: vae)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="base settings (default: seed)")
     p.add_argument("--dataset", default=None, help="mnist or idx:DIR (default: mnist)")
     p.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size")
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs")
@@ -191,7 +216,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--free-bits", type=float, default=None,
                    help="minimum KL per latent dimension, in nats (0: off)")
     p.add_argument("--likelihood", choices=LIKELIHOODS, default=None, help="p(x|z)")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2^63 - 1")
     p.add_argument("--device", choices=DEVICES, default=None, help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast where the hardware has it (auto), or force one")
@@ -223,7 +248,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="decoder features at full resolution before a 3x3 conv to the "
                    "logits (0: the last transposed conv gives the logits)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest good checkpoint")
+                   help="continue the run in --out from its newest good checkpoint, with its "
+                   "saved config. Other options may be given only where they agree with it, "
+                   "except those safe to change: --device, --no-cuda-graphs, "
+                   "--checkpoint-every, --quiet, --tensorboard, --detect-anomaly (and the "
+                   "thread count, OMP_NUM_THREADS), and --epochs N to train a run on to N "
+                   "epochs (or stop it sooner) where its schedules do not depend on its length "
+                   "(--lr-schedule constant, and a beta schedule other than cyclical). Any other "
+                   "option that differs is refused, with the run's value. Bitwise the same "
+                   "weights as an uninterrupted run: with the same device, thread count and "
+                   "torch version. A folder whose run saved nothing (no checkpoint) starts over")
     p.add_argument("--force", action="store_true", help="replace a run already in --out")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files (scalars, image grids)")
@@ -301,7 +335,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                        "KL and -ELBO in nats per image (beta = 1), and the importance-sampled "
                        "log p(x) (Burda et al. 2015) with its gap to the ELBO.")
     p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's z samples")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the evaluation's z samples, 0 to 2^63 - 1")
     p.add_argument("--samples", type=int, default=1000, metavar="K",
                    help="importance samples per image for the log p(x) estimate (default "
                    "1000; 0 skips it)")
@@ -380,7 +415,7 @@ def add_classifier(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, type=Path, help="folder to write")
     t.add_argument("--epochs", type=_positive_int, default=3, help="epochs")
     t.add_argument("--dataset", default="mnist", help="mnist or idx:DIR")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2^63 - 1")
     t.add_argument("--limit", type=_positive_int, default=None,
                    help="use only the first N images of each split")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -435,7 +470,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablations", action="store_true",
                    help="also train without KL warm-up (constant beta = 1) and one run per "
                    "extra seed of --seeds for both models; report mean ± std over seeds")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2], metavar="S",
                    help="seeds of the runs (the first for the main runs; the rest only with "
                    "--ablations; default 0 1 2)")
     p.add_argument("--logpx-images", type=int, default=None, metavar="N",

@@ -47,6 +47,7 @@ class FolderLock:
         self.folder = Path(folder)
         self._lock: filelock.BaseFileLock | None = None
         self._created = False
+        self._created_parents: list[Path] = []  # made on the way to folder, nearest first
 
     @property
     def held(self) -> bool:
@@ -58,6 +59,11 @@ class FolderLock:
         if self.folder.exists() and not self.folder.is_dir():
             raise VaelabError(f"{self.folder} exists and is not a folder")
         self._created = not self.folder.exists()
+        self._created_parents = []
+        parent = self.folder.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            self._created_parents.append(parent)
+            parent = parent.parent
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -92,7 +98,8 @@ class FolderLock:
             self._forget_created()
 
     def _forget_created(self) -> None:
-        """Remove a folder this lock created if it holds nothing but the lock's files."""
+        """Remove a folder this lock created if it holds nothing but the lock's files, and
+        the parent folders it created on the way that are left empty."""
         if not self._created:
             return
         self._created = False
@@ -101,12 +108,15 @@ class FolderLock:
                 for name in LOCK_FILES:
                     (self.folder / name).unlink(missing_ok=True)
                 self.folder.rmdir()
+            for parent in self._created_parents:
+                parent.rmdir()  # OSError once one is not empty: the rest stay too
         except OSError:
             pass
 
     def keep(self) -> None:
         """The folder now holds the writer's work: ``release`` leaves it in place."""
         self._created = False
+        self._created_parents = []
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
