@@ -75,40 +75,47 @@ class TrainConfig:
         self.check_types()
         self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
         checks: list[tuple[bool, str]] = [
-            (self.model in MODEL_KINDS, f"unknown model '{self.model}': choose vae or cvae"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.latent_dim >= 1, f"latent size must be >= 1, got {self.latent_dim}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.model in MODEL_KINDS, f"unknown model {_short(self.model)}: choose vae or cvae"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {_short(self.epochs)}"),
+            (self.latent_dim >= 1, f"latent size must be >= 1, got {_short(self.latent_dim)}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {_short(self.batch_size)}"),
+            (math.isfinite(self.lr) and self.lr > 0,
+             f"learning rate must be > 0, got {_short(self.lr)}"),
             (self.lr_schedule in LR_SCHEDULES,
-             f"unknown lr schedule '{self.lr_schedule}': choose {' or '.join(LR_SCHEDULES)}"),
+             f"unknown lr schedule {_short(self.lr_schedule)}: choose "
+             f"{' or '.join(LR_SCHEDULES)}"),
             (self.beta_schedule in BETA_SCHEDULES,
-             f"unknown beta schedule '{self.beta_schedule}': choose one of "
+             f"unknown beta schedule {_short(self.beta_schedule)}: choose one of "
              f"{', '.join(BETA_SCHEDULES)}"),
             (0 <= self.warmup_epochs <= MAX_WARMUP_EPOCHS,
              f"warm-up epochs must be >= 0 and <= {MAX_WARMUP_EPOCHS:g}, "
-             f"got {self.warmup_epochs}"),
+             f"got {_short(self.warmup_epochs)}"),
             (0 <= self.seed <= SEED_MAX, seed_message(self.seed)),
-            (math.isfinite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
-            (self.cycles >= 1, f"cycles must be >= 1, got {self.cycles}"),
+            (math.isfinite(self.beta) and self.beta >= 0,
+             f"beta must be >= 0, got {_short(self.beta)}"),
+            (self.cycles >= 1, f"cycles must be >= 1, got {_short(self.cycles)}"),
             (math.isfinite(self.free_bits) and self.free_bits >= 0,
-             f"free bits must be >= 0, got {self.free_bits}"),
+             f"free bits must be >= 0, got {_short(self.free_bits)}"),
             (self.likelihood in LIKELIHOODS,
-             f"unknown likelihood '{self.likelihood}': choose one of {', '.join(LIKELIHOODS)}"),
+             f"unknown likelihood {_short(self.likelihood)}: choose one of "
+             f"{', '.join(LIKELIHOODS)}"),
             (self.activation in ACTIVATIONS,
-             f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}"),
-            (self.device in DEVICES, f"unknown device '{self.device}': choose auto, cpu or cuda"),
+             f"unknown activation {_short(self.activation)}: choose one of "
+             f"{', '.join(ACTIVATIONS)}"),
+            (self.device in DEVICES,
+             f"unknown device {_short(self.device)}: choose auto, cpu or cuda"),
             (isinstance(self.cuda_graphs, bool),
-             f"cuda_graphs must be true or false, got {self.cuda_graphs!r}"),
+             f"cuda_graphs must be true or false, got {_short(self.cuda_graphs)}"),
             (self.precision in PRECISIONS,
-             f"unknown precision '{self.precision}': choose auto, fp32 or bf16"),
-            (self.val_size >= 0, f"validation size must be >= 0, got {self.val_size}"),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+             f"unknown precision {_short(self.precision)}: choose auto, fp32 or bf16"),
+            (self.val_size >= 0, f"validation size must be >= 0, got {_short(self.val_size)}"),
+            (self.limit is None or self.limit >= 1,
+             f"limit must be >= 1, got {_short(self.limit)}"),
             (self.checkpoint_every >= 0,
-             f"checkpoint-every must be >= 0 steps, got {self.checkpoint_every}"),
+             f"checkpoint-every must be >= 0 steps, got {_short(self.checkpoint_every)}"),
             (self.eval_batch_size >= 1, "eval batch size must be >= 1"),
             (self.dataset == "mnist" or self.dataset.startswith("idx:"),
-             f"unknown dataset '{self.dataset}': choose mnist or idx:DIR"),
+             f"unknown dataset {_short(self.dataset)}: choose mnist or idx:DIR"),
         ]
         for ok, message in checks:
             if not ok:
@@ -142,7 +149,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown config fields: {field_names(unknown)}")
         # a knob a run's config.json predates was not in its network: take ModelSpec's default
         # (the layer absent), never TrainConfig's (vaelab's current architecture)
         spec_defaults = {f.name: f.default for f in fields(ModelSpec)}
@@ -151,6 +158,14 @@ class TrainConfig:
         cfg.check_types()
         cfg.channels = tuple(cfg.channels)  # type: ignore[assignment]
         return cfg
+
+
+def field_names(names: Any, most: int = 5) -> str:
+    """Field names for a message: the first ``most``, each cut short, quoted when not plain."""
+    shown = [n if isinstance(n, str) and n.isidentifier() and len(n) <= 40 else _short(n)
+             for n in sorted(names, key=str)[:most]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _is_int(value: Any) -> bool:
@@ -305,7 +320,7 @@ def resume_config(saved: TrainConfig, changes: Mapping[str, Any], *, run: str) -
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(changes) - known
     if unknown:
-        raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown config fields: {field_names(unknown)}")
     safe: dict[str, Any] = {}
     conflicts: list[str] = []
     for name, value in changes.items():
@@ -356,5 +371,5 @@ def resolve_config(preset: str = "seed", **overrides: Any) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     bad = set(changes) - known
     if bad:
-        raise ConfigError(f"unknown config fields: {', '.join(sorted(bad))}")
+        raise ConfigError(f"unknown config fields: {field_names(bad)}")
     return replace(cfg, **changes).validate()

@@ -121,7 +121,9 @@ class ModelSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise CheckpointError(f"model spec has unknown fields: {', '.join(sorted(unknown))}")
+            names = [n if n.isidentifier() and len(n) <= 40 else repr(n)[:40]
+                     for n in sorted(unknown)[:5]]
+            raise CheckpointError(f"model spec has unknown fields: {', '.join(names)}")
         return cls(**d)
 
 
