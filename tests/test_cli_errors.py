@@ -525,6 +525,7 @@ def test_a_seed_out_of_range_exits_2_and_leaves_nothing(
 
 
 def test_the_api_range_checks_seeds(data: Path, tmp_path: Path) -> None:
+    from vaelab.classifier import train_classifier
     from vaelab.config import TrainConfig
     from vaelab.errors import ConfigError
     from vaelab.report import reproduce
@@ -536,6 +537,9 @@ def test_the_api_range_checks_seeds(data: Path, tmp_path: Path) -> None:
             reproduce(tmp_path / "study", quick=True, dataset=f"idx:{data}", seeds=(0, seed),
                       progress=False)
         assert not (tmp_path / "study").exists()
+        with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
+            train_classifier(f"idx:{data}", tmp_path / "classifier", seed=seed)
+        assert not (tmp_path / "classifier").exists()
     TrainConfig(seed=2**63 - 1).validate()
 
 
