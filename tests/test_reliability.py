@@ -627,6 +627,13 @@ def test_a_run_that_saved_something_still_needs_resume_or_force(
     (finished / "metrics.jsonl").write_text("")
     code, err = cli(train_args(data, finished), capsys)
     assert code == 2 and "already holds a run: use --resume" in err[0]
+    # nor is a folder whose config.json is not a vaelab run's
+    other = finished.parent / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"theme": "dark"}')
+    code, err = cli(train_args(data, other), capsys)
+    assert code == 2 and "already holds a run: use --resume" in err[0]
+    assert (other / "config.json").read_text() == '{"theme": "dark"}'
 
 
 # --------------------------------------------------------------------------------------------

@@ -173,6 +173,10 @@ def saved_nothing(out: Path) -> bool:
             return False
         if child.name == "checkpoints" and not child.is_dir():
             return False
+    try:  # a config.json that is not vaelab's is someone's file: never replaced unasked
+        read_config(out)
+    except CheckpointError:
+        return False
     return True
 
 
