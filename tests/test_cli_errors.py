@@ -409,3 +409,209 @@ def test_an_idx_file_with_no_images_says_so(
     assert_refused(code, err, stdout, f"{empty} holds no images")
     assert "val_size" not in err[0]
     assert not out.exists()
+
+
+# Run files of the wrong shape (issue 17, part 3): one line, never a traceback
+# --------------------------------------------------------------------------------------------
+def _config_with(run: Path, **fields: object) -> None:
+    meta = json.loads((run / "config.json").read_text())
+    meta["config"].update(fields)
+    (run / "config.json").write_text(json.dumps(meta))
+
+
+BAD_CONFIGS = [
+    ("empty-object", lambda run: (run / "config.json").write_text("{}"),
+     'not an object with a "config" object'),
+    ("a-list", lambda run: (run / "config.json").write_text("[1, 2]"),
+     'not an object with a "config" object'),
+    ("config-a-string", lambda run: (run / "config.json").write_text('{"config": "vae"}'),
+     'not an object with a "config" object'),
+    ("limit-abc", lambda run: _config_with(run, limit="abc"),
+     "limit must be a whole number or null, got 'abc'"),
+    ("epochs-2.5", lambda run: _config_with(run, epochs=2.5), "epochs must be a whole number"),
+    ("channels-8", lambda run: _config_with(run, channels=8),
+     "channels must be a list of 2 whole numbers, got 8"),
+    ("cuda-graphs-yes", lambda run: _config_with(run, cuda_graphs="yes"),
+     "cuda_graphs must be true or false"),
+    ("lr-null", lambda run: _config_with(run, lr=None), "lr must be a number, got None"),
+    ("dataset-7", lambda run: _config_with(run, dataset=7), "dataset must be a string, got 7"),
+    ("seed-2^64", lambda run: _config_with(run, seed=2**64), "seed must be a whole number from 0"),
+    ("latent-0", lambda run: _config_with(run, latent_dim=0), "latent size must be >= 1"),
+    ("not-utf8", lambda run: (run / "config.json").write_bytes(b"\xff\xfe{"), "is corrupted"),
+]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "plot", "resume"])
+@pytest.mark.parametrize("damage, why", [c[1:] for c in BAD_CONFIGS],
+                         ids=[c[0] for c in BAD_CONFIGS])
+def test_a_config_json_of_the_wrong_shape_exits_2_naming_it(
+    run_copy: Path, capsys: pytest.CaptureFixture[str], command: str, damage: object, why: str
+) -> None:
+    damage(run_copy)  # type: ignore[operator]
+    before = snapshot(run_copy)
+    argv = (["train", "--resume", "--out", str(run_copy)] if command == "resume"
+            else [command, str(run_copy), *(["--samples", "0"] if command == "evaluate" else [])])
+    assert_refused(*cli(argv, capsys), str(run_copy / "config.json"), why)
+    assert snapshot(run_copy) == before
+
+
+def test_the_api_refuses_a_config_json_of_the_wrong_shape_with_a_typed_error(
+    run_copy: Path
+) -> None:
+    from vaelab.checkpoint import load_run, read_config
+    from vaelab.errors import CheckpointError
+
+    (run_copy / "config.json").write_text("[1, 2]")
+    for load in (read_config, load_run):
+        with pytest.raises(CheckpointError, match="config.json is corrupted"):
+            load(run_copy)
+
+
+ROW = {"epoch": 1, "step": 8, "beta": 1.0, "lr": 0.001, "train_recon": 500.0, "train_kl": 2.0,
+       "train_neg_elbo": 502.0, "train_loss": 502.0, "train_kl_per_dim": [1.0, 1.0]}
+BAD_ROWS = [
+    ("42", "42", "line 1 is not a metrics row (an object), got int"),
+    ("a-string", '"epoch"', "line 1 is not a metrics row (an object), got str"),
+    ("a-list", "[1, 2]", "got list"),
+    ("null", "null", "got NoneType"),
+    ("epoch-one", json.dumps({**ROW, "epoch": "one"}), "line 1: epoch must be a whole number"),
+    ("epoch-true", json.dumps({**ROW, "epoch": True}), "line 1: epoch must be a whole number"),
+    ("recon-text", json.dumps({**ROW, "train_recon": "500"}), "train_recon must be a number"),
+    ("kl-per-dim-dict", json.dumps({**ROW, "train_kl_per_dim": {"a": 1}}),
+     "train_kl_per_dim must be a list of numbers"),
+    ("huge-int", json.dumps({**ROW, "train_kl": 10**400}), "train_kl must be a number"),
+    ("missing-fields", json.dumps({"epoch": 1}),
+     "line 1 lacks step, train_recon, train_kl, train_neg_elbo"),
+]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "plot"])
+@pytest.mark.parametrize("line, why", [r[1:] for r in BAD_ROWS], ids=[r[0] for r in BAD_ROWS])
+def test_a_metrics_row_of_the_wrong_shape_exits_2_naming_its_line(
+    run_copy: Path, capsys: pytest.CaptureFixture[str], command: str, line: str, why: str
+) -> None:
+    (run_copy / "metrics.jsonl").write_text(line + "\n")
+    argv = [command, str(run_copy), *(["--samples", "0"] if command == "evaluate" else [])]
+    assert_refused(*cli(argv, capsys), str(run_copy / "metrics.jsonl"), why)
+
+
+def test_a_good_metrics_row_still_loads(run_copy: Path) -> None:
+    from vaelab.checkpoint import read_metrics
+
+    (run_copy / "metrics.jsonl").write_text(json.dumps({**ROW, "extra": "kept"}) + "\n")
+    assert read_metrics(run_copy) == [{**ROW, "extra": "kept"}]
+
+
+def test_a_file_given_as_a_run_folder_is_named_as_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "run"
+    path.write_text("not a run")
+    assert_refused(*cli(["evaluate", str(path)], capsys), f"{path} is a file, not a run folder")
+
+
+# --------------------------------------------------------------------------------------------
+# Models too large, seeds out of range, failed starts (issue 17, part 3)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [
+    ["--latent-dim", "1000000000"], ["--enc-hidden", "100000000000"],
+    ["--latent-dim", "4611686018427387904"], ["--dec-hidden", "10" + "0" * 4000],
+    ["--batch-size", "1000000000000", "--limit", "10000000000000"],
+], ids=["latent-1e9", "enc-hidden-1e11", "latent-2^62", "dec-hidden-1e4001", "batch-1e12"])
+def test_a_model_that_cannot_fit_is_refused_before_it_is_allocated(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, extra: list[str]
+) -> None:
+    import vaelab.train
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("the model was built before its size was checked")
+
+    monkeypatch.setattr(vaelab.train, "build_model", no_build)
+    out = tmp_path / "run"
+    code, err, stdout = cli(train_args(data, out, *extra), capsys)
+    assert_refused(code, err, stdout, "the model cannot fit", "more than this machine's",
+                   "of memory; choose smaller sizes")
+    assert len(err[0]) < 400
+    assert not out.exists()
+
+
+def test_the_memory_check_compares_the_estimate_with_the_machine(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate (weights, gradients and Adam's moments at 4 bytes each, plus activations)
+    is compared with the machine's memory: the quick preset fits in 64 MiB, not in 8 MiB."""
+    import vaelab.config
+    from vaelab.config import resolve_config, training_memory_bytes
+    from vaelab.errors import ConfigError
+    from vaelab.models import build_model
+
+    cfg = resolve_config("quick")
+    params = sum(p.numel() for p in build_model(cfg.model_spec()).parameters())
+    assert cfg.model_spec().parameter_count() == params
+    need = training_memory_bytes(cfg)
+    assert 16 * params < need < 64 * 2**20
+    monkeypatch.setattr(vaelab.config, "machine_memory", lambda: 64 * 2**20)
+    resolve_config("quick")
+    monkeypatch.setattr(vaelab.config, "machine_memory", lambda: 8 * 2**20)
+    with pytest.raises(ConfigError, match=r"more than this machine's 8\.0 MiB of memory"):
+        resolve_config("quick")
+
+
+BAD_SEEDS = [str(2**64), str(2**63), "-1", "1" + "0" * 30]
+
+
+@pytest.mark.parametrize("seed", BAD_SEEDS)
+@pytest.mark.parametrize("command", ["train", "evaluate", "reproduce", "classifier"])
+def test_a_seed_out_of_range_exits_2_and_leaves_nothing(
+    data: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    command: str, seed: str
+) -> None:
+    out = tmp_path / "out"
+    argv = {
+        "train": train_args(data, out, "--seed", seed),
+        "evaluate": ["evaluate", str(finished), "--seed", seed],
+        "reproduce": ["reproduce", "--out", str(out), "--quick", "--dataset", f"idx:{data}",
+                      "--seeds", "0", seed],
+        "classifier": ["classifier", "train", "--out", str(out), "--seed", seed],
+    }[command]
+    before = snapshot(finished)
+    option = "--seeds" if command == "reproduce" else "--seed"
+    assert_refused(*cli(argv, capsys), f"argument {option}: must be")
+    assert not out.exists()
+    assert snapshot(finished) == before
+
+
+def test_the_api_range_checks_seeds(data: Path, tmp_path: Path) -> None:
+    from vaelab.classifier import train_classifier
+    from vaelab.config import TrainConfig
+    from vaelab.errors import ConfigError
+    from vaelab.report import reproduce
+
+    for seed in (2**64, -1):
+        with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
+            TrainConfig(seed=seed).validate()
+        with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
+            reproduce(tmp_path / "study", quick=True, dataset=f"idx:{data}", seeds=(0, seed),
+                      progress=False)
+        assert not (tmp_path / "study").exists()
+        with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
+            train_classifier(f"idx:{data}", tmp_path / "classifier", seed=seed)
+        assert not (tmp_path / "classifier").exists()
+    TrainConfig(seed=2**63 - 1).validate()
+
+
+def test_a_failed_start_leaves_no_folder_it_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run into a/b/run, or a study into study/, refused by a missing data set: neither the
+    folder nor the parents it created are left (the study had already written its marker and
+    made runs/)."""
+    missing = f"idx:{tmp_path / 'nowhere'}"
+    assert_refused(*cli(train_args(missing, tmp_path / "a" / "b" / "run"), capsys),
+                   "no such folder")
+    assert not (tmp_path / "a").exists()
+    code, err, _ = cli(["reproduce", "--out", str(tmp_path / "study"), "--quick",
+                        "--dataset", missing], capsys)  # (its "training ..." lines on stdout)
+    assert code == 2 and len(err) == 1 and "no such folder" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -575,3 +575,195 @@ def test_a_nan_before_any_checkpoint_says_nothing_was_kept(
     code, err = cli(train_args(data, tmp_path / "run"), capsys)
     assert code == 2 and len(err) == 1
     assert "no checkpoint had been saved" in err[0] and "kept in" not in err[0]
+
+
+def test_a_run_that_saved_nothing_is_started_over_by_a_plain_rerun_or_resume(
+    data: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, one_thread: None,
+) -> None:
+    """A NaN at the first step keeps nothing (no checkpoint, no weights, no metrics row): the
+    same command again, without --force, starts the run over and ends as the uninterrupted run
+    does; so does --resume, saying it starts from the first step."""
+    real = vaelab.data.Batcher.epoch
+
+    def poisoned(self: vaelab.data.Batcher, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in real(self, e):
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+            yield x, y
+
+    for how in ("rerun", "resume"):
+        run = tmp_path / how
+        with monkeypatch.context() as m:
+            m.setattr(vaelab.data.Batcher, "epoch", poisoned)
+            code, err = cli(train_args(data, run), capsys)
+        assert code == 2 and "no checkpoint had been saved" in err[0]
+        assert (run / "config.json").exists() and not list_checkpoints(run)
+        if how == "rerun":
+            capsys.readouterr()
+            args = train_args(data, run)
+            args.remove("--quiet")
+            assert main(args) == 0
+            out = capsys.readouterr().out.replace("\n", "")
+            assert f"{run} holds a run that saved nothing" in out and "starting it over" in out
+        else:
+            log: list[str] = []
+            from vaelab.train import train
+
+            train(None, run, resume=True, progress=False, log=log.append)
+            assert log[0] == f"{run} holds no checkpoint: the run starts from its first step"
+        assert_same_run(run, reference)
+        assert leftovers(run) == []
+
+
+def test_a_run_that_saved_something_still_needs_resume_or_force(
+    finished: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The start-over above is only for a run that kept nothing: one checkpoint is enough to
+    refuse a plain re-run."""
+    for name in ("model.safetensors", "model.json", "summary.json"):
+        (finished / name).unlink()
+    shutil.rmtree(newest(finished))
+    (finished / "metrics.jsonl").write_text("")
+    code, err = cli(train_args(data, finished), capsys)
+    assert code == 2 and "already holds a run: use --resume" in err[0]
+    # nor is a folder whose config.json is not a vaelab run's
+    other = finished.parent / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"theme": "dark"}')
+    code, err = cli(train_args(data, other), capsys)
+    assert code == 2 and "already holds a run: use --resume" in err[0]
+    assert (other / "config.json").read_text() == '{"theme": "dark"}'
+
+
+# --------------------------------------------------------------------------------------------
+# Strict resume (issue 17, part 2)
+# --------------------------------------------------------------------------------------------
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_resume_refuses_options_that_differ_from_the_run_listing_them_all(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's case: a finished run resumed with --epochs 20 --lr 0.5 --model cvae
+    --latent-dim 7 exited 0 and ignored all four. --epochs is safe for this run (constant
+    learning rate, linear warm-up); the other three are refused, in one line, each with the
+    run's value, and nothing in the folder changes."""
+    before = tree(finished)
+    code, err = cli(["train", "--resume", "--out", str(finished), "--epochs", "20", "--lr",
+                     "0.5", "--model", "cvae", "--latent-dim", "7", "--preset", "seed"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"vaelab: error: --resume: these options differ from {finished}'s "
+                             "config: --model cvae (run has vae), --latent-dim 7 (run has 2), "
+                             "--lr 0.5 (run has 0.001), --preset seed (run has quick). ")
+    assert "--epochs" not in err[0].split(". ")[0]
+    assert tree(finished) == before
+
+
+def test_resume_accepts_repeated_values_and_the_safe_options_and_still_equals_uninterrupted(
+    finished: Path, reference: Path, data: Path, capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    """An unfinished run (killed in epoch 3: its newest checkpoint and final files gone)
+    resumed with the full original command, plus the safe options --device cpu,
+    --no-cuda-graphs and --checkpoint-every 2: accepted, and the weights are the uninterrupted
+    run's. config.json records what the resume changed."""
+    shutil.rmtree(newest(finished))
+    for name in ("model.safetensors", "model.json", "summary.json"):
+        (finished / name).unlink()
+    args = train_args(data, finished, "--resume", "--device", "cpu", "--no-cuda-graphs")
+    args[args.index("--checkpoint-every") + 1] = "2"
+    assert cli(args, capsys) == (0, [])
+    assert_same_run(finished, reference)
+    config = json.loads((finished / "config.json").read_text())
+    assert config["config"]["checkpoint_every"] == 2 and config["config"]["device"] == "cpu"
+    assert config["resumes"][-1]["changed"]["checkpoint_every"] == {"from": 3, "to": 2}
+    assert "lr" not in config["resumes"][-1]["changed"]
+
+
+def test_a_finished_run_trained_on_to_more_epochs_equals_an_uninterrupted_longer_run(
+    data: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    """--resume --epochs 5 on the finished 3-epoch run trains epochs 4 and 5; weights, metrics
+    and summary are bit for bit those of a run trained for 5 epochs from the start (the quick
+    preset's constant learning rate and linear warm-up do not depend on the run's length).
+    config.json now says 5 epochs, so a later plain --resume continues to 5."""
+    longer = tmp_path / "five"
+    args = train_args(data, longer)
+    args[args.index("--epochs") + 1] = "5"
+    assert cli(args, capsys) == (0, [])
+    from vaelab.train import Trainer
+
+    # while the extension runs, the run is unfinished: the 3-epoch final files are gone
+    trainer = Trainer(None, finished, resume=True, progress=False, changes={"epochs": 5})
+    assert not (finished / "model.json").exists() and not (finished / "summary.json").exists()
+    assert json.loads((finished / "config.json").read_text())["config"]["epochs"] == 5
+    trainer.close()
+    assert cli(["train", "--resume", "--out", str(finished), "--quiet"], capsys) == (0, [])
+    assert_same_run(finished, longer)
+    assert len(metrics_rows(finished)) == 5
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("lr_schedule", "cosine", "its cosine learning rate decays over all the run's epochs"),
+    ("beta_schedule", "cyclical", "its cyclical beta spreads its cycles over all the run's"),
+])
+def test_more_epochs_are_refused_where_the_schedule_depends_on_the_run_length(
+    finished: Path, capsys: pytest.CaptureFixture[str], field: str, value: str, why: str
+) -> None:
+    """A cosine learning rate or a cyclical beta is spread over the whole run: a longer run
+    would have trained differently from its first step, so --epochs is refused for it."""
+    config = json.loads((finished / "config.json").read_text())
+    config["config"][field] = value
+    (finished / "config.json").write_text(json.dumps(config))
+    before = tree(finished)
+    code, err = cli(["train", "--resume", "--out", str(finished), "--epochs", "5"], capsys)
+    assert code == 2 and len(err) == 1
+    assert f"--epochs 5 (run has 3: {why}" in err[0]
+    assert tree(finished) == before
+    if field == "lr_schedule":  # (the edited beta schedule would not match the checkpoint's)
+        # the same epochs are no change, and accepted
+        assert cli(["train", "--resume", "--out", str(finished), "--epochs", "3", "--quiet"],
+                   capsys) == (0, [])
+
+
+def test_fewer_epochs_than_already_trained_are_refused(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = tree(finished)
+    code, err = cli(["train", "--resume", "--out", str(finished), "--epochs", "2"], capsys)
+    assert code == 2 and err == [f"vaelab: error: --epochs 2: {finished} has already trained "
+                                 "3 epochs; a resume cannot take steps back"]
+    # from step 21 (5 steps into epoch 3), 2 epochs are behind it too
+    shutil.rmtree(newest(finished))
+    code, err = cli(["train", "--resume", "--out", str(finished), "--epochs", "2"], capsys)
+    assert code == 2 and "has already trained 2 epochs and 5 steps of the next" in err[0]
+    assert tree(finished) == {k: v for k, v in before.items()
+                              if not k.startswith("checkpoints/step-00000024")}
+
+
+def test_resume_and_force_together_are_refused(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = cli(["train", "--resume", "--force", "--out", str(finished)], capsys)
+    assert code == 2 and "--resume continues the run in --out and --force replaces it" in err[0]
+
+
+def test_the_api_refuses_a_resume_whose_config_differs_from_the_run(finished: Path) -> None:
+    """``train(config, out, resume=True)`` used to ignore ``config``; a field that differs
+    from the saved config is now refused like the CLI's option, and the saved config itself is
+    accepted."""
+    from dataclasses import replace
+
+    from vaelab.checkpoint import read_config
+    from vaelab.errors import ConfigError
+    from vaelab.train import Trainer
+
+    _, saved = read_config(finished)
+    with pytest.raises(ConfigError, match=r"--lr 0\.5 \(run has 0\.001\), --seed 3 \(run has 0\)"):
+        Trainer(replace(saved, lr=0.5, seed=3), finished, resume=True, progress=False)
+    Trainer(saved, finished, resume=True, progress=False).close()
+    Trainer(replace(saved, device="cpu"), finished, resume=True, progress=False).close()

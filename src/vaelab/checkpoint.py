@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from vaelab.config import TrainConfig
 from vaelab.errors import CheckpointError, VaelabError
 from vaelab.io import (
     _fsync_dir,
@@ -267,42 +268,114 @@ class Run:
         return self.path.name
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``; CheckpointError "PATH is corrupted (...)" if it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path} is corrupted ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def read_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], TrainConfig]:
+    """A run folder's ``config.json``: the whole object, and its ``config`` as a checked
+    ``TrainConfig`` (types and ranges; not the memory check, which is training's). Anything
+    else, ``{}``, ``[1, 2]`` or ``"limit": "abc"`` say, is a CheckpointError naming the file."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a vaelab run folder (no config.json)")
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{path} is corrupted (not an object with a \"config\" object)")
+    try:
+        config = TrainConfig.from_dict(raw["config"]).validate(check_memory=False)
+    except (VaelabError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path} is corrupted ({_reason(e)})") from None
+    return raw, config
+
+
+# the fields of a metrics.jsonl row: a whole number, a number, or a list of numbers
+_ROW_INTS = ("epoch", "step")
+_ROW_NUMBERS = ("beta", "lr", "seconds", "images_per_s",
+                *(f"{split}_{term}" for split in ("train", "val", "test")
+                  for term in ("recon", "kl", "neg_elbo")), "train_loss")
+_ROW_LISTS = tuple(f"{split}_kl_per_dim" for split in ("train", "val", "test"))
+ROW_REQUIRED = ("epoch", "step", "train_recon", "train_kl", "train_neg_elbo")
+
+
+def _is_number(v: Any) -> bool:
+    """A JSON number a reader can turn into a float (NaN and infinities included)."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, float) or (isinstance(v, int) and v.bit_length() <= 1000)
+
+
+def check_metrics_row(row: Any, where: str) -> dict[str, Any]:
+    """``row`` if it is a metrics row vaelab could have written: an object with the required
+    fields, whole numbers, numbers and lists of numbers where those belong (other fields are
+    kept); else a CheckpointError naming ``where``."""
+    if not isinstance(row, dict):
+        raise CheckpointError(f"{where} is not a metrics row (an object), got {type(row).__name__}")
+    missing = [k for k in ROW_REQUIRED if k not in row]
+    if missing:
+        raise CheckpointError(f"{where} lacks {', '.join(missing)}")
+    for k in _ROW_INTS:
+        if k in row and not (_is_number(row[k]) and isinstance(row[k], int) and row[k] >= 0):
+            raise CheckpointError(f"{where}: {k} must be a whole number >= 0")
+    for k in _ROW_NUMBERS:
+        if k in row and not _is_number(row[k]):
+            raise CheckpointError(f"{where}: {k} must be a number")
+    for k in _ROW_LISTS:
+        if k in row and not (isinstance(row[k], list) and all(map(_is_number, row[k]))):
+            raise CheckpointError(f"{where}: {k} must be a list of numbers")
+    return row
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (none if it has none), each checked by
+    ``check_metrics_row``: a line that is not JSON, or JSON of the wrong shape (``42``, a
+    string where a number belongs, a missing field), is a CheckpointError naming its line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not text (corrupted)") from None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except ValueError:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
                 raise CheckpointError(f"{path}: line {i} is not valid JSON") from None
+            rows.append(check_metrics_row(row, f"{path}: line {i}"))
     return rows
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
     """Give back a finished run's model (eval mode, on ``device``), config, metrics and summary."""
     run = Path(path)
-    if run.exists() and not run.is_dir():
-        raise CheckpointError(f"{run} is a file, not a run folder")
-    if not run.is_dir():
+    if not run.exists():
         raise CheckpointError(f"run folder {run} does not exist")
-    if not (run / "config.json").exists():
-        raise CheckpointError(f"{run} is not a vaelab run folder (no config.json)")
-    try:
-        config = json.loads((run / "config.json").read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{run}/config.json is corrupted ({e})") from None
+    if not run.is_dir():
+        raise CheckpointError(f"{run} is a file, not a run folder")
+    raw, checked = read_config(run)
+    # every reader finds each setting, of the right type (an older config lacks some)
+    config = {**raw, "config": checked.to_dict()}
     try:
         trained = ModelSpec.from_dict(config["model"])
     except Exception:  # noqa: BLE001 - an older or hand-made config.json: no cross-check
         trained = None
+    metrics = read_metrics(run)  # before the weights: a bad file is named without the cost
     model = load_model(run, device, expected=trained)
     summary: dict[str, Any] = {}
     if (run / "summary.json").exists():
-        try:
-            summary = json.loads((run / "summary.json").read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{run}/summary.json is corrupted ({e})") from None
-    return Run(run, model, config, read_metrics(run), summary)
+        summary = _read_json(run / "summary.json")
+        if not isinstance(summary, dict):
+            raise CheckpointError(f"{run / 'summary.json'} is corrupted (not an object)")
+    return Run(run, model, config, metrics, summary)

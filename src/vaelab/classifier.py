@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vaelab.checkpoint import _verified_bytes, load_weights, weights_bytes
+from vaelab.config import check_seed
 from vaelab.data import Batcher, Dataset, Split, load_dataset
 from vaelab.errors import CheckpointError, ConfigError, NumericalError
 from vaelab.io import atomic_write_bytes, atomic_write_json
@@ -156,6 +157,7 @@ def train_classifier(
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    seed = check_seed(seed)
     with FolderLock(out) as lock:  # one writer per folder
         meta = _train_classifier(dataset, Path(out), epochs=epochs, seed=seed,
                                  batch_size=batch_size, lr=lr, limit=limit, spec=spec,

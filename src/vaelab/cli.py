@@ -16,6 +16,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vaelab import __version__
 from vaelab.errors import VaelabError
@@ -29,13 +30,35 @@ def _console():
     return Console(stderr=False, highlight=False)
 
 
+def _quoted(text: str, most: int = 40) -> str:
+    """``text`` in quotes for a message, cut short (a typed value may be thousands long)."""
+    return "'" + (text if len(text) <= most else text[: most - 3] + "...") + "'"
+
+
+def _integer(text: str) -> int:
+    """argparse type: any whole number (argparse's own message, with the value cut short)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {_quoted(text)}") from None
+
+
+def _real(text: str) -> float:
+    """argparse type: any number (argparse's own message, with the value cut short)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {_quoted(text)}") from None
+
+
 def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {_quoted(text)}") \
+            from None
     if value < least:
-        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {_quoted(text.strip())[1:-1]}")
     return value
 
 
@@ -47,6 +70,16 @@ def _positive_int(text: str) -> int:
 def _count(text: str) -> int:
     """argparse type: a whole number >= 0 (a number of optional layers)."""
     return _whole_number(text, 0)
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed, a whole number from 0 to 2^63 - 1."""
+    from vaelab.config import SEED_MAX
+
+    value = _whole_number(text, 0)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= 2^63 - 1, got {_quoted(text)[1:-1]}")
+    return value
 
 
 class _PresetDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -119,7 +152,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
                         description="Describe a data set: mnist, or idx:DIR for a folder of "
                         "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] files.")
     i.add_argument("name", help="mnist or idx:DIR")
-    i.add_argument("--val-size", type=int, default=5000,
+    i.add_argument("--val-size", type=_integer, default=5000,
                    help="validation images taken from the end of the training set (default 5000)")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     i.set_defaults(func=cmd_data_info)
@@ -140,13 +173,24 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """What ``vaelab train ARGS`` asks ``train`` for: (config, None) for a new run, resolved
+    and validated; (None, changes) for ``--resume``, the options given explicitly (an option
+    left out is None), which ``train`` checks against the run's config."""
     from vaelab.config import resolve_config
+
+    overrides = _train_overrides(args)
+    if args.resume:
+        return None, {**overrides, "preset": args.preset}
+    return resolve_config(args.preset or "seed", **overrides), None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from vaelab.train import dist_env, train
 
     console = _console()
-    config = resolve_config(args.preset, **_train_overrides(args))
-    result = train(config, args.out, resume=args.resume, force=args.force,
+    config, changes = train_request(args)
+    result = train(config, args.out, resume=args.resume, force=args.force, changes=changes,
                    progress=not args.quiet and sys.stdout.isatty(),
                    detect_anomaly=args.detect_anomaly, tensorboard=args.tensorboard,
                    log=None if args.quiet else console.print)
@@ -173,35 +217,37 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "killed or interrupted run exactly.",
         formatter_class=_PresetDefaults)
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--model", choices=["vae", "cvae"], default="vae", help="model kind")
-    p.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="base settings")
+    p.add_argument("--model", choices=["vae", "cvae"], default=None,
+                   help="model kind (default: vae)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="base settings (default: seed)")
     p.add_argument("--dataset", default=None, help="mnist or idx:DIR (default: mnist)")
     p.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size")
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--lr", type=_real, default=None, help="Adam learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="learning-rate schedule over the run")
     p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=None,
                    help="KL weight: linear warm-up per step, per epoch (the study's), "
                    "constant (beta-VAE) or cyclical")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="KL warm-up length")
-    p.add_argument("--beta", type=float, default=None, help="final / constant KL weight")
+    p.add_argument("--warmup-epochs", type=_real, default=None, help="KL warm-up length")
+    p.add_argument("--beta", type=_real, default=None, help="final / constant KL weight")
     p.add_argument("--cycles", type=_positive_int, default=None, help="cycles (cyclical)")
-    p.add_argument("--free-bits", type=float, default=None,
+    p.add_argument("--free-bits", type=_real, default=None,
                    help="minimum KL per latent dimension, in nats (0: off)")
     p.add_argument("--likelihood", choices=LIKELIHOODS, default=None, help="p(x|z)")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2^63 - 1")
     p.add_argument("--device", choices=DEVICES, default=None, help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast where the hardware has it (auto), or force one")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run every step eagerly instead of replaying one captured "
                         "CUDA graph of the training step (for debugging; same maths)")
-    p.add_argument("--val-size", type=int, default=None, help="validation images")
+    p.add_argument("--val-size", type=_integer, default=None, help="validation images")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="use only the first N images of each split (quick runs)")
-    p.add_argument("--checkpoint-every", type=int, default=None,
+    p.add_argument("--checkpoint-every", type=_integer, default=None,
                    help="also checkpoint every N steps (0: epoch ends only)")
     a = p.add_argument_group(
         "architecture", "the network (default: vaelab's, see `vaelab.config.TrainConfig`)")
@@ -223,7 +269,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="decoder features at full resolution before a 3x3 conv to the "
                    "logits (0: the last transposed conv gives the logits)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest good checkpoint")
+                   help="continue the run in --out from its newest good checkpoint, with its "
+                   "saved config. Other options may be given only where they agree with it, "
+                   "except those safe to change: --device, --no-cuda-graphs, "
+                   "--checkpoint-every, --quiet, --tensorboard, --detect-anomaly (and the "
+                   "thread count, OMP_NUM_THREADS), and --epochs N to train a run on to N "
+                   "epochs (or stop it sooner) where its schedules do not depend on its length "
+                   "(--lr-schedule constant, and a beta schedule other than cyclical). Any other "
+                   "option that differs is refused, with the run's value. Bitwise the same "
+                   "weights as an uninterrupted run: with the same device, thread count and "
+                   "torch version. A folder whose run saved nothing (no checkpoint) starts over")
     p.add_argument("--force", action="store_true", help="replace a run already in --out")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files (scalars, image grids)")
@@ -240,7 +295,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.evaluate import dataset_for_run, evaluate_elbo
 
     if args.samples < 0:
-        raise VaelabError(f"--samples must be >= 0, got {args.samples}")
+        raise VaelabError(f"--samples must be >= 0, got {_quoted(str(args.samples))[1:-1]}")
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise VaelabError(f"--tolerance must be >= 0 nats per image, got {args.tolerance}")
     run = load_run(args.run)
@@ -301,11 +356,12 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                        "KL and -ELBO in nats per image (beta = 1), and the importance-sampled "
                        "log p(x) (Burda et al. 2015) with its gap to the ELBO.")
     p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's z samples")
-    p.add_argument("--samples", type=int, default=1000, metavar="K",
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the evaluation's z samples, 0 to 2^63 - 1")
+    p.add_argument("--samples", type=_integer, default=1000, metavar="K",
                    help="importance samples per image for the log p(x) estimate (default "
                    "1000; 0 skips it)")
-    p.add_argument("--tolerance", type=float, default=0.1, metavar="NATS",
+    p.add_argument("--tolerance", type=_real, default=0.1, metavar="NATS",
                    help="for a 1- or 2-D latent, the exact log p(x) by quadrature on every test "
                    "image, each within NATS (default 0.1; 0 skips it)")
     p.add_argument("--full", action="store_true",
@@ -380,7 +436,7 @@ def add_classifier(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, type=Path, help="folder to write")
     t.add_argument("--epochs", type=_positive_int, default=3, help="epochs")
     t.add_argument("--dataset", default="mnist", help="mnist or idx:DIR")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2^63 - 1")
     t.add_argument("--limit", type=_positive_int, default=None,
                    help="use only the first N images of each split")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -437,17 +493,17 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    "extra seed of --seeds for both models; report mean ± std over seeds (on a "
                    "CPU with the sweep extra, the runs train at once on a local Ray, one per "
                    "core)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2], metavar="S",
                    help="seeds of the runs (the first for the main runs; the rest only with "
                    "--ablations; default 0 1 2)")
-    p.add_argument("--logpx-images", type=int, default=None, metavar="N",
+    p.add_argument("--logpx-images", type=_integer, default=None, metavar="N",
                    help="importance-sample log p(x) on the first N test images (default 1000; "
                    "0: all 10,000, an hour on a 2-core CPU with K = 1000); beside the exact "
                    "value on the same images where the latent is 1- or 2-D")
-    p.add_argument("--tolerance", type=float, default=None, metavar="NATS",
+    p.add_argument("--tolerance", type=_real, default=None, metavar="NATS",
                    help="error allowed in the exact log p(x) of a 1- or 2-D latent, computed "
                    "by quadrature on every test image (nats, for each image; default 0.1)")
-    p.add_argument("--samples", type=int, default=None, metavar="K",
+    p.add_argument("--samples", type=_integer, default=None, metavar="K",
                    help="importance samples per image for log p(x) (default 1000, 50 with "
                    "--quick; 0 skips the estimate)")
     p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR (default: mnist)")
@@ -574,7 +630,7 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="finished run folder(s)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--port", type=_integer, default=8000, help="port (default 8000; 0: any free)")
     p.set_defaults(func=cmd_explore)
 
 
@@ -612,7 +668,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--quality", action="store_true",
                    help="also measure time to the study's -ELBO (trains up to 30 epochs each)")
-    p.add_argument("--samples", type=int, default=1000,
+    p.add_argument("--samples", type=_integer, default=1000,
                    help="importance samples for the log p(x) timing (0: skip)")
     p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR")
     p.add_argument("--out", type=Path, default=DEFAULT_BENCH_OUT,
@@ -656,7 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = usage.getvalue()
         lines = [ln for ln in text.splitlines() if ": error: " in ln]
         if text:
-            print(text.rstrip() if debug or not lines else lines[-1], file=sys.stderr)
+            line = lines[-1] if lines else ""
+            line = line if len(line) <= 300 else line[:297] + "..."  # it quotes what was typed
+            print(text.rstrip() if debug or not lines else line, file=sys.stderr)
         raise
     try:
         return int(args.func(args) or 0)
@@ -668,7 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + e.signum
         if debug:
             traceback.print_exc()
-        print(f"vaelab: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).splitlines())  # one line, whatever a file's contents put in it
+        print(f"vaelab: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vaelab: interrupted", file=sys.stderr)

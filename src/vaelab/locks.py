@@ -47,6 +47,7 @@ class FolderLock:
         self.folder = Path(folder)
         self._lock: filelock.BaseFileLock | None = None
         self._created = False
+        self._created_parents: list[Path] = []  # made on the way to folder, nearest first
 
     @property
     def held(self) -> bool:
@@ -59,6 +60,11 @@ class FolderLock:
             what = "a file" if self.folder.is_file() else "something other than a folder"
             raise VaelabError(f"{self.folder} is {what}, not a folder")
         self._created = not self.folder.exists()
+        self._created_parents = []
+        parent = self.folder.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            self._created_parents.append(parent)
+            parent = parent.parent
         try:
             make_folder(self.folder)
         except OSError as e:
@@ -93,7 +99,8 @@ class FolderLock:
             self._forget_created()
 
     def _forget_created(self) -> None:
-        """Remove a folder this lock created if it holds nothing but the lock's files."""
+        """Remove a folder this lock created if it holds nothing but the lock's files, and
+        the parent folders it created on the way that are left empty."""
         if not self._created:
             return
         self._created = False
@@ -102,12 +109,15 @@ class FolderLock:
                 for name in LOCK_FILES:
                     (self.folder / name).unlink(missing_ok=True)
                 self.folder.rmdir()
+            for parent in self._created_parents:
+                parent.rmdir()  # OSError once one is not empty: the rest stay too
         except OSError:
             pass
 
     def keep(self) -> None:
         """The folder now holds the writer's work: ``release`` leaves it in place."""
         self._created = False
+        self._created_parents = []
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

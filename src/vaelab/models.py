@@ -71,6 +71,46 @@ class ModelSpec:
         if self.num_classes < 1:
             raise ConfigError("num_classes must be >= 1")
 
+    def parameter_count(self) -> int:
+        """The number of weights and biases of the model, counted from the spec alone (exact,
+        in Python integers: nothing is allocated, however large the sizes)."""
+        c1, c2 = self.channels
+        n = self.image_size
+        s = n // 4
+        cond = self.kind == "cvae"
+        k = self.num_classes
+
+        def linear(i: int, o: int) -> int:
+            return i * o + o
+
+        def conv(i: int, o: int, size: int) -> int:
+            return i * o * size * size + o
+
+        enc = conv(1 + cond, c1, 4) + self.enc_refine * conv(c1, c1, 3) + conv(c1, c2, 4)
+        enc += linear(c2 * s * s, self.enc_hidden)
+        enc += (self.enc_mlp_layers - 1) * linear(self.enc_hidden, self.enc_hidden)
+        enc += linear(self.enc_hidden, 2 * self.latent_dim)
+        f = self.dec_full_channels
+        dec = linear(self.latent_dim + (k if cond else 0), self.dec_hidden)
+        dec += (self.dec_mlp_layers - 1) * linear(self.dec_hidden, self.dec_hidden)
+        dec += linear(self.dec_hidden, c2 * s * s) + conv(c2, c1, 4)
+        dec += self.dec_refine * conv(c1, c1, 3)
+        dec += conv(c1, f, 4) + conv(f, 1, 3) if f else conv(c1, 1, 4)
+        return enc + dec + (k * n * n if cond else 0)
+
+    def activations_per_image(self) -> int:
+        """About how many numbers one image's forward pass keeps for the backward pass: the
+        output of every layer and activation (an estimate for the memory check, not exact)."""
+        c1, c2 = self.channels
+        n = self.image_size
+        half, quarter = c1 * (n // 2) ** 2, c2 * (n // 4) ** 2
+        enc = 2 * half * (1 + self.enc_refine) + 2 * quarter
+        enc += 2 * self.enc_hidden * self.enc_mlp_layers + 2 * self.latent_dim
+        dec = 2 * self.dec_hidden * self.dec_mlp_layers + 2 * quarter
+        dec += 2 * half * (1 + self.dec_refine)
+        dec += (2 * self.dec_full_channels + 1) * n * n if self.dec_full_channels else n * n
+        return enc + 3 * self.latent_dim + dec + (2 * n * n if self.kind == "cvae" else n * n)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channels"] = list(self.channels)
@@ -81,7 +121,9 @@ class ModelSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise CheckpointError(f"model spec has unknown fields: {', '.join(sorted(unknown))}")
+            names = [n if n.isidentifier() and len(n) <= 40 else repr(n)[:40]
+                     for n in sorted(unknown)[:5]]
+            raise CheckpointError(f"model spec has unknown fields: {', '.join(names)}")
         return cls(**d)
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from vaelab.checkpoint import Run, load_run
-from vaelab.config import PRESETS, TrainConfig, resolve_config
+from vaelab.config import PRESETS, TrainConfig, check_seed, resolve_config
 from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
@@ -392,10 +392,28 @@ def _annealing_pair(base: TrainConfig, kind: str) -> dict[str, tuple[str | None,
 def reproduce(out: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """Run the whole study into folder ``out`` (see ``run_study`` for the ``options``), holding the
     folder's lock (``vaelab.locks``) throughout: a second reproduce into ``out`` is refused."""
+    out = Path(out)
+    created = not out.exists()
     with FolderLock(out) as lock:
-        results = run_study(out, **options)
+        try:
+            results = run_study(out, **options)
+        except BaseException:
+            if created:
+                _forget_empty_report(out)
+            raise
         lock.keep()
     return results
+
+
+def _forget_empty_report(out: Path) -> None:
+    """A study that failed before writing anything of its own leaves no folder: remove the
+    report marker of a folder that holds nothing else (the lock, let go next, removes the
+    folder it created)."""
+    try:
+        if {p.name for p in out.iterdir() if not is_lock_file(p)} == {MARKER}:
+            (out / MARKER).unlink()
+    except OSError:
+        pass
 
 
 def run_study(
@@ -453,7 +471,7 @@ def run_study(
         raise ConfigError(f"--logpx-images must be >= 0 (0: all), got {logpx_images}")
     if num_samples < 0:
         raise ConfigError(f"the number of importance samples must be >= 0, got {num_samples}")
-    seeds = list(dict.fromkeys(int(s) for s in seeds)) or [0]
+    seeds = list(dict.fromkeys(check_seed(s) for s in seeds)) or [0]
     formats = list(dict.fromkeys(["png", *formats]))  # index.html embeds the PNGs
     device = pick_device("auto")
     given = load_given_runs(runs)

@@ -3,8 +3,8 @@
 ``train(config, out)`` runs a whole training and returns the final test metrics. Everything a
 resume needs (weights, optimiser, beta schedule, RNG states, epoch, step within the epoch, the
 epoch's running sums and all metrics so far) is in every checkpoint, so a run killed at any
-moment and resumed ends with the same weights and metrics as one never interrupted (on CPU,
-same seed and thread count).
+moment and resumed ends with the same weights and metrics as one never interrupted (on the
+same device, with the same thread count and torch version; on CUDA within float tolerance).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from vaelab.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_weights,
+    read_config,
     save_checkpoint,
     save_final,
     weights_bytes,
 )
-from vaelab.config import TrainConfig
+from vaelab.config import TrainConfig, check_fits, resume_config
 from vaelab.data import Batcher, Dataset, load_dataset
 from vaelab.errors import CheckpointError, ConfigError, NumericalError, VaelabError
 from vaelab.evaluate import evaluate_elbo
@@ -150,13 +151,45 @@ def resume_command(out: Path) -> str:
 # --------------------------------------------------------------------------------------------
 # The run folder
 # --------------------------------------------------------------------------------------------
-def check_run_dir(out: Path, *, force: bool) -> bool:
-    """Refuse an output folder that holds something, unless ``force`` and it is a run folder.
+# what a run that saved nothing holds: its config, an empty metrics file, folders without
+# a checkpoint (a write's temporaries at most), TensorBoard events
+_NOTHING_SAVED = ("config.json", "metrics.jsonl", "checkpoints", "tensorboard")
+FINAL_FILES = ("model.safetensors", "model.json", "summary.json")
 
-    Writes nothing; True when the folder holds a run that ``--force`` is to replace.
+
+def saved_nothing(out: Path) -> bool:
+    """True when ``out`` holds a run that kept nothing to resume or use: no checkpoint, no
+    final weights, no metrics row (a NaN at the first step, a kill before the first
+    checkpoint). A plain re-run starts such a run over, without ``--force``."""
+    if not (out / "config.json").is_file() or list_checkpoints(out):
+        return False
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return False
+    for child in out.iterdir():
+        if is_lock_file(child) or child.name.startswith("."):
+            continue  # the lock, and a killed write's temporaries
+        if child.name not in _NOTHING_SAVED:
+            return False
+        if child.name == "checkpoints" and not child.is_dir():
+            return False
+    try:  # a config.json that is not vaelab's is someone's file: never replaced unasked
+        read_config(out)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_run_dir(out: Path, *, force: bool) -> bool:
+    """Refuse an output folder that holds something, unless ``force`` and it is a run folder,
+    or it holds a run that saved nothing (``saved_nothing``).
+
+    Writes nothing; True when the folder holds a run that is to be replaced.
     """
     if not (out.exists() and any(not is_lock_file(p) for p in out.iterdir())):
         return False
+    if saved_nothing(out):
+        return True
     is_run = (out / "config.json").exists() or (out / "checkpoints").exists()
     if not force:
         what = "a run" if is_run else "other files"
@@ -169,17 +202,31 @@ def check_run_dir(out: Path, *, force: bool) -> bool:
     return True
 
 
+def resumed_config(
+    out: Path, config: TrainConfig | None, changes: dict[str, Any] | None,
+) -> tuple[dict[str, Any], TrainConfig, TrainConfig]:
+    """The run's config.json (as read), its saved config, and the config its resume
+    continues with: the saved
+    one, changed only where ``changes`` (options given on resume) and the fields in which
+    ``config`` differs from it are safe to change (``config.resume_config``)."""
+    if not (out / "config.json").exists():
+        raise CheckpointError(f"cannot resume: {out} holds no run (no config.json)")
+    try:
+        raw, saved = read_config(out)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}") from None
+    wanted = dict(changes or {})
+    if config is not None:
+        wanted.update({k: v for k, v in config.to_dict().items()
+                       if v != saved.to_dict()[k]})
+    return raw, saved, resume_config(saved, wanted, run=str(out))
+
+
 def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool) -> TrainConfig:
     """Create or reopen the run folder; on resume the saved config is the one used."""
     cfg_path = out / "config.json"
     if resume:
-        if not cfg_path.exists():
-            raise CheckpointError(f"cannot resume: {out} holds no run (no config.json)")
-        try:
-            saved = json.loads(cfg_path.read_text())["config"]
-            return TrainConfig.from_dict(saved).validate()
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot resume: {cfg_path} is corrupted ({e})") from None
+        return resumed_config(out, None, None)[2]
     if check_run_dir(out, force=force):  # the old run goes; the lock held on out stays
         for child in out.iterdir():
             if not is_lock_file(child):
@@ -206,7 +253,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: TrainConfig,
+        config: TrainConfig | None,
         out: str | os.PathLike,
         *,
         resume: bool = False,
@@ -216,9 +263,21 @@ class Trainer:
         detect_anomaly: bool = False,
         tensorboard: bool = False,
         log: Callable[[str], None] | None = None,
+        changes: dict[str, Any] | None = None,
     ) -> None:
+        """``resume``: continue the run in ``out`` with its saved config. ``config`` may then
+        be None; a field in which it differs from the saved config, and each of ``changes``
+        (field: value, None for no change), must be one a resume may change
+        (``config.RESUME_SAFE``, or ``epochs`` where the schedules allow), else ConfigError
+        listing them all. ``force`` replaces a run in ``out`` (not with ``resume``)."""
         self.out = Path(out)
-        config.validate()
+        if resume and force:
+            raise ConfigError("--resume continues the run in --out and --force replaces it: "
+                              "give one or the other")
+        if config is None and not resume:
+            raise ConfigError("a new run needs a config (only a resume reads the saved one)")
+        if config is not None:
+            config.validate()
         self.rank, self.world_size, local_rank = dist_env()
         # one writer per run folder: a second process is refused here (FolderInUse), and a
         # start refused below leaves no folder it created behind
@@ -226,7 +285,8 @@ class Trainer:
         try:
             self._setup(config, resume=resume, force=force, progress=progress,
                         dataset=dataset, detect_anomaly=detect_anomaly,
-                        tensorboard=tensorboard, log=log, local_rank=local_rank)
+                        tensorboard=tensorboard, log=log, local_rank=local_rank,
+                        changes=changes)
         except BaseException:
             self.close()
             raise
@@ -239,27 +299,40 @@ class Trainer:
             self._folder_lock.release()
 
     def _setup(
-        self, config: TrainConfig, *, resume: bool, force: bool, progress: bool,
+        self, config: TrainConfig | None, *, resume: bool, force: bool, progress: bool,
         dataset: Dataset | None, detect_anomaly: bool, tensorboard: bool,
-        log: Callable[[str], None] | None, local_rank: int,
+        log: Callable[[str], None] | None, local_rank: int, changes: dict[str, Any] | None,
     ) -> None:
-        self.distributed = self.world_size > 1
-        if self.distributed:
-            self._init_distributed(config)
-        # Everything that can refuse the run (folder, device, data) is checked before anything
-        # is written: a bad input leaves the output folder as it was.
-        if resume:
-            self.config = cfg = prepare_run_dir(self.out, config, resume=True, force=force)
-        else:
-            check_run_dir(self.out, force=force)
-            self.config = cfg = config
         self.progress = progress and self.rank == 0
         self.detect_anomaly = detect_anomaly
         self.log = log if (log is not None and self.rank == 0) else (lambda s: None)
+        # Everything that can refuse the run (folder, options, device, data) is checked before
+        # anything is written: a bad input leaves the output folder as it was.
+        self._saved_raw: dict[str, Any] | None = None
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}
+        if resume:
+            self._saved_raw, saved, cfg = resumed_config(self.out, config, changes)
+            before = saved.to_dict()
+            self._resume_changes = {k: (before[k], v) for k, v in cfg.to_dict().items()
+                                    if before[k] != v}
+        else:
+            assert config is not None
+            cfg = config
+            if saved_nothing(self.out):
+                self.log(f"{self.out} holds a run that saved nothing (no checkpoint, no "
+                         "weights, no finished epoch): starting it over")
+            check_run_dir(self.out, force=force)
+        self.config = cfg
+        self.distributed = self.world_size > 1
+        if self.distributed:
+            self._init_distributed(cfg)
         self.device = pick_device(cfg.device)
         if self.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
+        if self.device.type == "cuda":  # the machine's memory was checked by validate()
+            props = torch.cuda.get_device_properties(self.device)
+            check_fits(cfg, props.total_memory, where=props.name)
         self.precision = pick_precision(cfg.precision, self.device)
         # one CUDA graph replays the whole training step (forward, backward, Adam, the sums):
         # the step is ~100 small kernels, whose launches cost more than their arithmetic
@@ -322,9 +395,9 @@ class Trainer:
         if not resume and self.rank == 0:
             prepare_run_dir(self.out, cfg, resume=False, force=force)
         self._barrier()
-        self.tb = self._tensorboard() if tensorboard and self.rank == 0 else None
         if resume:
             self._restore()
+        self.tb = self._tensorboard() if tensorboard and self.rank == 0 else None
 
     # ---- state --------------------------------------------------------------------------
     def _reset_sums(self) -> None:
@@ -459,6 +532,9 @@ class Trainer:
         if ckpt is None:
             if refused:
                 self.log("no good checkpoint left: starting the run again from scratch")
+            else:
+                self.log(f"{self.out} holds no checkpoint: the run starts from its first step")
+            self._save_resume_changes()
             self._reset_metrics_file()
             return
         load_weights(self.model, ckpt.weights, ckpt.path)
@@ -490,9 +566,39 @@ class Trainer:
             raise CheckpointError(
                 f"{ckpt.path}: state.pt lacks what a resume needs ({e})"
             ) from None
+        epochs = self.config.epochs
+        if self.epoch > epochs or (self.epoch == epochs and self.step_in_epoch > 0):
+            done = f"{self.epoch} epochs" + (f" and {self.step_in_epoch} steps of the next"
+                                             if self.step_in_epoch else "")
+            raise ConfigError(f"--epochs {epochs}: {self.out} has already trained {done}; a "
+                              "resume cannot take steps back")
+        self._save_resume_changes()
         if self.rank == 0:
             write_metrics(self.out, self.metrics)
         self.log(f"resumed from {ckpt.path.name} (epoch {self.epoch + 1}, step {self.step})")
+
+    def _save_resume_changes(self) -> None:
+        """Record the options a resume changed in config.json (``resumes``: when, what), so a
+        later plain ``--resume`` continues with them; a finished run given more epochs is
+        unfinished again: its final weights and summary go until its new last epoch ends."""
+        if not self._resume_changes or self.rank != 0 or self._saved_raw is None:
+            return
+        raw = dict(self._saved_raw)
+        raw["config"] = self.config.to_dict()
+        earlier = raw.get("resumes")
+        raw["resumes"] = [*(earlier if isinstance(earlier, list) else []), {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv),
+            "changed": {k: {"from": old, "to": new}
+                        for k, (old, new) in self._resume_changes.items()}}]
+        atomic_write_json(self.out / "config.json", raw)
+        if "epochs" in self._resume_changes and self.epoch < self.config.epochs:
+            gone = [n for n in FINAL_FILES if (self.out / n).exists()]
+            for name in gone:
+                (self.out / name).unlink()
+            if gone:
+                old = self._resume_changes["epochs"][0]
+                self.log(f"training {self.out} on from {old} to {self.config.epochs} epochs: "
+                         f"{', '.join(gone)} are written again when it ends")
 
     def _reset_metrics_file(self) -> None:
         if self.rank == 0:
@@ -836,8 +942,9 @@ class Trainer:
         self.tb.add_images("samples", samples.cpu(), row["epoch"])
 
 
-def train(config: TrainConfig, out: str | os.PathLike, **kwargs: Any) -> TrainResult:
-    """Train ``config`` into run folder ``out``; see ``Trainer`` for the keyword options."""
+def train(config: TrainConfig | None, out: str | os.PathLike, **kwargs: Any) -> TrainResult:
+    """Train ``config`` into run folder ``out``; see ``Trainer`` for the keyword options
+    (``resume=True`` continues the run there, and ``config`` may then be None)."""
     return Trainer(config, out, **kwargs).fit()
 
 
