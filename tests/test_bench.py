@@ -175,3 +175,33 @@ def test_training_flops_are_counted_from_the_network():
     r = roofline({"vaelab": 1000.0, "reference": 500.0}, flops, peak_gflops=100.0)
     assert r["vaelab_gflops"] == pytest.approx(1000 * flops / 1e9)
     assert r["twice_reference_of_peak"] == pytest.approx(r["vaelab_of_peak"])
+
+
+def test_bench_times_the_exact_log_px_of_a_trained_run(data_dir, tmp_path):
+    from vaelab.bench import exact_speed
+    from vaelab.checkpoint import load_run
+    from vaelab.cli import main
+    from vaelab.evaluate import dataset_for_run, exact_log_px_per_image
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "quick", "--dataset", f"idx:{data_dir}", "--val-size",
+                 "32", "--epochs", "1", "--out", str(run), "--quiet"]) == 0
+    timed = exact_speed(run, tolerance=0.5)
+    loaded = load_run(run)
+    direct = exact_log_px_per_image(loaded.model, dataset_for_run(loaded).test, tolerance=0.5)
+    assert timed["n"] == 64 and timed["seconds"] > 0 and timed["nodes"] == direct.nodes
+    assert timed["neg_log_px"] == pytest.approx(-float(direct.log_px.mean()), abs=1e-9)
+    text = markdown({"machine": {"cpu": "x", "cores": 2, "torch_threads": 1, "torch": "t",
+                                 "python": "p"}, "device": "cpu", "command": "vaelab bench",
+                     "models": {}, "peak_rss_mb": 1.0, "exact": [timed]})
+    assert f"{timed['nodes']:,}" in text and f"{timed['neg_log_px']:.2f}" in text
+
+
+def test_bench_refuses_a_bad_exact_run_before_measuring(tmp_path, capsys):
+    from vaelab.cli import main
+
+    code = main(["bench", "--exact", str(tmp_path / "missing"), "--out",
+                 str(tmp_path / "b.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "b.md").exists()

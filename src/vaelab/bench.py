@@ -223,6 +223,23 @@ def evaluation_speed(ds: Dataset, model: str, *, device: str, num_samples: int,
     return out
 
 
+def exact_speed(run_dir: str | os.PathLike, *, tolerance: float = 0.1,
+                device: str = "cpu") -> dict[str, Any]:
+    """Seconds and decoder calls of the exact log p(x) (quadrature) over a trained 2-D run's
+    whole test set, with its summary (``ExactLogPx.summary``). A trained run, not an untrained
+    model of its shape: the work depends on how narrow the posteriors are."""
+    from vaelab.checkpoint import load_run
+    from vaelab.evaluate import dataset_for_run, exact_log_px_per_image
+
+    run = load_run(run_dir, device=device)
+    test = dataset_for_run(run).test
+    t0 = time.perf_counter()
+    res = exact_log_px_per_image(run.model, test, tolerance=tolerance,
+                                 likelihood=run.config["config"]["likelihood"], device=device)
+    seconds = time.perf_counter() - t0
+    return {"run": str(run_dir), "model": run.spec.kind, "seconds": seconds, **res.summary()}
+
+
 def peak_rss_of_training(dataset: str, *, limit: int | None = None,
                          val_size: int = 100) -> float:
     """Peak RSS (MB) of a real `vaelab train` process: one epoch of the seed preset (on the
@@ -290,7 +307,9 @@ def report_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, steps: int = 40,
               device: str = "auto", quality: bool = False, num_samples: int = 1000,
               dataset: str = "mnist", out: str | os.PathLike | None = None, log=print,
-              rss_limit: int = 10000, val_size: int = 5000) -> dict[str, Any]:
+              rss_limit: int = 10000, val_size: int = 5000,
+              exact_runs: tuple[str | os.PathLike, ...] = (), tolerance: float = 0.1,
+              ) -> dict[str, Any]:
     """The whole benchmark; writes the Markdown report and its JSON (``report_paths(out)``)
     when ``out`` is given."""
     from vaelab.train import pick_device
@@ -301,6 +320,11 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
     if num_samples < 0:
         raise ConfigError(f"num_samples must be >= 0, got {num_samples}")
     paths = report_paths(out) if out is not None else None
+    for run_dir in exact_runs:  # refuse a bad run before anything is measured
+        from vaelab.checkpoint import load_run
+        from vaelab.evaluate import _check_exact_latent
+
+        _check_exact_latent(load_run(run_dir).model)
 
     dev = str(pick_device(device))
     ds = load_dataset(dataset, val_size=val_size)
@@ -317,6 +341,11 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
             log(f"{model}: time to the study's quality")
             r["time_to_quality"] = time_to_quality(ds, model, device=dev, log=log)
         results["models"][model] = r
+    if exact_runs:
+        results["exact"] = []
+    for run_dir in exact_runs:
+        log(f"{run_dir}: exact log p(x) over its test set")
+        results["exact"].append(exact_speed(run_dir, tolerance=tolerance, device=dev))
     log("peak RSS of a training process")
     results["peak_rss_mb"] = peak_rss_of_training(dataset, limit=rss_limit)
     argv = sys.argv[1:] if sys.argv and sys.argv[1:2] == ["bench"] else ["bench"]
@@ -364,6 +393,15 @@ def markdown(results: dict[str, Any]) -> str:
               f"{e['log_px_measured_images']:,} images in {e['log_px_measured_s']:.1f} s, "
               "scaled to the whole set)") if "log_px_s" in e else "-"
         lines.append(f"| {name} | {e['test_elbo_s']:.2f} | {lp} |")
+    if results.get("exact"):
+        lines += ["", "## Exact log p(x) by quadrature (trained runs, whole test set)", "",
+                  "| run | model | images | seconds | decoder calls | tolerance, nats per "
+                  "image | over it | mean est. error | -log p(x) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in results["exact"]:
+            lines.append(f"| {x['run']} | {x['model']} | {x['n']:,} | {x['seconds']:.1f} | "
+                         f"{x['nodes']:,} | {x['tolerance']} | {x['over_tolerance']:,} | "
+                         f"{x['error_estimate']:.3f} | {x['neg_log_px']:.2f} |")
     if any("time_to_quality" in r for r in results["models"].values()):
         lines += ["", "## Time to the study's quality (training seconds, evaluation excluded)",
                   "", "| model | target -ELBO | vaelab | reference | ratio |",

@@ -640,9 +640,13 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from vaelab.bench import markdown, run_bench
 
+    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise VaelabError(f"--tolerance must be > 0 nats per image, got {args.tolerance}")
+
     results = run_bench(models=tuple(args.models), rounds=args.rounds, steps=args.steps,
                         device=args.device, quality=args.quality, num_samples=args.samples,
-                        dataset=args.dataset, out=args.out, log=print)
+                        dataset=args.dataset, out=args.out, log=print,
+                        exact_runs=tuple(args.exact), tolerance=args.tolerance)
     print(markdown(results))
     return 0
 
@@ -671,6 +675,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=_integer, default=1000,
                    help="importance samples for the log p(x) timing (0: skip)")
     p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR")
+    p.add_argument("--exact", nargs="+", default=[], metavar="RUN",
+                   help="also time the exact log p(x) (quadrature) over the whole test set of "
+                   "these trained runs (latent 1 or 2)")
+    p.add_argument("--tolerance", type=_real, default=0.1, metavar="NATS",
+                   help="for --exact: the error allowed for each image, nats (> 0)")
     p.add_argument("--out", type=Path, default=DEFAULT_BENCH_OUT,
                    help="Markdown report to write; its JSON goes beside it (X.json)")
     p.set_defaults(func=cmd_bench)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from vaelab.config import check_seed
 from vaelab.data import Dataset, Split, load_dataset
 from vaelab.errors import ConfigError
 from vaelab.models import ConvVAE
@@ -55,7 +56,7 @@ def evaluate_elbo(
     """
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(check_seed(seed))
     images = split.images.to(device)
     labels = split.labels.to(device)
     sums = torch.zeros(3, device=device, dtype=torch.float64)
@@ -147,7 +148,7 @@ def log_px_estimate(
         raise ConfigError(f"the number of importance samples must be >= 1, got {num_samples}")
     model.eval()
     device = _device_of(model, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(check_seed(seed))
     log_px_all, elbo_all = [], []
     bar = _progress_bar(progress, "log p(x)", len(split))
     with bar:
@@ -268,43 +269,58 @@ class _Decoder:
 def _shared_rule_pass(
     decode: _Decoder, x: Tensor, label: int | None, box: tuple[float, float],
     support: Tensor | None, *, likelihood: str, spacing: float, node_chunk: int,
-    image_chunk: int, advance: Callable,
-) -> QuadratureSums:
+    image_chunk: int, advance: Callable, tile_side: int = 8, budget: int | None = None,
+) -> QuadratureSums | None:
     """One lattice rule over the square ``box`` (every axis), its nodes in tiles
-    (``objectives.in_tiles``) decoded once each and applied to every image whose ``support``
-    box ([N, 2, d], from a coarser rule; None: everywhere) meets the tile. A tile no image
-    needs is not decoded."""
+    (``objectives.in_tiles``). Only the tiles that meet some image's ``support`` box ([N, 2, d],
+    from a coarser rule; None: everywhere) are decoded, once each, in chunks of whole tiles of
+    about ``node_chunk`` nodes; a chunk is applied to every image whose support meets one of
+    its tiles. None, having decoded nothing, if that would take more than ``budget`` nodes."""
     n, d = x.shape[0], decode.model.latent_dim
     lo, hi = torch.full((d,), box[0]), torch.full((d,), box[1])
     intervals = max(2, math.ceil((box[1] - box[0]) / spacing))
-    rule, tile = in_tiles(lattice_rule(lo, hi, intervals), lo, hi, intervals)
+    rule, tile = in_tiles(lattice_rule(lo, hi, intervals), lo, hi, intervals, side=tile_side)
     sums = QuadratureSums(n, d, x.device)
     starts = torch.searchsorted(tile, tile.unique()).tolist() + [len(tile)]
-    chunks: list[tuple[int, int]] = []
-    for a, b in zip(starts, starts[1:], strict=False):  # whole tiles, about node_chunk nodes
-        if chunks and b - chunks[-1][0] <= node_chunk:
-            chunks[-1] = (chunks[-1][0], b)
+    tiles = list(zip(starts, starts[1:], strict=False))
+    meets = _tiles_met(rule.z, tile, support)  # [tiles, N] bool, or None
+    needed = range(len(tiles)) if meets is None else meets.any(1).nonzero().squeeze(1).tolist()
+    if budget is not None and sum(tiles[t][1] - tiles[t][0] for t in needed) > budget:
+        return None
+    chunks: list[list[int]] = []
+    for t in needed:  # whole tiles, about node_chunk nodes
+        a, b = tiles[t]
+        if chunks and b - a + sum(tiles[u][1] - tiles[u][0] for u in chunks[-1]) <= node_chunk:
+            chunks[-1].append(t)
         else:
-            chunks.append((a, b))
-    for a, b in chunks:
-        z = rule.z[a:b]
-        if support is None:
-            rows = torch.arange(n, device=x.device)
-        else:
-            zlo, zhi = z.amin(0).to(x.device), z.amax(0).to(x.device)
-            meets = ((support[:, 0] <= zhi) & (support[:, 1] >= zlo)).all(1)
-            rows = meets.nonzero().squeeze(1)
-        if len(rows) == 0:
-            continue
+            chunks.append([t])
+    for chunk in chunks:
+        at = torch.cat([torch.arange(*tiles[t]) for t in chunk])
+        rows = (torch.arange(n, device=x.device) if meets is None
+                else meets[chunk].any(0).nonzero().squeeze(1))
+        z = rule.z[at]
         labels = None if label is None else torch.full((len(z),), label, dtype=torch.int64)
         logits = decode(z, labels)
-        args = [t.to(x.device) for t in (rule.log_w[a:b], z, rule.midpoint[a:b],
-                                         rule.edge[a:b])]
+        args = [t.to(x.device) for t in (rule.log_w[at], z, rule.midpoint[at], rule.edge[at])]
         for i in range(0, len(rows), image_chunk):
             r = rows[i : i + image_chunk]
             sums.add(log_likelihood_matrix(x[r], logits, likelihood), *args, rows=r)
         advance(len(z))
     return sums
+
+
+def _tiles_met(z: Tensor, tile: Tensor, support: Tensor | None) -> Tensor | None:
+    """[tiles, N] bool: which images' support boxes ([N, 2, d]) meet the bounding box of each
+    tile's nodes (``z`` [G, d], ``tile`` [G] their non-decreasing tile numbers)."""
+    if support is None:
+        return None
+    _, which = torch.unique_consecutive(tile, return_inverse=True)
+    at = which[:, None].expand_as(z)
+    t, d = int(which[-1]) + 1, z.shape[1]
+    low = z.new_full((t, d), math.inf).scatter_reduce(0, at, z, "amin")
+    high = z.new_full((t, d), -math.inf).scatter_reduce(0, at, z, "amax")
+    low, high = low.to(support), high.to(support)
+    return ((support[None, :, 0] <= high[:, None]) & (support[None, :, 1] >= low[:, None])).all(-1)
 
 
 def _own_rules_pass(
@@ -344,7 +360,7 @@ def exact_log_px_per_image(
     tolerance: float = DEFAULT_TOLERANCE,
     likelihood: str = "bernoulli",
     shared_nodes: int = 12_000,
-    max_shared_nodes: int = 800_000,
+    max_shared_nodes: int = 4_000_000,
     spacing: float | None = None,
     node_chunk: int = 2048,
     image_chunk: int = 2048,
@@ -360,15 +376,19 @@ def exact_log_px_per_image(
        that holds every image's q(z|x) to 8 sigma, with about ``shared_nodes`` nodes; then
        rules of half the spacing (4x the nodes) for the images whose error estimate is still
        above ``tolerance`` (nats per image), each integrated only over its support (its
-       posterior's and q's mean +- 10 sd), until every image is within tolerance or the next
-       rule would pass ``max_shared_nodes`` nodes (a given node ``spacing``: that rule only).
-       The nodes come in small tiles: a tile is decoded once, if any image still needs it,
-       and the log-likelihood of every such image at its nodes is one matrix product
-       (``log_likelihood_matrix``). A CVAE gets its rules class by class, each image
-       integrated under its own class's decoder.
+       posterior's and q's mean +- 10 sd). The error estimate needs two rules
+       (``QuadratureSums.error``: it counts 4x the change from the coarser one), so every
+       image gets at least two. This goes on until every image is within tolerance, or the
+       next rule would decode more than ``max_shared_nodes`` nodes (a given node ``spacing``:
+       one rule of twice that spacing, then that one). The nodes come in small tiles: a tile
+       is decoded once, if any image still needs it, and the log-likelihood of every such
+       image at its nodes is one matrix product (``log_likelihood_matrix``). A CVAE gets its
+       rules class by class, each image integrated under its own class's decoder.
     2. Images still above tolerance get a rule of their own over their posterior's mean +- 6
        sd (q's sd where larger), with a spacing of q's sd (16 to 128 intervals per axis),
-       twice as fine each further round (``max_rounds``) up to 128.
+       twice as fine each further round (``max_rounds``), smallest first while this step has
+       decoded fewer than ``max_shared_nodes`` nodes. An image that is still above tolerance
+       keeps its best estimate and its error (``ExactLogPx.summary`` counts them).
 
     Memory is bounded by ``node_chunk`` x ``image_chunk`` (shared rule) and ``node_budget``
     (own rules) floats.
@@ -405,7 +425,8 @@ def exact_log_px_per_image(
                            node_chunk=node_chunk, image_chunk=image_chunk, advance=advance)
         refined = _own_rules(decode, est, x, labels if model.conditional else None,
                              tolerance=tolerance, likelihood=likelihood, max_rounds=max_rounds,
-                             node_budget=node_budget, advance=advance)
+                             node_budget=node_budget, max_nodes=max_shared_nodes,
+                             advance=advance)
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return ExactLogPx(
         log_px=cpu(est.log_px), error=cpu(est.err), refined=cpu(refined),
@@ -429,7 +450,7 @@ class _Estimates:
              ) -> None:
         """Take ``sums``' values for images ``idx`` (rule spacing ``h``), or with
         ``only_better`` only where its error estimate is smaller."""
-        e = sums.error(h, narrowest=self.q_sd[idx])
+        e = sums.error(h, narrowest=self.q_sd[idx], previous=self.log_px[idx])
         ok = e < self.err[idx] if only_better else torch.ones_like(e, dtype=torch.bool)
         m, cv = sums.posterior_moments()
         sel = idx[ok]
@@ -448,42 +469,57 @@ def _shared_levels(
     shared rules of half the spacing each level, for the images not yet within tolerance."""
     box = _shared_box(mu[idx], logvar[idx])
     nodes, active, support = shared_nodes, idx, None
-    while len(active):
-        h = spacing or auto_spacing(mu[idx], logvar[idx], nodes)
+    for level in range(MAX_LEVELS):
+        h = auto_spacing(mu[idx], logvar[idx], nodes) if spacing is None else (
+            spacing * 2.0 ** (level == 0))  # a given spacing: after one rule of twice that
         sums = _shared_rule_pass(decode, x[active], label, box, support,
                                  likelihood=likelihood, spacing=h, node_chunk=node_chunk,
-                                 image_chunk=image_chunk, advance=advance)
+                                 image_chunk=image_chunk, advance=advance,
+                                 budget=max_shared_nodes if level else None)
+        if sums is None:  # the rest get rules of their own
+            break
         est.keep(active, sums, torch.tensor(h, dtype=torch.float64, device=x.device))
         nodes *= 4
-        if spacing or nodes > max_shared_nodes:
-            break
         active = active[est.err[active] > tolerance]
+        if len(active) == 0 or (spacing is not None and level == 1):
+            break
         support = _support(est.mean[active], est.cov[active], mu[active], est.q_sd[active], h)
+
+
+MAX_LEVELS = 8  # shared rules per class: the finest has 4^7 = 16,000 x the first's density
 
 
 def _own_rules(
     decode: _Decoder, est: _Estimates, x: Tensor, labels: Tensor | None, *, tolerance: float,
-    likelihood: str, max_rounds: int, node_budget: int, advance: Callable,
+    likelihood: str, max_rounds: int, node_budget: int, max_nodes: int, advance: Callable,
 ) -> Tensor:
     """Step 2 of ``exact_log_px_per_image``: a rule of its own for each image still above
-    tolerance, finer each round. Returns which images got one [N] (bool)."""
+    tolerance, finer each round, smallest rules first while the step has decoded fewer than
+    ``max_nodes`` nodes (the rest keep their estimate and its error). Returns which images got
+    one [N] (bool)."""
     refined = torch.zeros(len(est.err), dtype=torch.bool, device=x.device)
+    left, d = max_nodes, est.mean.shape[1]
     for round_ in range(max_rounds):
         todo = (est.err > tolerance).nonzero().squeeze(1)
-        if len(todo) == 0:
-            break
-        refined[todo] = True
         q_sd = est.q_sd[todo]
         post_sd = torch.diagonal(est.cov[todo], dim1=1, dim2=2).clamp_min(0).sqrt()
         half = 6 * torch.maximum(q_sd, post_sd) + est.h_used[todo, None] / 2
         want = (2 * half / q_sd).amax(1) * 2**round_  # a spacing of q's sd
-        intervals = (2 ** torch.log2(want.clamp(16, OWN_RULE_MAX))).ceil().long()
+        intervals = (2 ** torch.log2(want.clamp(16, OWN_RULE_MAX)).ceil()).long()  # a power of 2
+        order = torch.argsort(intervals, stable=True)
+        fits = (((intervals + 1) ** d + intervals**d)[order].cumsum(0) <= left)
+        todo, half, intervals = todo[order][fits], half[order][fits], intervals[order][fits]
+        if len(todo) == 0:
+            break
+        refined[todo] = True
         for k in intervals.unique().tolist():
             pick = todo[intervals == k]
+            start = decode.count
             sums = _own_rules_pass(
                 decode, x[pick], None if labels is None else labels[pick], est.mean[pick],
                 half[intervals == k], likelihood=likelihood, intervals=int(k),
                 node_budget=node_budget, advance=advance)
+            left -= decode.count - start
             est.keep(pick, sums, (2 * half[intervals == k] / k).amin(1), only_better=True)
     return refined
 
@@ -839,7 +875,7 @@ def cvae_class_accuracy(
     device = _device_of(model, device)
     cdev = next(classifier.parameters()).device
     num_classes = _num_classes(model)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for c in range(num_classes):
         for i in range(0, per_class, batch_size):

@@ -434,6 +434,9 @@ def aliasing_error(sd: Tensor, spacing: Tensor | float) -> Tensor:
     return 4 * torch.exp(-2 * math.pi**2 * (sd.pow(2) / h2).sum(-1))
 
 
+AGREEMENT = 4.0  # error <= 4 x the change from the rule of twice the spacing; see error()
+
+
 class QuadratureSums:
     """Running sums of a lattice rule over chunks of nodes, for N images.
 
@@ -495,20 +498,31 @@ class QuadratureSums:
         """log p(x) by (T + M) / 2, per image [N]."""
         return torch.logaddexp(self.log_t, self.log_m) - math.log(2.0)
 
-    def error(self, spacing: Tensor | float, narrowest: Tensor | None = None) -> Tensor:
+    def error(self, spacing: Tensor | float, narrowest: Tensor | None = None,
+              previous: Tensor | None = None) -> Tensor:
         """Estimated error of ``log_px`` in nats, per image: |log T - log M| / 2, plus what the
         box may cut off (``cut_off``), plus the aliasing error of a peak of the given
         ``narrowest`` sd per axis [N, d] (``aliasing_error``; default: the posterior's sd on
-        the nodes). The rules' leading errors have opposite signs, so for a resolved integrand
-        the true value lies between T and M; a peak narrower than the spacing can slip between
-        both rules' nodes, which only the aliasing term sees."""
+        the nodes), plus, given the ``previous`` estimate [N] of a coarser rule (twice the
+        spacing), ``AGREEMENT`` times the change from it (no previous estimate: infinite).
+
+        The first three terms describe a smooth integrand: the rules' leading errors have
+        opposite signs, and a peak narrower than the spacing can slip between both rules'
+        nodes, which only the aliasing term sees. A ReLU decoder's logits are piecewise linear
+        in z, so p(x|z) has kinks a few hundredths apart: the rules then converge as h^2, not
+        faster than any power, and T and M can agree by chance. The change between successive
+        rules measures that h^2 term (about 3x the finer rule's error once it is resolved)."""
         spread = (self.log_t - self.log_m).abs() / 2
         _, cov = self.posterior_moments()
         sd = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
         if narrowest is not None:
             sd = torch.minimum(sd, narrowest.to(sd))
         spread = torch.where(torch.isfinite(spread), spread, math.inf)
-        return spread + self.cut_off(spacing) + aliasing_error(sd, spacing)
+        out = spread + self.cut_off(spacing) + aliasing_error(sd, spacing)
+        if previous is not None:
+            change = (self.log_px() - previous.to(out)).abs()
+            out = out + AGREEMENT * torch.where(torch.isfinite(change), change, math.inf)
+        return out
 
     def cut_off(self, spacing: Tensor | float) -> Tensor:
         """The mass beyond the box, estimated per image [N] as the share of the mass on its
