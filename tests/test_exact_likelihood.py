@@ -340,3 +340,17 @@ def test_the_evaluation_functions_range_check_their_seed(small_vae_and_images, s
         evaluate_elbo(model, split, seed=seed)
     with pytest.raises(ConfigError, match="seed must be a whole number"):
         log_px_estimate(model, split, num_samples=2, seed=seed)
+
+
+def test_a_budget_stops_the_work_and_the_summary_counts_what_is_left(
+    small_vae_and_images,
+) -> None:
+    model, split = small_vae_and_images
+    full = exact_log_px_per_image(model, split, tolerance=1e-3)
+    capped = exact_log_px_per_image(model, split, tolerance=1e-3, shared_nodes=400,
+                                    max_shared_nodes=2000)
+    assert capped.nodes < full.nodes
+    summary = capped.summary()
+    assert summary["over_tolerance"] == int((capped.error > 1e-3).sum()) > 0
+    # what is left keeps an honest estimate: within its error of the full computation
+    assert bool(((capped.log_px - full.log_px).abs() <= capped.error + full.error).all())

@@ -389,3 +389,20 @@ def test_reproduce_with_ablations(study, data_dir, tmp_path, monkeypatch) -> Non
     readme = (copy / "README.md").read_text()
     assert "KL annealing" in readme and " ± " in readme
     assert ab["kl_annealing"]["vae"]["text"] in readme
+
+
+def test_tables_written_to_a_file_or_pipe_are_not_cut() -> None:
+    from vaelab.io import console
+    from vaelab.report import render_terminal
+
+    wide = ["reconstruction error (nats per image)", "classifier accuracy on samples"] * 3
+    row = ["123.456789 ± 0.000001", "100.00 % of 10,000 samples"] * 3
+    blocks = [("h1", "A report heading"), ("table", wide, [row]),
+              ("p", "a paragraph " * 30)]
+    buffer = io.StringIO()
+    render_terminal(blocks, console(file=buffer))
+    text = buffer.getvalue()
+    assert "…" not in text
+    for cell in wide + row:
+        assert cell in text
+    assert "== A report heading ==" in text and ("a paragraph " * 30).strip() in text

@@ -25,9 +25,9 @@ EPILOG = "Run `vaelab COMMAND --help` for the options of each command."
 
 
 def _console():
-    from rich.console import Console
+    from vaelab.io import console
 
-    return Console(stderr=False, highlight=False)
+    return console()
 
 
 def _quoted(text: str, most: int = 40) -> str:

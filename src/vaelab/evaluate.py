@@ -360,7 +360,7 @@ def exact_log_px_per_image(
     tolerance: float = DEFAULT_TOLERANCE,
     likelihood: str = "bernoulli",
     shared_nodes: int = 12_000,
-    max_shared_nodes: int = 4_000_000,
+    max_shared_nodes: int = 1_000_000,
     spacing: float | None = None,
     node_chunk: int = 2048,
     image_chunk: int = 2048,
@@ -387,7 +387,7 @@ def exact_log_px_per_image(
     2. Images still above tolerance get a rule of their own over their posterior's mean +- 6
        sd (q's sd where larger), with a spacing of q's sd (16 to 128 intervals per axis),
        twice as fine each further round (``max_rounds``), smallest first while this step has
-       decoded fewer than ``max_shared_nodes`` nodes. An image that is still above tolerance
+       decoded fewer than ``max_shared_nodes / 4`` nodes. An image that is still above tolerance
        keeps its best estimate and its error (``ExactLogPx.summary`` counts them).
 
     Memory is bounded by ``node_chunk`` x ``image_chunk`` (shared rule) and ``node_budget``
@@ -425,7 +425,7 @@ def exact_log_px_per_image(
                            node_chunk=node_chunk, image_chunk=image_chunk, advance=advance)
         refined = _own_rules(decode, est, x, labels if model.conditional else None,
                              tolerance=tolerance, likelihood=likelihood, max_rounds=max_rounds,
-                             node_budget=node_budget, max_nodes=max_shared_nodes,
+                             node_budget=node_budget, max_nodes=max_shared_nodes // 4,
                              advance=advance)
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return ExactLogPx(

@@ -135,3 +135,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def console(stderr: bool = False, file: Any = None) -> Any:
+    """A rich console for vaelab's output. On a terminal it fits the terminal; into a file or a
+    pipe rich would cut every table to 80 columns ("reconstr…"), so there lines are as long as
+    their content instead."""
+    from rich.console import Console
+
+    out = Console(stderr=stderr, file=file, highlight=False)
+    if not out.is_terminal:
+        out = Console(stderr=stderr, file=file, highlight=False, width=NO_TERMINAL_WIDTH)
+    return out
+
+
+NO_TERMINAL_WIDTH = 10_000  # columns: no table or line vaelab prints comes near it

@@ -450,10 +450,9 @@ def run_study(
     vaelab report is refused unless ``force``; ``force`` also retrains runs whose saved
     settings differ.
     """
-    from rich.console import Console
-
     from vaelab.bench import machine
     from vaelab.evaluate import DEFAULT_TOLERANCE, dataset_for_run, full_evaluation
+    from vaelab.io import console as output_console
     from vaelab.train import pick_device, versions
 
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
@@ -461,7 +460,7 @@ def run_study(
         raise ConfigError(f"--tolerance must be > 0 nats per image, got {tolerance}")
 
     t_start = time.perf_counter()
-    console = console or Console(highlight=False)
+    console = console or output_console()
     log: Callable[[str], None] = console.print
     out = Path(out)
     preset = "quick" if quick else "seed"
@@ -973,8 +972,10 @@ def render_terminal(blocks: list[Block], console: Any) -> None:
 
     for b in blocks:
         kind = b[0]
-        if kind == "h1":
+        if kind == "h1" and console.is_terminal:
             console.rule(f"[bold]{b[1]}")
+        elif kind == "h1":  # a rule would be as wide as the console: a heading line instead
+            console.print(Text(f"== {b[1]} ==", style="bold"))
         elif kind in ("h2", "h3"):
             console.print(Text(b[1], style="bold" if kind == "h2" else "bold dim"))
         elif kind == "p":
