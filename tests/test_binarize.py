@@ -249,6 +249,26 @@ def test_the_run_records_its_binarized_splits_and_evaluate_uses_them(
     assert len(err) == 1 and "the binarized test split is not the one the run recorded" in err[0]
 
 
+def test_resume_refuses_a_run_whose_binarized_splits_changed(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unfinished copy of the run whose recorded val SHA-256 no longer matches: `--resume`
+    exits 2 with one line and leaves its checkpoints and metrics as they were."""
+    run = Path(shutil.copytree(reference, tmp_path / "run"))
+    shutil.rmtree(list_checkpoints(run)[0])
+    (run / "summary.json").unlink()
+    raw = json.loads((run / "config.json").read_text())
+    raw["data"]["val_sha256"] = "f" * 64
+    (run / "config.json").write_text(json.dumps(raw))
+    before = {p.name for p in list_checkpoints(run)}, (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the binarized val split is not the one the run recorded" in err[0]
+    assert ({p.name for p in list_checkpoints(run)}, (run / "metrics.jsonl").read_bytes()) == \
+        before
+
+
 def test_the_explorer_shows_a_binarized_runs_binarized_test_split(
     reference: Path, data: Path,
 ) -> None:
