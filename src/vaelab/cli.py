@@ -111,13 +111,18 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
     from vaelab.data import dataset_info, load_dataset
 
-    ds = load_dataset(args.name, val_size=args.val_size)
+    ds = load_dataset(args.name, val_size=args.val_size, binarize=args.binarize)
     info = dataset_info(ds)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     console = _console()
     console.print(f"[bold]{args.name}[/bold]  ({info.get('source', ds.source)})")
+    if ds.binarize != "none":
+        console.print("binarized (dynamic): training drawn afresh per batch; val and test "
+                      "binarized once with pinned seeds, images' sha256 "
+                      f"val {info['splits']['val']['sha256']}  "
+                      f"test {info['splits']['test']['sha256']}")
     table = Table("split", "images", "image size", "pixel mean")
     for split in ("train", "val", "test"):
         s = info["splits"][split]
@@ -133,6 +138,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
+    from vaelab.data import BINARIZATIONS
+
     p = sub.add_parser("data", help="fetch a data set, or describe one",
                        description="Fetch MNIST into the cache ($VAELAB_DATA, default "
                        "~/.cache/vaelab) with checksums, or print a data set's statistics.")
@@ -154,6 +161,9 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     i.add_argument("name", help="mnist or idx:DIR")
     i.add_argument("--val-size", type=_integer, default=5000,
                    help="validation images taken from the end of the training set (default 5000)")
+    i.add_argument("--binarize", choices=BINARIZATIONS, default="none",
+                   help="dynamic: describe the binarized val and test splits a `vaelab train "
+                   "--binarize dynamic` run evaluates on, with their SHA-256 (default none)")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     i.set_defaults(func=cmd_data_info)
 
@@ -167,7 +177,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     keys = ["model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "lr_schedule",
             "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
             "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
-            *ARCHITECTURE_KNOBS]
+            "objective", "k", "binarize", *ARCHITECTURE_KNOBS]
     out = {k: getattr(args, k) for k in keys}
     out["cuda_graphs"] = False if getattr(args, "no_cuda_graphs", False) else None
     return out
@@ -203,8 +213,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     from vaelab.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS
-    from vaelab.models import ACTIVATIONS
-    from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS
+    from vaelab.data import BINARIZATIONS
+    from vaelab.models import ACTIVATIONS, ARCHS
+    from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
 
     p = sub.add_parser(
         "train", help="train a VAE or CVAE into a run folder",
@@ -237,6 +248,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--free-bits", type=_real, default=None,
                    help="minimum KL per latent dimension, in nats (0: off)")
     p.add_argument("--likelihood", choices=LIKELIHOODS, default=None, help="p(x|z)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="elbo, or iwae: the K-sample importance-weighted bound (Burda et al. "
+                   "2016), log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x); a beta below 1 (the "
+                   "warm-up) weighs log p(z_k) - log q(z_k|x) (default: elbo)")
+    p.add_argument("--k", type=_positive_int, default=None, metavar="K",
+                   help="samples of z per image for --objective iwae (default: 1)")
+    p.add_argument("--binarize", choices=BINARIZATIONS, default=None,
+                   help="dynamic: each training batch drawn afresh as Bernoulli(intensity), "
+                   "val and test binarized once with pinned seeds (their SHA-256 in "
+                   "config.json): the literature's binarized MNIST (default: none)")
     p.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2^63 - 1")
     p.add_argument("--device", choices=DEVICES, default=None, help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -251,6 +272,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="also checkpoint every N steps (0: epoch ends only)")
     a = p.add_argument_group(
         "architecture", "the network (default: vaelab's, see `vaelab.config.TrainConfig`)")
+    a.add_argument("--arch", choices=ARCHS, default=None,
+                   help="conv, or mlp: an MLP encoder and decoder as in Davidson et al. 2018 "
+                   "(default: conv)")
+    a.add_argument("--mlp-hidden", type=_positive_int, nargs=2, default=None,
+                   metavar=("H1", "H2"), help="--arch mlp: the encoder's hidden widths, "
+                   "mirrored by the decoder (default: 256 128)")
     a.add_argument("--channels", type=_positive_int, nargs=2, default=None, metavar=("C1", "C2"),
                    help="conv channels at 1/2 and 1/4 resolution")
     a.add_argument("--enc-hidden", type=_positive_int, default=None, help="encoder MLP width")

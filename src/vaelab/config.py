@@ -13,18 +13,21 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from vaelab.data import BINARIZATIONS
 from vaelab.errors import ConfigError
-from vaelab.models import ACTIVATIONS, MODEL_KINDS, ModelSpec
-from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS
+from vaelab.models import ACTIVATIONS, ARCHS, MLP_HIDDEN, MODEL_KINDS, ModelSpec
+from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
 
 DEVICES = ("auto", "cpu", "cuda")
 # the architecture fields of TrainConfig, each also a ModelSpec field
 ARCHITECTURE_KNOBS = ("channels", "enc_hidden", "dec_hidden", "activation", "dec_mlp_layers",
-                      "dec_refine", "enc_mlp_layers", "enc_refine", "dec_full_channels")
+                      "dec_refine", "enc_mlp_layers", "enc_refine", "dec_full_channels",
+                      "arch", "mlp_hidden")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 SEED_MAX = 2**63 - 1  # torch and numpy take any seed in 0 ... 2^64 - 1; vaelab adds offsets
 MAX_WARMUP_EPOCHS = 1e9  # beyond this, warm-up epochs x steps overflows nothing useful
+MAX_IWAE_SAMPLES = 100_000  # K beyond this is an evaluation's, not a training step's
 # Settings a resumed run may change (``vaelab train --resume``): where it runs, how often it
 # checkpoints and how it evaluates, none of which changes the weights it trains. ``epochs`` may
 # change too, when the schedules do not depend on the run's length (``resume_config``).
@@ -47,7 +50,12 @@ class TrainConfig:
     enc_mlp_layers: int = 2
     enc_refine: int = 1
     dec_full_channels: int = 0
+    arch: str = "conv"
+    mlp_hidden: tuple[int, int] = MLP_HIDDEN
     likelihood: str = "bernoulli"
+    objective: str = "elbo"
+    k: int = 1  # samples of z per image: the IWAE bound's K
+    binarize: str = "none"
     batch_size: int = 128
     lr: float = 1e-3
     lr_schedule: str = "constant"
@@ -74,6 +82,7 @@ class TrainConfig:
         anything is allocated: ``check_fits``); return self."""
         self.check_types()
         self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
+        self.mlp_hidden = tuple(int(h) for h in self.mlp_hidden)  # type: ignore[assignment]
         checks: list[tuple[bool, str]] = [
             (self.model in MODEL_KINDS, f"unknown model {_short(self.model)}: choose vae or cvae"),
             (self.epochs >= 1, f"epochs must be >= 1, got {_short(self.epochs)}"),
@@ -99,6 +108,20 @@ class TrainConfig:
             (self.likelihood in LIKELIHOODS,
              f"unknown likelihood {_short(self.likelihood)}: choose one of "
              f"{', '.join(LIKELIHOODS)}"),
+            (self.arch in ARCHS,
+             f"unknown architecture {_short(self.arch)}: choose {' or '.join(ARCHS)}"),
+            (self.objective in OBJECTIVES,
+             f"unknown objective {_short(self.objective)}: choose {' or '.join(OBJECTIVES)}"),
+            (1 <= self.k <= MAX_IWAE_SAMPLES,
+             f"k must be from 1 to {MAX_IWAE_SAMPLES:,} samples, got {_short(self.k)}"),
+            (self.k == 1 or self.objective == "iwae",
+             f"--k {_short(self.k)} is for --objective iwae: the ELBO takes one sample of z"),
+            (self.free_bits == 0 or self.objective != "iwae",
+             "--free-bits is for --objective elbo: it clamps each dimension's KL, a term the "
+             "IWAE bound does not have"),
+            (self.binarize in BINARIZATIONS,
+             f"unknown binarization {_short(self.binarize)}: choose "
+             f"{' or '.join(BINARIZATIONS)}"),
             (self.activation in ACTIVATIONS,
              f"unknown activation {_short(self.activation)}: choose one of "
              f"{', '.join(ACTIVATIONS)}"),
@@ -142,6 +165,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        d["mlp_hidden"] = list(self.mlp_hidden)
         return d
 
     @classmethod
@@ -157,6 +181,7 @@ class TrainConfig:
         cfg = cls(**d)
         cfg.check_types()
         cfg.channels = tuple(cfg.channels)  # type: ignore[assignment]
+        cfg.mlp_hidden = tuple(cfg.mlp_hidden)  # type: ignore[assignment]
         return cfg
 
 
@@ -237,8 +262,9 @@ def training_memory_bytes(cfg: TrainConfig) -> int:
     spec = cfg.model_spec()
     cap = cfg.limit if cfg.limit is not None else cfg.batch_size
     batch, eval_batch = min(cfg.batch_size, cap), min(cfg.eval_batch_size, max(cap, 1))
-    acts = spec.activations_per_image()
-    return 4 * (4 * spec.parameter_count() + 2 * batch * acts + eval_batch * acts)
+    acts = spec.activations_per_image(samples=cfg.k)  # a training step decodes K samples
+    return 4 * (4 * spec.parameter_count() + 2 * batch * acts
+                + eval_batch * spec.activations_per_image())
 
 
 def format_bytes(n: int) -> str:
@@ -263,7 +289,7 @@ def check_fits(cfg: TrainConfig, memory: int | None = None, where: str = "this m
             f"{format_bytes(need)} to train (estimated: weights, gradients, Adam's moments and "
             f"activations, 4 bytes each), more than {where}'s {format_bytes(have)} of memory; "
             "choose smaller sizes (--latent-dim, --enc-hidden, --dec-hidden, --channels, "
-            "--batch-size)")
+            "--mlp-hidden, --batch-size, --k)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,12 +46,20 @@ from vaelab.io import atomic_open, atomic_write_bytes, atomic_write_json, make_f
 __all__ = [
     "MNIST_FILES",
     "MNIST_SHA256",
+    "BINARIZATIONS",
+    "BINARIZE_SEEDS",
     "Batcher",
     "Dataset",
     "Split",
+    "binarize_dataset",
+    "binarize_images",
+    "binarized_record",
+    "check_binarized",
     "data_root",
+    "dataset_for_config",
     "dataset_info",
     "fetch_mnist",
+    "images_sha256",
     "load_dataset",
     "read_idx",
     "read_images",
@@ -287,6 +295,7 @@ class Dataset:
     num_classes: int = 10
     image_shape: tuple[int, int, int] = (1, 28, 28)
     source: str = ""
+    binarize: str = "none"  # "dynamic": val and test binarized once (binarize_dataset)
 
 
 def data_root() -> Path:
@@ -356,14 +365,20 @@ def load_dataset(
     root: str | os.PathLike | None = None,
     fetch: bool = True,
     limit: int | None = None,
+    binarize: str = "none",
 ) -> Dataset:
     """Load a data set by name: ``"mnist"`` or ``"idx:DIR"``.
 
     ``"mnist"`` reads ``(root or data_root())/"mnist"``, fetching it first when files are
     missing and ``fetch`` is true. ``"idx:DIR"`` reads any folder with the four IDX files.
     The last ``val_size`` training images form the validation split. ``limit`` keeps the
-    first ``limit`` examples of each split (quick runs and tests).
+    first ``limit`` examples of each split (quick runs and tests). ``binarize="dynamic"``
+    binarizes the validation and test splits once, with pinned seeds (``binarize_dataset``);
+    training draws its own binary pixels per batch.
     """
+    if binarize not in BINARIZATIONS:
+        raise DataError(f"unknown binarization {binarize!r:.40}: choose "
+                        f"{' or '.join(BINARIZATIONS)}")
     key = name.strip()
     if key.lower() == "mnist":
         folder = Path(root).expanduser() if root is not None else data_root()
@@ -422,13 +437,98 @@ def load_dataset(
 
     cut = n_train - val_size
     tr_images, tr_labels = splits["train"]
-    return Dataset(
+    ds = Dataset(
         name=ds_name,
         train=make(tr_images[:cut], tr_labels[:cut]),
         val=make(tr_images[cut:], tr_labels[cut:]),
         test=make(*splits["test"]),
         source=str(folder),
     )
+    return binarize_dataset(ds) if binarize == "dynamic" else ds
+
+
+# --------------------------------------------------------------------------- binarization
+
+BINARIZATIONS = ("none", "dynamic")
+"""``none``: grey levels as stored. ``dynamic`` (the VAE literature's binarized MNIST): each
+training batch drawn afresh as Bernoulli(intensity) by the trainer; val and test binarized
+once, here, with :data:`BINARIZE_SEEDS`."""
+
+BINARIZE_SEEDS: dict[str, int] = {"val": 20180401, "test": 20180402}
+"""The pinned seeds of the one binarization of the validation and test splits. Never change
+them: runs record the SHA-256 of the splits they give (``binarized_record``)."""
+
+
+def binarize_images(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """uint8 images [N, ...] -> uint8 {0, 255}: pixel v is 255 with probability v / 255.
+
+        x = 255 if 255 u < v else 0,   u ~ Uniform[0, 1)  (one float64 per pixel, in C order)
+
+    ``u`` comes from numpy's legacy ``RandomState(seed)``, whose stream numpy keeps frozen
+    across versions and platforms, and 255 u < v is exact IEEE arithmetic: the result is the
+    same on every machine. The draws fill the images in order, so the first n images binarize
+    the same whether or not a ``limit`` cut the split first.
+    """
+    v = images.detach().cpu().numpy()
+    u = np.random.RandomState(seed).random_sample(v.shape)
+    return torch.from_numpy(np.where(u * 255.0 < v, 255, 0).astype(np.uint8))
+
+
+def binarize_dataset(ds: Dataset) -> Dataset:
+    """``ds`` with its validation and test images binarized once (``binarize_images`` with
+    :data:`BINARIZE_SEEDS`); the training split keeps its grey levels, which the trainer
+    binarizes afresh for every batch. A data set already binarized is returned as is."""
+    if ds.binarize == "dynamic":
+        return ds
+
+    def binary(split: Split, seed: int) -> Split:
+        return Split(binarize_images(split.images, seed), split.labels)
+
+    return Dataset(ds.name, ds.train, binary(ds.val, BINARIZE_SEEDS["val"]),
+                   binary(ds.test, BINARIZE_SEEDS["test"]), ds.num_classes, ds.image_shape,
+                   ds.source, binarize="dynamic")
+
+
+def images_sha256(split: Split) -> str:
+    """SHA-256 of a split's uint8 images, in C order (labels not included)."""
+    data = np.ascontiguousarray(split.images.detach().cpu().numpy(), dtype=np.uint8)
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def binarized_record(ds: Dataset) -> dict | None:
+    """What a run records of its binarized evaluation splits (config.json's ``data``): the
+    seeds, the image counts and the SHA-256 of the val and test images. None when ``ds`` is
+    not binarized."""
+    if ds.binarize == "none":
+        return None
+    return {"binarize": ds.binarize, "seeds": dict(BINARIZE_SEEDS),
+            **{f"{part}_images": len(getattr(ds, part)) for part in ("val", "test")},
+            **{f"{part}_sha256": images_sha256(getattr(ds, part)) for part in ("val", "test")}}
+
+
+def check_binarized(ds: Dataset, record: object, where: str) -> None:
+    """Raise DataError when ``ds``'s binarized splits are not the ones ``record`` (a run's
+    ``binarized_record``) names: the numbers of that run were measured on other images."""
+    if not isinstance(record, dict) or ds.binarize == "none":
+        return
+    for part in ("val", "test"):
+        want = record.get(f"{part}_sha256")
+        got = images_sha256(getattr(ds, part))
+        if isinstance(want, str) and want != got:
+            raise DataError(
+                f"{where}: the binarized {part} split is not the one the run recorded (sha256 "
+                f"{got[:16]}..., recorded {want[:16]}...): the data set or its binarization "
+                "changed since the run was trained")
+
+
+def dataset_for_config(cfg: dict, record: object = None, *, fetch: bool = True,
+                       where: str = "the run") -> Dataset:
+    """The data set a run's config (``config.json``'s ``config``) names, split and binarized as
+    in training, checked against the run's ``record`` of its binarized splits if given."""
+    ds = load_dataset(cfg["dataset"], val_size=cfg["val_size"], limit=cfg.get("limit"),
+                      fetch=fetch, binarize=cfg.get("binarize", "none"))
+    check_binarized(ds, record, where)
+    return ds
 
 
 def _pixel_mean(images: torch.Tensor, chunk: int = 4096) -> float | None:
@@ -445,9 +545,10 @@ def _pixel_mean(images: torch.Tensor, chunk: int = 4096) -> float | None:
 def dataset_info(ds: Dataset) -> dict:
     """Summary of a data set: counts, image shape, pixel means and class counts per split.
 
-    Returns ``{"name", "source", "image_shape", "num_classes", "counts": {split: n},
-    "splits": {split: {"count", "pixel_mean", "class_counts"}}}``; ``pixel_mean`` is in
+    Returns ``{"name", "source", "image_shape", "num_classes", "binarize", "counts": {split:
+    n}, "splits": {split: {"count", "pixel_mean", "class_counts"}}}``; ``pixel_mean`` is in
     [0, 1] (None for an empty split) and ``class_counts`` is a list of ``num_classes`` ints.
+    A binarized data set's val and test splits also give their images' ``sha256``.
     """
     splits = {}
     for part in ("train", "val", "test"):
@@ -458,11 +559,14 @@ def dataset_info(ds: Dataset) -> dict:
             "pixel_mean": _pixel_mean(s.images),
             "class_counts": [int(c) for c in counts.tolist()],
         }
+        if ds.binarize != "none" and part != "train":
+            splits[part]["sha256"] = images_sha256(s)
     return {
         "name": ds.name,
         "source": ds.source,
         "image_shape": list(ds.image_shape),
         "num_classes": ds.num_classes,
+        "binarize": ds.binarize,
         "counts": {part: info["count"] for part, info in splits.items()},
         "splits": splits,
     }

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vaelab.config import check_seed
-from vaelab.data import Dataset, Split, load_dataset
+from vaelab.data import Dataset, Split, dataset_for_config
 from vaelab.errors import ConfigError
 from vaelab.models import ConvVAE
 from vaelab.objectives import (
@@ -895,9 +895,9 @@ def cvae_class_accuracy(
 
 
 def dataset_for_run(run: Run) -> Dataset:
-    """The data set a run was trained on, split as in training (its config's val_size, limit)."""
-    cfg = run.config["config"]
-    return load_dataset(cfg["dataset"], val_size=cfg["val_size"], limit=cfg.get("limit"))
+    """The data set a run was trained on, split as in training (its config's val_size, limit)
+    and, for a binarized run, its val and test splits binarized as recorded in config.json."""
+    return dataset_for_config(run.config["config"], run.config.get("data"), where=str(run.path))
 
 
 def full_evaluation(

@@ -1,4 +1,5 @@
-"""Convolutional VAE and conditional VAE for 28x28 images. No loss inside: see objectives.
+"""VAE and conditional VAE for 28x28 images, convolutional or MLP. No loss inside: see
+objectives.
 
 Inference network (encoder)  q_phi(z | x[, c]) = N(mu, diag sigma^2)
 Generative network (decoder) p_theta(x | z[, c]) with logits eta = decoder(z[, c])
@@ -18,6 +19,12 @@ from vaelab.errors import CheckpointError, ConfigError
 from vaelab.objectives import reparameterize
 
 MODEL_KINDS = ("vae", "cvae")
+ARCHS = ("conv", "mlp")
+# The MLP of Davidson et al. 2018 (hyperspherical VAE): the issue does not give its sizes, so
+# these are the authors' public example code's (s-vae-tf, examples/mnist.py, H_DIM = 128):
+# encoder 784 -> 256 -> 128, decoder z -> 128 -> 256 -> 784, ReLU. (Their encoder gives a
+# softplus standard deviation; vaelab's gives log sigma^2, the same family.)
+MLP_HIDDEN = (256, 128)
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "gelu": nn.GELU}
 
 
@@ -26,8 +33,8 @@ class VAEOutput(NamedTuple):
 
     mu: Tensor  # [B, D]
     logvar: Tensor  # [B, D]  log sigma^2
-    z: Tensor  # [B, D]  one sample z ~ q(z|x)
-    logits: Tensor  # [B, 1, H, W]  decoder logits eta
+    z: Tensor  # [B, D]  one sample z ~ q(z|x)  ([K, B, D]: K samples, given eps [K, B, D])
+    logits: Tensor  # [B, 1, H, W]  decoder logits eta  ([K, B, 1, H, W] for K samples)
 
 
 @dataclass(frozen=True)
@@ -45,11 +52,18 @@ class ModelSpec:
     enc_mlp_layers: int = 1
     enc_refine: int = 0
     dec_full_channels: int = 0
+    arch: str = "conv"  # "mlp": MLPEncoder / MLPDecoder with mlp_hidden (conv knobs unused)
+    mlp_hidden: tuple[int, int] = MLP_HIDDEN  # encoder widths; the decoder mirrors them
     num_classes: int = 10
     image_size: int = 28
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown architecture {self.arch!r:.40}: choose conv or mlp")
+        if len(self.mlp_hidden) != 2 or min(self.mlp_hidden) < 1:
+            raise ConfigError(f"mlp_hidden must be two positive integers, got {self.mlp_hidden}")
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"unknown model '{self.kind}': choose vae or cvae")
         if self.latent_dim < 1:
@@ -83,6 +97,12 @@ class ModelSpec:
         def linear(i: int, o: int) -> int:
             return i * o + o
 
+        if self.arch == "mlp":
+            h1, h2 = self.mlp_hidden
+            enc = linear((1 + cond) * n * n, h1) + linear(h1, h2) + linear(h2, 2 * self.latent_dim)
+            dec = linear(self.latent_dim + (k if cond else 0), h2) + linear(h2, h1)
+            return enc + dec + linear(h1, n * n) + (k * n * n if cond else 0)
+
         def conv(i: int, o: int, size: int) -> int:
             return i * o * size * size + o
 
@@ -98,22 +118,29 @@ class ModelSpec:
         dec += conv(c1, f, 4) + conv(f, 1, 3) if f else conv(c1, 1, 4)
         return enc + dec + (k * n * n if cond else 0)
 
-    def activations_per_image(self) -> int:
+    def activations_per_image(self, samples: int = 1) -> int:
         """About how many numbers one image's forward pass keeps for the backward pass: the
-        output of every layer and activation (an estimate for the memory check, not exact)."""
+        output of every layer and activation, the decoder's for each of ``samples`` draws of z
+        (an estimate for the memory check, not exact)."""
         c1, c2 = self.channels
         n = self.image_size
+        cond = n * n if self.kind == "cvae" else 0
+        if self.arch == "mlp":
+            h = 2 * sum(self.mlp_hidden)
+            return h + 2 * self.latent_dim + samples * (3 * self.latent_dim + h + n * n) \
+                + cond + n * n
         half, quarter = c1 * (n // 2) ** 2, c2 * (n // 4) ** 2
         enc = 2 * half * (1 + self.enc_refine) + 2 * quarter
         enc += 2 * self.enc_hidden * self.enc_mlp_layers + 2 * self.latent_dim
         dec = 2 * self.dec_hidden * self.dec_mlp_layers + 2 * quarter
         dec += 2 * half * (1 + self.dec_refine)
         dec += (2 * self.dec_full_channels + 1) * n * n if self.dec_full_channels else n * n
-        return enc + 3 * self.latent_dim + dec + (2 * n * n if self.kind == "cvae" else n * n)
+        return enc + samples * (3 * self.latent_dim + dec) + cond + n * n
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        d["mlp_hidden"] = list(self.mlp_hidden)
         return d
 
     @classmethod
@@ -199,8 +226,55 @@ class ConvDecoder(nn.Module):
         self.net[-1].bias.fill_(float(torch.logit(torch.tensor(p))))
 
 
+class MLPEncoder(nn.Module):
+    """x [B, C, H, W] -> (mu, logvar) [B, D]: flatten, two hidden layers of ``mlp_hidden``
+    (h1, h2) units, then a linear layer to (mu, logvar)."""
+
+    def __init__(self, in_channels: int, spec: ModelSpec) -> None:
+        super().__init__()
+        act = ACTIVATIONS[spec.activation]
+        h1, h2 = spec.mlp_hidden
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * spec.image_size**2, h1), act(),
+            nn.Linear(h1, h2), act(),
+            nn.Linear(h2, 2 * spec.latent_dim),
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.net(x).chunk(2, dim=1)
+        return mu, logvar
+
+
+class MLPDecoder(nn.Module):
+    """z [B, D_in] -> logits [B, 1, H, W]: the encoder mirrored, hidden layers of h2 then h1
+    units, then a linear layer to one logit per pixel."""
+
+    def __init__(self, in_features: int, spec: ModelSpec) -> None:
+        super().__init__()
+        act = ACTIVATIONS[spec.activation]
+        h1, h2 = spec.mlp_hidden
+        n = spec.image_size
+        self.net = nn.Sequential(
+            nn.Linear(in_features, h2), act(),
+            nn.Linear(h2, h1), act(),
+            nn.Linear(h1, n * n),
+            nn.Unflatten(1, (1, n, n)),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+    @torch.no_grad()
+    def set_output_bias(self, pixel_mean: float) -> None:
+        """Start the output at the data's mean intensity: bias = logit(mean)."""
+        p = min(max(pixel_mean, 1e-3), 1 - 1e-3)
+        self.net[-2].bias.fill_(float(torch.logit(torch.tensor(p))))
+
+
 class ConvVAE(nn.Module):
-    """The study's convolutional VAE: conv encoder -> (mu, log sigma^2); linear -> ConvTranspose."""
+    """The study's VAE: encoder -> (mu, log sigma^2), decoder -> logits. The networks are
+    convolutional (ConvEncoder, ConvDecoder) or, with ``spec.arch == "mlp"``, MLPs."""
 
     conditional = False
 
@@ -209,8 +283,10 @@ class ConvVAE(nn.Module):
         spec = spec or ModelSpec(kind="vae", **kwargs)
         self.spec = spec
         self.latent_dim = spec.latent_dim
-        self.encoder = ConvEncoder(1 + self._extra_channels(), spec)
-        self.decoder = ConvDecoder(spec.latent_dim + self._extra_features(), spec)
+        mlp = spec.arch == "mlp"
+        self.encoder = (MLPEncoder if mlp else ConvEncoder)(1 + self._extra_channels(), spec)
+        self.decoder = (MLPDecoder if mlp else ConvDecoder)(
+            spec.latent_dim + self._extra_features(), spec)
 
     def _extra_channels(self) -> int:
         return 0
@@ -230,8 +306,17 @@ class ConvVAE(nn.Module):
         self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
         eps: Tensor | None = None,
     ) -> VAEOutput:
-        """Encode, draw z (from ``eps`` when given, else from ``generator``), decode."""
+        """Encode, draw z (from ``eps`` when given, else from ``generator``), decode.
+
+        ``eps`` of shape [K, B, D] draws K samples of z per image, all decoded in one pass:
+        z [K, B, D] and logits [K, B, 1, H, W] (what an importance-weighted bound needs).
+        """
         mu, logvar = self.encode(x, y)
+        if eps is not None and eps.dim() == 3:
+            k, b, d = eps.shape
+            z = reparameterize(mu.expand(k, -1, -1), logvar.expand(k, -1, -1), eps=eps)
+            logits = self.decode(z.reshape(k * b, d), None if y is None else y.repeat(k))
+            return VAEOutput(mu, logvar, z, logits.unflatten(0, (k, b)))
         z = reparameterize(mu, logvar, generator, eps)
         return VAEOutput(mu, logvar, z, self.decode(z, y))
 
@@ -284,5 +369,5 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def build_model(spec: ModelSpec) -> ConvVAE:
-    """A fresh model for ``spec`` (``ConvVAE`` or ``ConvCVAE``)."""
+    """A fresh model for ``spec`` (``ConvVAE`` or ``ConvCVAE``, conv or MLP networks)."""
     return ConvCVAE(spec) if spec.kind == "cvae" else ConvVAE(spec)

@@ -667,3 +667,43 @@ def make_beta_schedule(
         total = max(1, total_epochs * steps_per_epoch)
         return CyclicalBeta(max(1, total // max(1, cycles)), 0.5, beta)
     raise ConfigError(f"unknown beta schedule '{name}': choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The importance-weighted bound as a training objective (Burda, Grosse & Salakhutdinov 2016)
+# --------------------------------------------------------------------------------------------
+OBJECTIVES = ("elbo", "iwae")
+
+
+def iwae_log_weights(
+    x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, logits: Tensor,
+    likelihood: str = "bernoulli", beta: float | Tensor = 1.0,
+) -> Tensor:
+    """log w_k of K samples per image, [K, B] (nats), for ``z`` [K, B, D] drawn from
+    q = N(mu, sigma^2) (``mu``, ``logvar`` [B, D]) and their ``logits`` [K, B, ...]:
+
+        log w_k = log p(x|z_k) + beta [log p(z_k) - log q(z_k|x)]
+
+    beta = 1 gives the importance weights p(x, z_k) / q(z_k|x). beta < 1 is the KL warm-up's
+    weight carried over: for K = 1 the expectation of log w is the beta-ELBO,
+    E_q[log p(x|z)] - beta KL(q || p); for beta != 1 no bound on log p(x).
+    """
+    k, b = z.shape[:2]
+    xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+    ll = log_likelihood(logits.reshape(k * b, *logits.shape[2:]), xs, likelihood).view(k, b)
+    return ll + beta * (log_standard_normal(z) - log_normal(z, mu, logvar))
+
+
+def iwae_bound(log_w: Tensor) -> Tensor:
+    """The K-sample bound L_K per image, [B] (nats), from log weights [K, B]:
+
+        L_K(x) = log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
+
+    by logsumexp. E[L_1] = ELBO <= E[L_K] <= E[L_{K+1}] <= log p(x).
+    """
+    return iw_log_mean_exp(log_w, dim=0)
+
+
+def iwae_loss(log_w: Tensor) -> Tensor:
+    """The minimised IWAE objective, -L_K averaged over the batch (nats per image)."""
+    return -iwae_bound(log_w).mean()

@@ -528,7 +528,7 @@ def run_study(
 
     def data_of(run: Run) -> Dataset:
         c = run.config["config"]
-        key = (c["dataset"], c["val_size"], c.get("limit"))
+        key = (c["dataset"], c["val_size"], c.get("limit"), c.get("binarize", "none"))
         if key not in datasets:
             datasets[key] = dataset_for_run(run)
         return datasets[key]

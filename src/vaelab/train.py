@@ -39,15 +39,32 @@ from vaelab.checkpoint import (
     weights_bytes,
 )
 from vaelab.config import TrainConfig, check_fits, resume_config
-from vaelab.data import Batcher, Dataset, load_dataset
+from vaelab.data import (
+    Batcher,
+    Dataset,
+    binarize_dataset,
+    binarized_record,
+    check_binarized,
+    load_dataset,
+)
 from vaelab.errors import CheckpointError, ConfigError, NumericalError, VaelabError
 from vaelab.evaluate import evaluate_elbo
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderLock, is_lock_file
 from vaelab.models import ConvVAE, build_model
-from vaelab.objectives import BetaSchedule, elbo_terms, make_beta_schedule, training_loss
+from vaelab.objectives import (
+    BetaSchedule,
+    elbo_terms,
+    iwae_log_weights,
+    iwae_loss,
+    make_beta_schedule,
+    training_loss,
+)
 
 REFRESH_STEPS = 25  # read the device-side sums this often (progress bar, NaN check)
+# the binarizing generator's seed is the run's seed plus this (plus 7919 per rank), mod 2^64:
+# far from the seeds of the noise generator (seed + 1) and the epochs' permutations (seed + e)
+BINARIZE_STREAM = 0x9E3779B97F4A7C15
 WARMUP_STEPS = 3  # eager full-batch steps on CUDA before the training step is captured
 
 
@@ -222,8 +239,10 @@ def resumed_config(
     return raw, saved, resume_config(saved, wanted, run=str(out))
 
 
-def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool) -> TrainConfig:
-    """Create or reopen the run folder; on resume the saved config is the one used."""
+def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool,
+                    data: dict[str, Any] | None = None) -> TrainConfig:
+    """Create or reopen the run folder; on resume the saved config is the one used. ``data``
+    (``data.binarized_record``) goes into config.json as ``data``."""
     cfg_path = out / "config.json"
     if resume:
         return resumed_config(out, None, None)[2]
@@ -236,7 +255,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool
     atomic_write_json(cfg_path, {
         "config": config.to_dict(), "model": config.model_spec().to_dict(),
         "versions": versions(), "seed": config.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), **({"data": data} if data is not None else {}),
     })
     return config
 
@@ -343,6 +362,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.data = dataset or load_dataset(cfg.dataset, val_size=cfg.val_size, limit=cfg.limit)
+        if cfg.binarize == "dynamic":  # val and test once, pinned; training per batch below
+            self.data = binarize_dataset(self.data)
+            if self._saved_raw is not None:
+                check_binarized(self.data, self._saved_raw.get("data"), str(self.out))
         # under torchrun each rank takes its shard of every epoch; the global batch stays
         # batch_size, so each step sees the single-process run's images (but each rank draws
         # its own z, and free bits clamp per rank: README, "Scaling out")
@@ -383,6 +406,9 @@ class Trainer:
         )
         self.noise = torch.Generator(device=self.device).manual_seed(
             cfg.seed + 1 + 7919 * self.rank)
+        # --binarize dynamic: each batch's pixels drawn afresh, x ~ Bernoulli(intensity)
+        self.binarizer = torch.Generator(device=self.device).manual_seed(
+            self._binarize_seed()) if cfg.binarize == "dynamic" else None
         self.epoch = 0  # the epoch in progress (0-based)
         self.step_in_epoch = 0
         self.step = 0
@@ -393,7 +419,8 @@ class Trainer:
         self.epoch_seconds = 0.0
         self._stop_signal: int | None = None
         if not resume and self.rank == 0:
-            prepare_run_dir(self.out, cfg, resume=False, force=force)
+            prepare_run_dir(self.out, cfg, resume=False, force=force,
+                            data=binarized_record(self.data))
         self._barrier()
         if resume:
             self._restore()
@@ -444,8 +471,11 @@ class Trainer:
         dist.all_reduce(out["bad_step"], op=dist.ReduceOp.MAX)
         return out
 
-    def _noise_states(self) -> list[torch.Tensor]:
-        state = self.noise.get_state().cpu()
+    def _binarize_seed(self, step: int = 0) -> int:
+        return (self.config.seed + BINARIZE_STREAM + 7919 * self.rank + step) % 2**64
+
+    def _noise_states(self, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        state = (generator or self.noise).get_state().cpu()
         if not self.distributed:
             return [state]
         import torch.distributed as dist
@@ -472,6 +502,7 @@ class Trainer:
         """Everything a resume needs. Under torchrun the sums are the global ones (restored on
         rank 0 only, since they add up) and every rank's noise generator state is kept."""
         noise = self._noise_states()
+        binarize = self._noise_states(self.binarizer) if self.binarizer is not None else None
         optimizer = self.optimizer.state_dict()
         for group in optimizer["param_groups"]:  # saved device-neutral: a plain lr, not capturable
             group["lr"] = float(group["lr"])
@@ -479,7 +510,8 @@ class Trainer:
         return {
             "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "noise": noise[0], "noise_per_rank": noise},
+            "rng": {"torch": torch.get_rng_state(), "noise": noise[0], "noise_per_rank": noise,
+                    **({"binarize_per_rank": binarize} if binarize is not None else {})},
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
             "world_size": self.world_size,
             "sums": {k: v.cpu() for k, v in self._global_sums().items()},
@@ -555,6 +587,13 @@ class Trainer:
                 self.log(f"the checkpoint was written by {len(per_rank)} process(es), this run "
                          f"has {self.world_size}: the noise generators are reseeded")
                 self.noise.manual_seed(self.config.seed + 1 + 7919 * self.rank + s["step"])
+            if self.binarizer is not None:
+                states = s["rng"]["binarize_per_rank"]
+                if len(states) == self.world_size:
+                    self.binarizer.set_state(
+                        states[self.rank].to(self.binarizer.get_state().device))
+                else:  # logged with the noise generators above
+                    self.binarizer.manual_seed(self._binarize_seed(s["step"]))
             self.epoch, self.step_in_epoch, self.step = s["epoch"], s["step_in_epoch"], s["step"]
             for k, v in s["sums"].items():
                 # the saved sums are global: under torchrun one rank carries them
@@ -638,8 +677,12 @@ class Trainer:
         consume the same random numbers and resume the same way.
         """
         self._set_lr(self.lr_at(self.step))
-        eps = torch.randn((x.shape[0], self.config.latent_dim), generator=self.noise,
-                          device=self.device, dtype=torch.float32)
+        if self.binarizer is not None:
+            x = torch.bernoulli(x, generator=self.binarizer)
+        cfg = self.config
+        shape = (x.shape[0], cfg.latent_dim)
+        eps = torch.randn((cfg.k, *shape) if cfg.objective == "iwae" else shape,
+                          generator=self.noise, device=self.device, dtype=torch.float32)
         beta = self.schedule.beta
         if self.use_graphs and x.shape[0] == self.batcher.batch_size:
             self._graphed_step(x, y, eps, beta)
@@ -659,9 +702,14 @@ class Trainer:
                                   enabled=self.precision == "bf16", cache_enabled=False)
         with autocast:
             out = self.net(x, y if self.model.conditional else None, eps=eps)
-        terms = elbo_terms(x, out.mu.float(), out.logvar.float(), out.logits.float(),
-                           cfg.likelihood)
-        loss = training_loss(terms, beta, cfg.free_bits)
+        mu, logvar, logits = out.mu.float(), out.logvar.float(), out.logits.float()
+        if cfg.objective == "iwae":  # the metrics' ELBO terms from the first of the K samples
+            terms = elbo_terms(x, mu, logvar, logits[0], cfg.likelihood)
+            loss = iwae_loss(iwae_log_weights(x, out.z.float(), mu, logvar, logits,
+                                              cfg.likelihood, beta))
+        else:
+            terms = elbo_terms(x, mu, logvar, logits, cfg.likelihood)
+            loss = training_loss(terms, beta, cfg.free_bits)
         try:
             loss.backward()
         except RuntimeError as e:  # anomaly mode: "Function 'X' returned nan values ..."

@@ -342,12 +342,14 @@ def _load_test_split(
 
     try:
         key = (str(cfg["dataset"]), int(cfg["val_size"]),
-               None if cfg.get("limit") is None else int(cfg["limit"]))
+               None if cfg.get("limit") is None else int(cfg["limit"]),
+               str(cfg.get("binarize", "none")))
     except (KeyError, TypeError, ValueError):
         return None, None, "the run's config.json names no data set"
     if key not in cache:
         try:
-            ds = load_dataset(key[0], val_size=key[1], limit=key[2], fetch=False)
+            ds = load_dataset(key[0], val_size=key[1], limit=key[2], fetch=False,
+                              binarize=key[3])
             cache[key] = (ds.test.images.contiguous(), ds.test.labels.contiguous(), None)
         except VaelabError as e:
             cache[key] = (None, None, f"the test set is unavailable: {e}")
