@@ -10,14 +10,13 @@ table is rendered from that file by benchmarks/render_docs.py.
 from __future__ import annotations
 
 import argparse
-import time
+import os
 from pathlib import Path
 
 import torch
 
-from vaelab.bench import machine
-from vaelab.checkpoint import load_run
-from vaelab.evaluate import DEFAULT_TOLERANCE, dataset_for_run, exact_log_px_per_image
+from vaelab.bench import exact_speed, machine
+from vaelab.evaluate import DEFAULT_TOLERANCE
 from vaelab.io import atomic_write_json
 
 
@@ -29,15 +28,10 @@ def main() -> None:
     args = p.parse_args()
     results = {"machine": machine(), "tolerance": args.tolerance, "runs": {}}
     for path in args.runs:
-        run = load_run(path)
-        ds = dataset_for_run(run)
-        t0 = time.perf_counter()
-        res = exact_log_px_per_image(run.model, ds.test, tolerance=args.tolerance,
-                                     likelihood=run.config["config"]["likelihood"])
-        seconds = time.perf_counter() - t0
-        results["runs"][path.name] = {"model": run.spec.kind, "seconds": seconds,
-                                      **res.summary()}
-        print(path, f"{seconds:.1f} s", flush=True)
+        load = os.getloadavg()
+        results["runs"][path.name] = {**exact_speed(path, tolerance=args.tolerance),
+                                      "loadavg_before": list(load)}
+        print(path, f"{results['runs'][path.name]['seconds']:.1f} s", flush=True)
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}; BENCHMARKS.md shows it (python benchmarks/render_docs.py)")
 
