@@ -67,12 +67,41 @@ def exact_timing() -> str:
     lines = [f"Measured with `python benchmarks/exact_logpx.py RUN ... --out "
              f"benchmarks/exact-logpx-cpu.json` on {_machine(m)}, {m['torch_threads']} torch "
              f"threads, tolerance {r['tolerance']} nats per image.", "",
-             "| run | model | images | seconds | decoder calls | own rules | -log p(x) | "
-             "est. error |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| run | model | images | seconds | load average before | decoder calls | own "
+             "rules | above the tolerance | -log p(x) | est. error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, x in r["runs"].items():
+        load = x.get("loadavg_before")
         lines.append(f"| {name} | {x['model']} | {x['n']:,} | {x['seconds']:.1f} | "
-                     f"{x['nodes']:,} | {x['refined']:,} | {x['neg_log_px']:.2f} | "
+                     f"{'-' if load is None else f'{load[0]:.1f}'} | {x['nodes']:,} | "
+                     f"{x['refined']:,} | {x['over_tolerance']:,} | {x['neg_log_px']:.2f} | "
                      f"{x['error_estimate']:.3f} |")
+    return "\n".join(lines)
+
+
+def exact_error_check() -> str:
+    """BENCHMARKS.md: the per-image error estimate against a ladder of finer rules."""
+    files = ("benchmarks/exact-error-check-vae-cpu.json",
+             "benchmarks/exact-error-check-cvae-cpu.json")
+    checks = [_load(f) for f in files]
+    tol = checks[0]["tolerance"]
+    lines = [f"Measured with `python benchmarks/exact_error_check.py RUN --images N --levels L "
+             f"--out FILE` ({', '.join(f'`{f}`' for f in files)}) on "
+             f"{_machine(checks[0]['machine'])}: a seeded sample of test images, each "
+             "integrated with every shared rule of the ladder; the finest is the reference. "
+             f"Accepted: error estimate <= {tol} nats; wrong: accepted but further than {tol} "
+             "nats from the reference.", "",
+             "| run | images | rule spacing | largest miss | vaelab's estimate: accepted, wrong "
+             "| T and M alone: accepted, wrong |", "|---|---:|---:|---:|---:|---:|"]
+    for r in checks:
+        for name, x in r["runs"].items():
+            for row in x["levels"]:
+                v, n = row["vaelab"], row["t_and_m_alone"]
+                lines.append(f"| {name} | {x['images']:,} | {row['spacing']:.4f} | "
+                             f"{row['miss_max']:.3f} | {v['accepted']:,}, {v['wrong']:,} | "
+                             f"{n['accepted']:,}, {n['wrong']:,} |")
+            lines.append(f"| {name} | {x['images']:,} | {x['reference_spacing']:.4f} "
+                         "(the reference) | | | |")
     return "\n".join(lines)
 
 
@@ -107,6 +136,7 @@ def sweep_timing() -> str:
 
 
 SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
+            "exact-error-check": exact_error_check,
             "sweep-timing": sweep_timing}
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
 PATTERN = re.compile(r"(<!-- render:([\w-]+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
