@@ -324,8 +324,8 @@ def h100_pairs() -> str:
         seconds = ", ".join(f"{x['seconds']:.1f}" for x in rows)
         elbo = ", ".join(f"{x['vae']['neg_elbo']:.2f} / {x['cvae']['neg_elbo']:.2f}" for x in rows)
         lines.append(f"| {names.get(mode, mode)} | {ckpt} | {precision} | {seconds} | {elbo} |")
-    lines += ["", f"From `{_H100_RUNS}` (`python benchmarks/cuda_both.py MODE`). vaelab does "
-              "the side-by-side, background, bf16 row."]
+    lines += ["", f"From `{_H100_RUNS}`, in the order measured. vaelab does the side-by-side, "
+              "background, bf16 row."]
     return "\n".join(lines)
 
 
