@@ -222,7 +222,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a convolutional VAE or CVAE. The `seed` preset is the study's "
         "table (latent 2, batch 128, Adam lr 1e-3, 30 epochs, 10-epoch KL warm-up) with "
         "vaelab's architecture and a cosine decay of the learning rate (--lr-schedule "
-        "constant for the table exactly); any option given overrides it. Each epoch "
+        "constant keeps the study's constant lr; the README names the flags nearest its "
+        "recipe); any option given overrides it. Each epoch "
         "writes train/val/test reconstruction, KL and "
         "-ELBO (test at beta = 1) to metrics.jsonl and a checkpoint; --resume continues a "
         "killed or interrupted run exactly.",
