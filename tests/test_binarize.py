@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from helpers import assert_same_run, train_in_process
+from helpers import one_thread as single_thread
 from synthetic import noisy_blobs, synthetic_dataset, write_synthetic
 from vaelab.checkpoint import list_checkpoints, load_run
 from vaelab.cli import main
@@ -43,10 +44,8 @@ from vaelab.train import Trainer, train
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 def ramp(n: int) -> torch.Tensor:
@@ -122,26 +121,8 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted binarized IWAE run (one thread): what a resumed run must equal."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(train_args(data, out)) == 0
-    finally:
-        torch.set_num_threads(before)
+    train_in_process(train_args(data, out))
     return out
-
-
-def metrics_rows(run: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
-
-
-def assert_same_run(run: Path, reference: Path) -> None:
-    w, w_ref = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert w.keys() == w_ref.keys()
-    for k in w_ref:
-        assert torch.equal(w[k], w_ref[k]), f"tensor {k} differs from the uninterrupted run"
-    assert metrics_rows(run) == metrics_rows(reference)
 
 
 def test_sigint_mid_epoch_then_resume_equals_the_uninterrupted_run(

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import train_in_process
 from synthetic import uniform_noise, write_synthetic
 from vaelab.cli import main
 
@@ -76,12 +77,7 @@ def train_args(data: Path | str, out: Path, *extra: str) -> list[str]:
 def finished(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished one-epoch run."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(train_args(data, out)) == 0
-    finally:
-        torch.set_num_threads(before)
+    train_in_process(train_args(data, out))
     return out
 
 

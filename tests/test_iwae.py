@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from helpers import one_thread as single_thread
 from synthetic import blobs, noisy_blobs, synthetic_dataset
 from vaelab.cli import main
 from vaelab.config import resolve_config
@@ -32,10 +33,8 @@ from vaelab.train import Trainer
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 def tiny(dtype: torch.dtype = torch.float32, latent: int = 2, kind: str = "vae"):

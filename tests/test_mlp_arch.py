@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import one_thread as single_thread
 from synthetic import noisy_blobs, synthetic_dataset
 from vaelab.checkpoint import load_run
 from vaelab.cli import main
@@ -24,10 +25,8 @@ from vaelab.models import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, Mode
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 def linears(module: nn.Module) -> list[tuple[int, int]]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import one_thread as single_thread
 from synthetic import blobs, seeded_blobs, write_synthetic
 from vaelab.checkpoint import read_metrics
 from vaelab.config import resolve_config
@@ -31,10 +32,8 @@ SMALL = dict(channels=(8, 16), enc_hidden=64, dec_hidden=64)
 def one_thread() -> Iterator[None]:
     """One intra-op thread: on a shared 2-core machine, convolutions on 2 threads can run 10x
     slower than on 1 when other processes compete. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,10 +26,12 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import vaelab.data
 import vaelab.io
+from helpers import assert_same_run as same_weights_and_metrics
+from helpers import cli, metrics_rows, train_in_process
+from helpers import one_thread as single_thread
 from synthetic import noisy_blobs, write_synthetic
 from vaelab.checkpoint import (
     latest_checkpoint,
@@ -47,9 +49,6 @@ from vaelab.models import ModelSpec, build_model
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-TIMING = ("seconds", "images_per_s")  # the only fields allowed to differ after a resume
-
-
 # --------------------------------------------------------------------------------------------
 # Data, runs and comparisons
 # --------------------------------------------------------------------------------------------
@@ -58,24 +57,8 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--val-size", "32", "--epochs", "3", "--checkpoint-every", "3", "--quiet", *extra]
 
 
-def metrics_rows(run: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows without their timing fields."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def final_state(run: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The final weights and the metrics rows without their timing fields."""
-    return load_file(run / "model.safetensors"), metrics_rows(run)
-
-
 def assert_same_run(run: Path, reference: Path) -> None:
-    w, m = final_state(run)
-    w_ref, m_ref = final_state(reference)
-    assert w.keys() == w_ref.keys()
-    for k in w_ref:
-        assert torch.equal(w[k], w_ref[k]), f"tensor {k} differs from the uninterrupted run"
-    assert m == m_ref
+    same_weights_and_metrics(run, reference)
     assert json.loads((run / "summary.json").read_text())["test"] == \
         json.loads((reference / "summary.json").read_text())["test"]
 
@@ -94,20 +77,8 @@ def leftovers(run: Path) -> list[str]:
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """In-process runs use one thread, as the subprocesses do (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
-    """Run ``vaelab ARGS`` in-process: (exit code, stderr lines)."""
-    capsys.readouterr()
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    return code, capsys.readouterr().err.splitlines()
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +90,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run (in-process, one thread): what every resumed run must equal."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(train_args(data, out)) == 0
-    finally:
-        torch.set_num_threads(before)
+    train_in_process(train_args(data, out))
     assert [p.name for p in list_checkpoints(out)] == ["step-00000024", "step-00000021"]
     return out
 

@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 import ray  # noqa: F401 - a plain import: the [test] extra installs Ray, CI never skips these
-import torch
-from safetensors.torch import load_file
 
+from helpers import assert_same_run, cli, train_in_process
 from synthetic import noisy_blobs, write_synthetic
 from vaelab.checkpoint import list_checkpoints
-from vaelab.cli import _train_overrides, build_parser, main
+from vaelab.cli import _train_overrides, build_parser
 from vaelab.config import resolve_config
 from vaelab.locks import HOLDER_FILE, LOCK_FILES, FolderInUse, FolderLock
 from vaelab.sweep import (
@@ -39,7 +38,6 @@ from vaelab.sweep import (
     run_trial,
 )
 
-TIMING = ("seconds", "images_per_s")
 GRID = ["--grid", "latent_dim=2,3", "--grid", "seed=0,1"]
 TRIALS = ["latent_dim=2,seed=0", "latent_dim=2,seed=1", "latent_dim=3,seed=0",
           "latent_dim=3,seed=1"]
@@ -57,30 +55,6 @@ def sweep_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--tolerance", "0", "--quiet", *extra]
 
 
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    return code, capsys.readouterr().err.splitlines()
-
-
-def weights_and_metrics(run: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return load_file(run / "model.safetensors"), [
-        {k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def assert_same_run(run: Path, reference: Path) -> None:
-    w, m = weights_and_metrics(run)
-    w_ref, m_ref = weights_and_metrics(reference)
-    assert w.keys() == w_ref.keys()
-    for k in w_ref:
-        assert torch.equal(w[k], w_ref[k]), f"tensor {k} differs from the uninterrupted run"
-    assert m == m_ref
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("idx"), noisy_blobs, 512, 64, seed=0)
@@ -90,13 +64,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The victim's settings trained in-process, one thread, never interrupted."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", "--out", str(out), *base_options(data), "--latent-dim", "2",
-                     "--seed", "0", "--quiet"]) == 0
-    finally:
-        torch.set_num_threads(before)
+    train_in_process(["train", "--out", str(out), *base_options(data), "--latent-dim", "2",
+                      "--seed", "0", "--quiet"])
     return out
 
 

@@ -39,6 +39,7 @@ from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderLock, is_lock_file
+from vaelab.sweep import mean_std
 
 REPORT_FORMAT = 1
 MARKER = "vaelab-report.json"
@@ -75,16 +76,6 @@ def reduction_pct(vae: float | None, cvae: float | None) -> float | None:
     if vae is None or cvae is None or vae == 0:
         return None
     return 100.0 * (vae - cvae) / vae
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def _f(x: float | None, nd: int = 2) -> str:
@@ -652,7 +643,7 @@ def _over_seeds(
 ) -> dict[str, Any]:
     """One table metric over the seed runs ``names``: mean, std (None for one run), values."""
     values = [run_metrics(evaluations[n])[key] for n in names]
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return {"mean": mean, "std": std, "values": values}
 
 
@@ -696,7 +687,7 @@ def ablation_results(
         for key, _ in METRICS:
             seeds[kind][key] = _over_seeds(evaluations, names, key)
         au = [evaluations[n]["active_units"]["count"] for n in names]
-        mean, std = _mean_std(au)
+        mean, std = mean_std(au)
         seeds[kind]["active_units"] = {"mean": mean, "std": std, "values": au}
     anneal: dict[str, Any] = {}
     for kind, arms in annealing.items():
