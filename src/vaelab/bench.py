@@ -33,7 +33,7 @@ from vaelab.errors import ConfigError
 from vaelab.evaluate import evaluate_elbo
 from vaelab.io import atomic_write_text
 from vaelab.models import build_model
-from vaelab.train import Trainer, versions
+from vaelab.train import Trainer, cpu_bf16_hardware, versions
 
 STUDY_NEG_ELBO = {"vae": 144.59, "cvae": 129.16}
 
@@ -271,7 +271,8 @@ def peak_rss_of_training(dataset: str, *, limit: int | None = None,
 
 def machine() -> dict[str, Any]:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), **versions()}
+            "torch_threads": torch.get_num_threads(),
+            "cpu_bf16": cpu_bf16_hardware() or "none", **versions()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

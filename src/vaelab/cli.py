@@ -214,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_train(sub: argparse._SubParsersAction) -> None:
     from vaelab.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS
     from vaelab.data import BINARIZATIONS
-    from vaelab.models import ACTIVATIONS, ARCHS
+    from vaelab.models import ACTIVATIONS, ARCHS, LABEL_CONDITIONINGS
     from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
 
     p = sub.add_parser(
@@ -262,7 +262,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2^63 - 1")
     p.add_argument("--device", choices=DEVICES, default=None, help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="bf16 autocast where the hardware has it (auto), or force one")
+                   help="auto (default): bf16 autocast where the hardware computes bf16 (a "
+                   "CUDA GPU, a CPU with AMX or AVX512-BF16), else fp32; the loss, the KL and "
+                   "every evaluation stay fp32. The choice is printed and saved in config.json")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run every step eagerly instead of replaying one captured "
                         "CUDA graph of the training step (for debugging; same maths)")
@@ -296,6 +298,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--dec-full-channels", type=_count, default=None,
                    help="decoder features at full resolution before a 3x3 conv to the "
                    "logits (0: the last transposed conv gives the logits)")
+    a.add_argument("--label-conditioning", choices=LABEL_CONDITIONINGS, default=None,
+                   help="how a CVAE's decoder sees the label: input (the study's: a one-hot "
+                   "beside z at the first layer), or film (also a per-class scale and shift "
+                   "of every later layer's features)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint, with its "
                    "saved config. Other options may be given only where they agree with it, "
@@ -536,9 +542,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    "--quick; 0 skips the estimate)")
     p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR (default: mnist)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="training precision of the runs it trains (default auto: bf16 on a "
-                   "CUDA GPU, fp32 on the CPU; fp32 on a GPU gives slightly better numbers, "
-                   "see BENCHMARKS.md)")
+                   help="training precision of the runs it trains (default auto: bf16 "
+                   "autocast on a CUDA GPU and on a CPU with AMX or AVX512-BF16, fp32 "
+                   "elsewhere; the loss and every evaluation stay fp32; see BENCHMARKS.md)")
     p.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"],
                    help="figure file formats (default: png pdf; index.html embeds the PNGs)")
     p.add_argument("--force", action="store_true",

@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # the architecture fields of TrainConfig, each also a ModelSpec field
 ARCHITECTURE_KNOBS = ("channels", "enc_hidden", "dec_hidden", "activation", "dec_mlp_layers",
                       "dec_refine", "enc_mlp_layers", "enc_refine", "dec_full_channels",
-                      "arch", "mlp_hidden")
+                      "arch", "mlp_hidden", "label_conditioning")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 SEED_MAX = 2**63 - 1  # torch and numpy take any seed in 0 ... 2^64 - 1; vaelab adds offsets
@@ -52,6 +52,7 @@ class TrainConfig:
     dec_full_channels: int = 0
     arch: str = "conv"
     mlp_hidden: tuple[int, int] = MLP_HIDDEN
+    label_conditioning: str = "input"  # a CVAE decoder's: input (the study's) or film
     likelihood: str = "bernoulli"
     objective: str = "elbo"
     k: int = 1  # samples of z per image: the IWAE bound's K

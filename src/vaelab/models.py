@@ -20,6 +20,10 @@ from vaelab.objectives import reparameterize
 
 MODEL_KINDS = ("vae", "cvae")
 ARCHS = ("conv", "mlp")
+# How a CVAE's decoder sees the label: "input", the study's, as a one-hot beside z at its first
+# layer only; "film", also a per-class scale and shift of every layer's features after it
+# (FiLM: Perez et al. 2018), so each layer can specialise to the class.
+LABEL_CONDITIONINGS = ("input", "film")
 # The MLP of Davidson et al. 2018 (hyperspherical VAE): the issue does not give its sizes, so
 # these are the authors' public example code's (s-vae-tf, examples/mnist.py, H_DIM = 128):
 # encoder 784 -> 256 -> 128, decoder z -> 128 -> 256 -> 784, ReLU. (Their encoder gives a
@@ -54,6 +58,7 @@ class ModelSpec:
     dec_full_channels: int = 0
     arch: str = "conv"  # "mlp": MLPEncoder / MLPDecoder with mlp_hidden (conv knobs unused)
     mlp_hidden: tuple[int, int] = MLP_HIDDEN  # encoder widths; the decoder mirrors them
+    label_conditioning: str = "input"  # a CVAE decoder's (LABEL_CONDITIONINGS)
     num_classes: int = 10
     image_size: int = 28
 
@@ -66,6 +71,9 @@ class ModelSpec:
             raise ConfigError(f"mlp_hidden must be two positive integers, got {self.mlp_hidden}")
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"unknown model '{self.kind}': choose vae or cvae")
+        if self.label_conditioning not in LABEL_CONDITIONINGS:
+            raise ConfigError(f"unknown label conditioning {self.label_conditioning!r:.40}: "
+                              "choose input or film")
         if self.latent_dim < 1:
             raise ConfigError(f"latent size must be >= 1, got {self.latent_dim}")
         if len(self.channels) != 2 or min(self.channels) < 1:
@@ -97,11 +105,13 @@ class ModelSpec:
         def linear(i: int, o: int) -> int:
             return i * o + o
 
+        film = cond and self.label_conditioning == "film"
         if self.arch == "mlp":
             h1, h2 = self.mlp_hidden
             enc = linear((1 + cond) * n * n, h1) + linear(h1, h2) + linear(h2, 2 * self.latent_dim)
             dec = linear(self.latent_dim + (k if cond else 0), h2) + linear(h2, h1)
-            return enc + dec + linear(h1, n * n) + (k * n * n if cond else 0)
+            films = 2 * k * (h2 + h1 + n * n) if film else 0
+            return enc + dec + linear(h1, n * n) + (k * n * n if cond else 0) + films
 
         def conv(i: int, o: int, size: int) -> int:
             return i * o * size * size + o
@@ -116,7 +126,10 @@ class ModelSpec:
         dec += linear(self.dec_hidden, c2 * s * s) + conv(c2, c1, 4)
         dec += self.dec_refine * conv(c1, c1, 3)
         dec += conv(c1, f, 4) + conv(f, 1, 3) if f else conv(c1, 1, 4)
-        return enc + dec + (k * n * n if cond else 0)
+        widths = [self.dec_hidden] * self.dec_mlp_layers + [c2 * s * s, c1]
+        widths += [c1] * self.dec_refine + ([f, 1] if f else [1])
+        films = 2 * k * sum(widths) if film else 0
+        return enc + dec + (k * n * n if cond else 0) + films
 
     def activations_per_image(self, samples: int = 1) -> int:
         """About how many numbers one image's forward pass keeps for the backward pass: the
@@ -153,6 +166,48 @@ class ModelSpec:
             raise CheckpointError(f"model spec has unknown fields: {', '.join(names)}")
         return cls(**d)
 
+AFFINE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
+class Decoder(nn.Module):
+    """What both decoders share: ``net``, a stack of layers from the decoder's input to the
+    logits, and with ``film_classes`` = K > 0 a per-class scale and shift (FiLM) of the output
+    of each of its linear and conv layers: h <- h * (1 + gamma[c]) + beta[c], per feature (per
+    channel for a feature map), both 0 at the start (the plain network)."""
+
+    net: nn.Sequential
+
+    def _add_film(self, film_classes: int) -> None:
+        self._film_at = [i for i, m in enumerate(self.net) if isinstance(m, AFFINE)]
+        widths = [m.out_features if isinstance(m, nn.Linear) else m.out_channels
+                  for m in (self.net[i] for i in self._film_at)]
+        self.film = nn.ModuleList(nn.Embedding(film_classes, 2 * w) for w in widths) \
+            if film_classes else None
+        for table in self.film or ():
+            nn.init.zeros_(table.weight)
+
+    def forward(self, h: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.film is None:
+            return self.net(h)
+        if y is None:
+            raise ConfigError("this decoder is conditioned on the label (FiLM): give y")
+        tables = iter(self.film)
+        for i, layer in enumerate(self.net):
+            h = layer(h)
+            if i in self._film_at:
+                gamma, beta = next(tables)(y).to(h.dtype).chunk(2, dim=1)
+                if h.dim() == 4:
+                    gamma, beta = gamma[:, :, None, None], beta[:, :, None, None]
+                h = torch.addcmul(h + beta, h, gamma)
+        return h
+
+    @torch.no_grad()
+    def set_output_bias(self, pixel_mean: float) -> None:
+        """Start the output at the data's mean intensity: bias = logit(mean)."""
+        p = min(max(pixel_mean, 1e-3), 1 - 1e-3)
+        last = [m for m in self.net if isinstance(m, AFFINE)][-1]
+        last.bias.fill_(float(torch.logit(torch.tensor(p))))
+
 
 class ConvEncoder(nn.Module):
     """x [B, C, H, W] -> (mu, logvar) [B, D]: a stride-2 4x4 convolution to c1 x H/2 x W/2,
@@ -184,14 +239,14 @@ class ConvEncoder(nn.Module):
         return mu, logvar
 
 
-class ConvDecoder(nn.Module):
+class ConvDecoder(Decoder):
     """z [B, D_in] -> logits [B, 1, H, W]: an MLP (``dec_mlp_layers`` hidden layers) to a
     c2 x H/4 x W/4 map, a stride-2 transposed conv to c1 x H/2 x W/2, ``dec_refine`` 3x3 convs
     at that resolution, and a last stride-2 transposed conv to the logits. With
     ``dec_full_channels`` = F > 0 that last conv gives F x H x W features instead, and a 3x3 conv
     at full resolution turns them into the logits."""
 
-    def __init__(self, in_features: int, spec: ModelSpec) -> None:
+    def __init__(self, in_features: int, spec: ModelSpec, film_classes: int = 0) -> None:
         super().__init__()
         c1, c2 = spec.channels
         act = ACTIVATIONS[spec.activation]
@@ -215,15 +270,8 @@ class ConvDecoder(nn.Module):
             *refine,
             *head,
         )
+        self._add_film(film_classes)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)
-
-    @torch.no_grad()
-    def set_output_bias(self, pixel_mean: float) -> None:
-        """Start the output at the data's mean intensity: bias = logit(mean)."""
-        p = min(max(pixel_mean, 1e-3), 1 - 1e-3)
-        self.net[-1].bias.fill_(float(torch.logit(torch.tensor(p))))
 
 
 class MLPEncoder(nn.Module):
@@ -246,11 +294,11 @@ class MLPEncoder(nn.Module):
         return mu, logvar
 
 
-class MLPDecoder(nn.Module):
+class MLPDecoder(Decoder):
     """z [B, D_in] -> logits [B, 1, H, W]: the encoder mirrored, hidden layers of h2 then h1
     units, then a linear layer to one logit per pixel."""
 
-    def __init__(self, in_features: int, spec: ModelSpec) -> None:
+    def __init__(self, in_features: int, spec: ModelSpec, film_classes: int = 0) -> None:
         super().__init__()
         act = ACTIVATIONS[spec.activation]
         h1, h2 = spec.mlp_hidden
@@ -261,15 +309,8 @@ class MLPDecoder(nn.Module):
             nn.Linear(h1, n * n),
             nn.Unflatten(1, (1, n, n)),
         )
+        self._add_film(film_classes)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)
-
-    @torch.no_grad()
-    def set_output_bias(self, pixel_mean: float) -> None:
-        """Start the output at the data's mean intensity: bias = logit(mean)."""
-        p = min(max(pixel_mean, 1e-3), 1 - 1e-3)
-        self.net[-2].bias.fill_(float(torch.logit(torch.tensor(p))))
 
 
 class ConvVAE(nn.Module):
@@ -285,8 +326,9 @@ class ConvVAE(nn.Module):
         self.latent_dim = spec.latent_dim
         mlp = spec.arch == "mlp"
         self.encoder = (MLPEncoder if mlp else ConvEncoder)(1 + self._extra_channels(), spec)
+        film = self.conditional and spec.label_conditioning == "film"
         self.decoder = (MLPDecoder if mlp else ConvDecoder)(
-            spec.latent_dim + self._extra_features(), spec)
+            spec.latent_dim + self._extra_features(), spec, spec.num_classes if film else 0)
 
     def _extra_channels(self) -> int:
         return 0
@@ -325,7 +367,8 @@ class ConvCVAE(ConvVAE):
     """The study's conditional VAE.
 
     Encoder q(z|x, c): the label is embedded to a 1 x H x W map and concatenated to the image as
-    an extra channel. Decoder p(x|z, c): z is concatenated with the one-hot label. The prior
+    an extra channel. Decoder p(x|z, c): z is concatenated with the one-hot label; with
+    ``label_conditioning="film"`` the label also scales and shifts every later layer. The prior
     p(z) = N(0, I) does not depend on c, so z is free to carry style and c carries the class.
     """
 
@@ -359,7 +402,7 @@ class ConvCVAE(ConvVAE):
     def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         y = self._check_labels(y, z.shape[0])
         onehot = F.one_hot(y, self.spec.num_classes).to(z.dtype)
-        return self.decoder(torch.cat([z, onehot], 1))
+        return self.decoder(torch.cat([z, onehot], 1), y)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

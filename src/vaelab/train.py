@@ -107,13 +107,38 @@ def ieee_fp32_on_cuda() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def cpu_bf16_hardware() -> str | None:
+    """The instructions that compute bf16 natively on this CPU, as torch's oneDNN sees them:
+    ``"AMX"`` (Intel Sapphire Rapids and later), ``"AVX512-BF16"`` (Cooper Lake, AMD Zen 4 and
+    later), or None (AVX2-only CPUs, where bf16 is emulated and slower than fp32)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
+
+
 def pick_precision(name: str, device: torch.device) -> str:
-    """``auto``: bf16 where the hardware computes it natively (CUDA with bf16), else fp32."""
+    """``auto``: bf16 autocast where the hardware computes it natively (CUDA with bf16, a CPU
+    with AMX or AVX512-BF16: ``cpu_bf16_hardware``), else fp32. The loss, the KL and every
+    evaluation stay fp32 either way."""
     if name != "auto":
         return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_bf16_hardware() else "fp32"
+
+
+def precision_reason(name: str, device: torch.device) -> str:
+    """Why ``pick_precision(name, device)`` chose what it did, in a few words."""
+    if name != "auto":
+        return "asked for by name"
+    if device.type == "cuda":
+        return "auto: CUDA " + ("computes" if torch.cuda.is_bf16_supported() else "lacks") \
+            + " bf16"
+    isa = cpu_bf16_hardware() if device.type == "cpu" else None
+    return f"auto: this CPU has {isa}" if isa else "auto: this CPU has no bf16 instructions"
 
 
 def make_adam(params: Any, lr: float, *, capturable: bool = False) -> torch.optim.Adam:
@@ -240,9 +265,11 @@ def resumed_config(
 
 
 def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool,
-                    data: dict[str, Any] | None = None) -> TrainConfig:
+                    data: dict[str, Any] | None = None,
+                    resolved: dict[str, Any] | None = None) -> TrainConfig:
     """Create or reopen the run folder; on resume the saved config is the one used. ``data``
-    (``data.binarized_record``) goes into config.json as ``data``."""
+    (``data.binarized_record``) goes into config.json as ``data``, and ``resolved`` (what
+    ``auto`` became on this machine: device, precision and why) as ``resolved``."""
     cfg_path = out / "config.json"
     if resume:
         return resumed_config(out, None, None)[2]
@@ -256,6 +283,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, *, resume: bool, force: bool
         "config": config.to_dict(), "model": config.model_spec().to_dict(),
         "versions": versions(), "seed": config.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(sys.argv), **({"data": data} if data is not None else {}),
+        **({"resolved": resolved} if resolved is not None else {}),
     })
     return config
 
@@ -352,7 +380,8 @@ class Trainer:
         if self.device.type == "cuda":  # the machine's memory was checked by validate()
             props = torch.cuda.get_device_properties(self.device)
             check_fits(cfg, props.total_memory, where=props.name)
-        self.precision = pick_precision(cfg.precision, self.device)
+        self.precision, why = self._precision(cfg)
+        self.log(f"precision: {self.precision} ({why})")
         # one CUDA graph replays the whole training step (forward, backward, Adam, the sums):
         # the step is ~100 small kernels, whose launches cost more than their arithmetic
         self.use_graphs = (self.device.type == "cuda" and cfg.cuda_graphs
@@ -420,11 +449,26 @@ class Trainer:
         self._stop_signal: int | None = None
         if not resume and self.rank == 0:
             prepare_run_dir(self.out, cfg, resume=False, force=force,
-                            data=binarized_record(self.data))
+                            data=binarized_record(self.data),
+                            resolved={"device": str(self.device), "precision": self.precision,
+                                      "precision_reason": why})
         self._barrier()
         if resume:
             self._restore()
         self.tb = self._tensorboard() if tensorboard and self.rank == 0 else None
+
+    def _precision(self, cfg: TrainConfig) -> tuple[str, str]:
+        """The precision this run trains in, and why. A resumed run keeps the one it began
+        with (config.json's ``resolved``; runs from before that record resolved ``auto`` to
+        fp32 on a CPU), so it ends as it would have uninterrupted, on any machine."""
+        if self._saved_raw is not None and cfg.precision == "auto":
+            saved = self._saved_raw.get("resolved")
+            if isinstance(saved, dict) and saved.get("precision") in ("fp32", "bf16"):
+                return saved["precision"], "kept from the run's start"
+            if self.device.type == "cpu":
+                return "fp32", "kept from the run's start (auto was fp32 on every CPU then)"
+        return (pick_precision(cfg.precision, self.device),
+                precision_reason(cfg.precision, self.device))
 
     # ---- state --------------------------------------------------------------------------
     def _reset_sums(self) -> None:
