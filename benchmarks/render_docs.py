@@ -457,6 +457,42 @@ def h100_training() -> str:
             "present; CI has none.")
 
 
+_SEEDS = "benchmarks/seeds-cpu.json"
+
+
+def seeds_cpu() -> str:
+    """README: the seed preset over seeds 0, 1, 2 in fp32 and in bf16 on this CPU."""
+    r = _load(_SEEDS)
+    lines = ["| model | precision | test -ELBO, seeds " + ", ".join(
+                 str(s) for s in r["groups"][0]["seeds"]) + " | mean ± std | target | met? |",
+             "|---|---|---|---:|---|---|"]
+    for g in r["groups"]:
+        t = g["target"]
+        target = f"each <= {t['each']:.1f}" + (f", mean <= {t['mean']:.1f}" if "mean" in t
+                                                else "")
+        name = g["model"].upper() + (f" ({g['label_conditioning']})"
+                                     if g["label_conditioning"] else "")
+        lines.append(f"| {name} | {g['precision']} | "
+                     + ", ".join(f"{v:.2f}" for v in g["neg_elbo"])
+                     + f" | {g['mean']:.2f} ± {g['std']:.2f} | {target} | "
+                     + ("yes" if g["met"] else "no") + " |")
+    by = {(g["model"], g["precision"]): g["mean"] for g in r["groups"]}
+    diffs = [f"{by[(m, 'bf16')] - by[(m, 'fp32')]:+.2f} ({m.upper()})" for m in ("vae", "cvae")
+             if (m, "bf16") in by and (m, "fp32") in by]
+    m = r["machine"]
+    runs = r["runs"]
+    speed = {p: [v for x in runs if x["precision"] == p for v in x["images_per_s"]]
+             for p in ("fp32", "bf16")}
+    lines.append("")
+    lines.append(
+        f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}), each run on one thread, two "
+        f"at a time (`{_SEEDS}`, written by `benchmarks/seeds_precision.py`). bf16's mean "
+        f"minus fp32's: {', '.join(diffs)} nats. Median training speed per run: "
+        + ", ".join(f"{sorted(v)[len(v) // 2]:,} images/s in {p}" for p, v in speed.items() if v)
+        + ".")
+    return "\n".join(lines)
+
+
 SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
             "exact-error-check": exact_error_check,
             "sweep-timing": sweep_timing,
@@ -466,7 +502,7 @@ SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
             "h100-seeds": h100_seeds, "h100-precision": h100_precision,
             "h100-repeat": h100_repeat, "h100-logpx": h100_logpx,
             "quickstart-timing": quickstart_timing, "h100-study": h100_study,
-            "h100-training": h100_training}
+            "h100-training": h100_training, "seeds-cpu": seeds_cpu}
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
 PATTERN = re.compile(r"(<!-- render:([\w-]+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 

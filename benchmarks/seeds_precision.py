@@ -1,0 +1,85 @@
+"""The seed preset over seeds and precisions on this machine: every run's final test metrics,
+and per (model, precision) the mean, std and worst over seeds, against the targets.
+
+    vaelab train --model M --preset seed --seed S --precision P --out runs/M-P-S  (each run)
+    python benchmarks/seeds_precision.py runs/*-*-* --out benchmarks/seeds-cpu.json
+
+Each run is read from its folder (config.json, summary.json, metrics.jsonl); nothing is
+trained here. The precision is the one the run trained in (config.json's ``resolved``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from vaelab.bench import machine
+from vaelab.checkpoint import read_config
+from vaelab.io import atomic_write_json
+
+TARGETS = {"vae": {"each": 136.0}, "cvae": {"each": 125.0, "mean": 124.5}}
+
+
+def run_row(folder: Path) -> dict:
+    raw, config = read_config(folder)
+    cfg = config.to_dict()
+    summary = json.loads((folder / "summary.json").read_text())
+    if summary["epochs"] != cfg["epochs"]:
+        raise SystemExit(f"{folder}: not finished ({summary['epochs']} of {cfg['epochs']} epochs)")
+    return {
+        "run": str(folder), "model": cfg["model"], "seed": cfg["seed"],
+        "precision": summary["precision"],
+        # a VAE has no label: its runs group together whatever the field says
+        "label_conditioning": cfg["label_conditioning"] if cfg["model"] == "cvae" else None,
+        "resolved": raw.get("resolved"),
+        "preset": cfg["preset"], "epochs": cfg["epochs"],
+        "test": summary["test"], "train_seconds": summary["train_seconds"],
+        "images_per_s": [round(json.loads(line)["images_per_s"])
+                         for line in (folder / "metrics.jsonl").read_text().splitlines()],
+    }
+
+
+def groups(rows: list[dict]) -> list[dict]:
+    out = []
+    keys = {(r["model"], r["precision"], r["label_conditioning"]) for r in rows}
+    for key in sorted(keys, key=str):
+        model, precision, cond = key
+        these = sorted((r for r in rows if (r["model"], r["precision"],
+                                            r["label_conditioning"]) == key),
+                       key=lambda r: r["seed"])
+        values = [r["test"]["neg_elbo"] for r in these]
+        target = TARGETS[model]
+        out.append({
+            "model": model, "precision": precision, "label_conditioning": cond,
+            "seeds": [r["seed"] for r in these], "neg_elbo": values,
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "worst": max(values), "target": target,
+            "met": max(values) <= target["each"]
+            and statistics.fmean(values) <= target.get("mean", float("inf")),
+        })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    rows = [run_row(r) for r in args.runs]
+    atomic_write_json(args.out, {
+        "kind": "vaelab-seeds-precision", "machine": machine(),
+        "command": "python benchmarks/seeds_precision.py " + " ".join(sys.argv[1:]),
+        "runs": rows, "groups": groups(rows),
+    })
+    for g in groups(rows):
+        print(f"{g['model']:4} {g['precision']} {g['label_conditioning'] or '-':5} seeds {g['seeds']}: "
+              + " ".join(f"{v:.2f}" for v in g["neg_elbo"]) + f"  mean {g['mean']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
