@@ -429,7 +429,8 @@ def h100_study() -> str:
     lp = next(c for c in x["comparison"] if c["metric"] == "neg_log_px")
     m = _load(_H100_BENCH)["machine"]
     return (f"The same study on one H100 ({m['gpu']}, torch {m['torch']}; bf16, runs two at a "
-            f"time; `{_H100_RUNS}`): `vaelab reproduce --out report` took "
+            f"time; `{_H100_RUNS}`), with vaelab's previous network (ReLU, the CVAE's label at "
+            "the decoder's first layer only): `vaelab reproduce --out report` took "
             f"{t['vaelab reproduce --out report']['total']:.0f} s, and `--ablations` on that "
             f"folder {t['then --ablations (6 more runs)']['total']:.0f} s more. Over seeds 0, "
             f"1, 2 its -ELBO was {bf['vae']:.2f} ± {bf['vae_std']:.2f} for the VAE and "

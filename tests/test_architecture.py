@@ -103,7 +103,7 @@ def test_a_config_that_predates_a_knob_resumes_without_that_layer() -> None:
                         "dec_mlp_layers")}
     spec = TrainConfig.from_dict(old).model_spec()
     assert spec == ModelSpec(**{k: current[k] for k in ("channels", "enc_hidden", "dec_hidden",
-                                                        "activation")})
+                                                        "activation", "label_conditioning")})
     assert set(ARCHITECTURE_KNOBS) <= set(current) and set(ARCHITECTURE_KNOBS) <= set(
         ModelSpec().to_dict())
     # a field that is present wins
