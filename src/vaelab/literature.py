@@ -85,9 +85,9 @@ TABLE_ROWS = (N_VAE, S_VAE)
 # units in the encoder and the decoder: a note beside the table, not a row of it (no d matches)
 BURDA_NOTES: tuple[dict[str, Any], ...] = (
     {"name": "VAE", "citation": BURDA_2016, "quantity": "-log p(x)", "value": 86.76,
-     "estimator": "IS, k = 5000", "latent_dim": 50, "trained": "ELBO (k = 1)"},
+     "estimator": "IS, k = 5000", "latent_dim": 50, "trained": "ELBO"},
     {"name": "IWAE", "citation": BURDA_2016, "quantity": "-log p(x)", "value": 84.78,
-     "estimator": "IS, k = 5000", "latent_dim": 50, "trained": "IWAE bound, k = 50"},
+     "estimator": "IS, k = 5000", "latent_dim": 50, "trained": "IWAE bound with k = 50"},
 )
 
 PROVENANCE = (

@@ -504,14 +504,15 @@ def published_markdown() -> str:
 def _citation_lines() -> list[str]:
     cites = {r.citation.key: r.citation for r in TABLE_ROWS}
     cites.update({n["citation"].key: n["citation"] for n in BURDA_NOTES})
-    burda = "; ".join(f"{n['name']} -log p(x) = {n['value']:.2f} ({n['trained']}, "
-                      f"{n['estimator']})" for n in BURDA_NOTES)
+    burda = " and ".join(f"-log p(x) = {n['value']:.2f} for the {n['name']} (trained on the "
+                         f"{n['trained']})" for n in BURDA_NOTES)
     return [f"Published rows: mean ± standard deviation over the paper's runs, as printed in "
             f"{TABLE_ROWS[0].citation.full()}.",
             f"For reference, {BURDA_NOTES[0]['citation'].full()}: one stochastic layer of "
-            f"{BURDA_NOTES[0]['latent_dim']} units, {burda}; not a row here (no latent size "
-            "of the grid matches).",
-            "", PROVENANCE]
+            f"{BURDA_NOTES[0]['latent_dim']} units, {burda}, both estimated by "
+            f"{BURDA_NOTES[0]['estimator']}; not a row here (no latent size of the grid "
+            "matches).",
+            "", f"Provenance: {PROVENANCE}"]
 
 
 def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
