@@ -350,3 +350,14 @@ def test_the_markdown_has_vaelabs_rows_and_the_published_rows_with_citations(
                  "86.76", "84.78", "standard error over the test images"):
         assert text in md
     assert result["published"]["rows"][0]["values"]["2"] == {"mean": -135.73, "spread": 0.83}
+
+
+def test_other_settings_in_a_table_folder_are_refused_and_leave_its_table_alone(
+    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "t"
+    shutil.copytree(table, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err = cli(table_args(data, out, "--epochs", "2"), capsys)
+    assert code == 2 and len(err) == 1 and "other settings (epochs)" in err[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -251,19 +251,24 @@ def cached_entries(path: Path) -> dict[str, Any]:
 
 
 def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 0,
-                 log: Any = None) -> tuple[dict[str, dict[str, Any]], int]:
+                 device: str = "auto", log: Any = None, progress: bool = False,
+                 ) -> tuple[dict[str, dict[str, Any]], int]:
     """Every estimator in ``wanted`` of finished run ``path`` on its binarized test split
-    (the first ``test_images``, 0: all), from the cache where it holds one, else computed and
-    cached (``EVAL_FILE``, written atomically under the run's lock). Returns ({key: entry},
-    how many were computed now); an entry holds ``per_image`` log p(x) and its summary."""
+    (the first ``test_images``, 0: all), from the cache where it holds one, else computed on
+    ``device`` (auto: CUDA where there is one) and cached, each as soon as it is done
+    (``EVAL_FILE``, written atomically under the run's lock). Returns ({key: entry}, how many
+    were computed now); an entry holds ``per_image`` log p(x) and its summary."""
+    wanted = list(wanted)
     weights = sha256_file(path / "model.safetensors")
     cache = _read_cache(path, weights)
     missing = [e for e in dict.fromkeys(wanted) if e.key(test_images) not in cache["entries"]]
     if missing:
         from vaelab.checkpoint import load_run
         from vaelab.evaluate import dataset_for_run, exact_log_px_per_image, log_px_per_image
+        from vaelab.train import pick_device
 
-        run = load_run(path)
+        where = pick_device(device)
+        run = load_run(path, device=where)
         model = run.model.eval()
         likelihood = run.config["config"].get("likelihood", "bernoulli")
         data = dataset_for_run(run)
@@ -277,7 +282,7 @@ def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 
             extra: dict[str, Any] = {}
             if est.method == "quadrature":
                 exact = exact_log_px_per_image(model, split, likelihood=likelihood,
-                                               tolerance=est.tolerance)
+                                               tolerance=est.tolerance, progress=progress)
                 values = exact.log_px.tolist()
                 extra = {"error_estimate_mean": float(exact.error.mean()),
                          "error_max": float(exact.error.max()),
@@ -285,14 +290,16 @@ def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 
                          "nodes": exact.nodes}
             else:
                 lp, _ = log_px_per_image(model, split, num_samples=est.k,
-                                         likelihood=likelihood, seed=EVAL_SEED)
+                                         likelihood=likelihood, seed=EVAL_SEED,
+                                         progress=progress)
                 values = lp.tolist()
             seconds = time.perf_counter() - t0
             cache["entries"][est.key(test_images)] = {
                 **est.to_dict(), **mean_se(values), **extra, "seconds": seconds,
-                "seconds_per_image": seconds / max(len(values), 1), "per_image": values}
-        with FolderLock(path):
-            atomic_write_json(path / EVAL_FILE, cache)
+                "seconds_per_image": seconds / max(len(values), 1), "device": str(where),
+                "per_image": values}
+            with FolderLock(path):  # kept at once: an interrupted table keeps what it finished
+                atomic_write_json(path / EVAL_FILE, cache)
     return {e.key(test_images): cache["entries"][e.key(test_images)] for e in wanted}, \
         len(missing)
 
@@ -431,8 +438,14 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
         raise ConfigError(f"--max-retries must be >= 0, got {max_retries}")
     if runner == "ray" and not ray_installed():
         raise ConfigError("--runner ray needs Ray: pip install 'vaelab[sweep]'")
+    from vaelab.sweep import check_data, refuse_other_settings
+
     out = plan.out
     _prepare_table_dir(out)
+    states = refuse_other_settings(out, plan.sweep.trials, force=force)  # before any write
+    todo = [t for t in plan.sweep.trials if states[t.name] != "done"]
+    if todo:
+        check_data(todo)
     t0 = time.perf_counter()
     log = None if console is None else console.print
     with FolderLock(out) as lock:  # one table command at a time in a folder
@@ -455,8 +468,9 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
                 path = out / t.name
                 if t.name in failures or not (path / "summary.json").exists():
                     continue
-                evaluated[t.name], now = evaluate_run(path, wanted,
-                                                      test_images=plan.test_images, log=log)
+                evaluated[t.name], now = evaluate_run(
+                    path, wanted, test_images=plan.test_images, device=t.config.device,
+                    log=log, progress=progress)
                 computed += now
         from vaelab.bench import machine
 
