@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))  # the literature table renders with this tree's vaelab
 
 
 def _load(path: str) -> dict:
@@ -494,6 +495,34 @@ def seeds_cpu() -> str:
     return "\n".join(lines)
 
 
+_LITERATURE = "results/binarized-table.json"
+_TABLE_COMMAND = "vaelab table --out tables/binarized"
+
+
+def literature_table() -> str:
+    """README: vaelab's binarized-MNIST log p(x) beside the published numbers, from
+    ``results/binarized-table.json`` (a ``vaelab table`` folder's table.json) once committed;
+    until then the published rows and the command that measures the rest."""
+    from vaelab.table import published_markdown, render_markdown
+
+    how = (f"`{_TABLE_COMMAND}` (add `--epochs N` and any `vaelab train` option), then "
+           f"`cp tables/binarized/table.json {_LITERATURE}` and "
+           "`python benchmarks/render_docs.py`")
+    if not (ROOT / _LITERATURE).exists():
+        return ("**Not measured yet.** vaelab's rows (conv and MLP, latent 2, 5, 10, 20 and "
+                "40) have not been trained and evaluated; no number of vaelab's is given here "
+                f"until they are. The command that produces them: {how}. It trains every "
+                "run on dynamically binarized MNIST and evaluates log p(x) on the binarized "
+                "test split: exactly by quadrature at d = 2, by importance sampling with "
+                "K = 5000 above, and with the papers' K = 500 in every cell, so the papers' "
+                "rows below are compared with an estimate made alike. The published rows:\n\n"
+                + published_markdown())
+    r = _load(_LITERATURE)
+    return (render_markdown(r, heading=False).rstrip("\n") + "\n\n"
+            f"Measured with {how}, on {_machine(r.get('machine', {}))}, in "
+            f"{r['seconds']:.0f} s.")
+
+
 SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
             "exact-error-check": exact_error_check,
             "sweep-timing": sweep_timing,
@@ -503,7 +532,8 @@ SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
             "h100-seeds": h100_seeds, "h100-precision": h100_precision,
             "h100-repeat": h100_repeat, "h100-logpx": h100_logpx,
             "quickstart-timing": quickstart_timing, "h100-study": h100_study,
-            "h100-training": h100_training, "seeds-cpu": seeds_cpu}
+            "h100-training": h100_training, "seeds-cpu": seeds_cpu,
+            "literature-table": literature_table}
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
 PATTERN = re.compile(r"(<!-- render:([\w-]+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 

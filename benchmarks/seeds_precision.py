@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": rows, "groups": groups(rows),
     })
     for g in groups(rows):
-        print(f"{g['model']:4} {g['precision']} {g['label_conditioning'] or '-':5} seeds {g['seeds']}: "
+        cond = g["label_conditioning"] or "-"
+        print(f"{g['model']:4} {g['precision']} {cond:5} seeds {g['seeds']}: "
               + " ".join(f"{v:.2f}" for v in g["neg_elbo"]) + f"  mean {g['mean']:.2f}")
     return 0
 

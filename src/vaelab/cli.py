@@ -642,6 +642,131 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# vaelab table
+# --------------------------------------------------------------------------------------------
+def cmd_table(args: argparse.Namespace) -> int:
+    from vaelab.table import MARKDOWN_FILE, plan_table, run_table
+
+    for flag in ("resume", "tensorboard", "detect_anomaly"):
+        if getattr(args, flag):
+            raise VaelabError(f"--{flag.replace('_', '-')} is not a table option"
+                              + (": the table always resumes its unfinished runs"
+                                 if flag == "resume" else ""))
+    for flag, key in (("--arch", "arch"), ("--latent-dim", "latent_dim"), ("--seed", "seed")):
+        if getattr(args, key) is not None:
+            plural = {"arch": "--archs", "latent_dim": "--latent-dims", "seed": "--seeds"}[key]
+            raise VaelabError(f"{flag} is the table's grid: give {plural}")
+    seeds = args.seeds
+    if seeds is None:
+        import torch
+
+        seeds = 3 if torch.cuda.is_available() and args.device != "cpu" else 1
+    plan = plan_table(args.out, latent_dims=args.latent_dims, archs=args.archs,
+                      seeds=list(range(seeds)), preset=args.preset or "seed",
+                      options=_train_overrides(args), is_k=args.is_k, paper_k=args.paper_k,
+                      test_images=args.test_images, tolerance=args.tolerance)
+    console = _console()
+    result = run_table(plan, runner=args.runner, force=args.force, address=args.address,
+                       num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
+                       gpus_per_trial=args.gpus_per_trial, max_retries=args.max_retries,
+                       console=None if args.quiet else console,
+                       progress=not args.quiet and sys.stdout.isatty())
+    for line in (args.out / MARKDOWN_FILE).read_text().splitlines():
+        console.print(line, soft_wrap=True, markup=False)
+    console.print(f"{len(plan.sweep.trials)} runs ({result['trained']} trained now, "
+                  f"{result['computed']} estimates computed now) in {args.out}")
+    return 0
+
+
+def add_table(sub: argparse._SubParsersAction) -> None:
+    from vaelab.config import PRESETS
+    from vaelab.models import ARCHS
+    from vaelab.table import (
+        DEFAULT_ARCHS,
+        DEFAULT_LATENT_DIMS,
+        DEFAULT_TOLERANCE,
+        IS_K,
+        PAPER_K,
+        RUNNERS,
+    )
+
+    trainers = argparse.ArgumentParser(add_help=False).add_subparsers()
+    add_train(trainers)
+    train = trainers.choices["train"]
+    p = sub.add_parser(
+        "table", parents=[train], conflict_handler="resolve", formatter_class=_PresetDefaults,
+        help="binarized MNIST log p(x) for latent 2-40, beside the published numbers",
+        description="Train the grid of runs for the literature table (every --archs x "
+        "--latent-dims x seed, on dynamically binarized MNIST: --binarize dynamic, over a "
+        "preset and any `vaelab train` option) and evaluate log p(x) on the binarized test "
+        "split: exact by quadrature for a 1- or 2-D latent, importance sampling with --is-k "
+        "samples above that, and for every cell importance sampling with the paper's own "
+        "--paper-k, so that vaelab's numbers stand beside Davidson et al. 2018, Table 1 "
+        "(N-VAE and S-VAE) estimated alike. Each cell is a mean ± standard error: over the "
+        "test images for one seed, over the seeds for more. Each run is an ordinary run "
+        "folder OUT/arch=A,latent_dim=D,seed=S, trained as Ray tasks where Ray is installed "
+        "(the sweep's machinery) and one after another otherwise; each estimate is cached in "
+        "its run folder, so running the same command again trains and computes nothing and "
+        "an interrupted one resumes. Nothing is chosen on the test split: the runs train a "
+        "fixed number of epochs and keep their final weights. Writes OUT/table.json (every "
+        "cell, its estimator, standard error and training budget, the published numbers "
+        "with their citations) and OUT/table.md.",
+        epilog="Example (a first look, minutes on a CPU): `vaelab table --out tables/try "
+        "--preset quick --latent-dims 2 5 --is-k 500 --test-images 500`. The README's table: "
+        "`vaelab table --out tables/binarized --epochs 100`.")
+    p.add_argument("--out", required=True, type=Path, help="table folder to write")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="base settings of every run (default: seed)")
+    p.add_argument("--latent-dims", type=_positive_int, nargs="+",
+                   default=list(DEFAULT_LATENT_DIMS), metavar="D",
+                   help="latent sizes, the table's columns (default: "
+                   f"{' '.join(map(str, DEFAULT_LATENT_DIMS))}%(default).0s)")
+    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(DEFAULT_ARCHS),
+                   metavar="ARCH", help="architectures, the table's rows: conv and/or mlp "
+                   f"(default: {' '.join(DEFAULT_ARCHS)}%(default).0s)")
+    p.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                   help="runs per cell, seeds 0 to N-1 (default: 1 on a CPU, 3 where CUDA is "
+                   "available)")
+    p.add_argument("--is-k", type=_positive_int, default=IS_K, metavar="K",
+                   help="importance samples per image above a 2-D latent (default: "
+                   "%(default)s, as Burda et al. 2016)")
+    p.add_argument("--paper-k", type=_positive_int, default=PAPER_K, metavar="K",
+                   help="importance samples per image of the row beside the paper's "
+                   "(default: %(default)s, as Davidson et al. 2018)")
+    p.add_argument("--test-images", type=_count, default=0, metavar="N",
+                   help="evaluate on the first N binarized test images (default: "
+                   "%(default)s, all of them)")
+    p.add_argument("--tolerance", type=_real, default=DEFAULT_TOLERANCE, metavar="NATS",
+                   help="error allowed in the exact log p(x) of a 1- or 2-D latent, nats "
+                   "per image (> 0; default: %(default)s)")
+    p.add_argument("--runner", choices=RUNNERS, default="auto",
+                   help="train on Ray (ray), one run after another in this process (local), "
+                   "or on Ray where it is installed (default: %(default)s)")
+    p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                   help="with Ray: join a running cluster (default: start a local one)")
+    p.add_argument("--num-cpus", type=_positive_int, default=None,
+                   help="with Ray: CPUs of the local Ray (default: every core)")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="with Ray: CPUs (and torch threads) of each run (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="with Ray: share of a GPU per run (default 0.5 where Ray sees one)")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="with Ray: times a run whose worker died is retried (default 3)")
+    p.add_argument("--force", action="store_true",
+                   help="train again a run whose folder holds a run of other settings")
+    for flag in ("--resume", "--tensorboard", "--detect-anomaly"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    # the grid's and the protocol's own: parsed only to be refused with a line that says why
+    p.add_argument("--model", choices=["vae", "cvae"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--binarize", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--latent-dim", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=_seed, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_table)
+
+
+# --------------------------------------------------------------------------------------------
 # vaelab explore
 # --------------------------------------------------------------------------------------------
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -737,6 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_classifier(sub)
     add_reproduce(sub)
     add_sweep(sub)
+    add_table(sub)
     add_explore(sub)
     return parser
 

@@ -117,6 +117,55 @@ def encode_split(
 
 
 @torch.inference_mode()
+def log_px_per_image(
+    model: ConvVAE,
+    split: Split,
+    *,
+    num_samples: int = 1000,
+    chunk: int = 50,
+    likelihood: str = "bernoulli",
+    batch_size: int = 100,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    proposal: str = "q",
+) -> tuple[Tensor, Tensor | None]:
+    """Importance-sampled log p(x) of every image of a split (``log_px_estimate`` has the
+    equation and the options): ``(log_px, elbo)``, each [N] float64 on the CPU, ``elbo`` the
+    same samples' ELBO (None for another ``proposal`` than q)."""
+    if num_samples < 1:
+        raise ConfigError(f"the number of importance samples must be >= 1, got {num_samples}")
+    model.eval()
+    device = _device_of(model, device)
+    gen = torch.Generator(device=device).manual_seed(check_seed(seed))
+    log_px_all, elbo_all = [], []
+    bar = _progress_bar(progress, "log p(x)", len(split))
+    with bar:
+        task = bar.add_task("log p(x)", total=len(split)) if progress else None
+        for x, y in _batches(split, batch_size, device):
+            b = x.shape[0]
+            labels = _labels(model, y)
+            mu, logvar = model.encode(x, labels)
+            mu, logvar = mu.float(), logvar.float()
+            # k samples of all b images at a time: z is [k * b, D], sample-major
+            est = importance_sampled_log_px(
+                x, mu, logvar,
+                lambda z, labels=labels, b=b: model.decode(
+                    z, None if labels is None else labels.repeat(z.shape[0] // b)),
+                num_samples=num_samples, chunk=chunk, likelihood=likelihood, generator=gen,
+                return_elbo=proposal == "q", proposal=proposal,
+            )
+            log_px, elbo = est if proposal == "q" else (est, None)
+            log_px_all.append(log_px.double().cpu())
+            elbo_all.append(None if elbo is None else elbo.double().cpu())
+            if task is not None:
+                bar.advance(task, b)
+    if len(split) == 0:
+        raise ConfigError("cannot estimate log p(x) on an empty split")
+    lp = torch.cat(log_px_all)
+    return lp, (torch.cat(elbo_all) if proposal == "q" else None)
+
+
 def log_px_estimate(
     model: ConvVAE,
     split: Split,
@@ -143,44 +192,17 @@ def log_px_estimate(
     the standard error of log p(x) over images (``log_px_sem``), ``num_samples``, ``proposal``
     and ``n``. With another ``proposal`` than q (``objectives.sample_proposal``) there is no
     ELBO from the same samples: ``elbo``, ``neg_elbo`` and ``gap`` are None.
+    ``log_px_per_image`` gives the per-image values.
     """
-    if num_samples < 1:
-        raise ConfigError(f"the number of importance samples must be >= 1, got {num_samples}")
-    model.eval()
-    device = _device_of(model, device)
-    gen = torch.Generator(device=device).manual_seed(check_seed(seed))
-    log_px_all, elbo_all = [], []
-    bar = _progress_bar(progress, "log p(x)", len(split))
-    with bar:
-        task = bar.add_task("log p(x)", total=len(split)) if progress else None
-        for x, y in _batches(split, batch_size, device):
-            b = x.shape[0]
-            labels = _labels(model, y)
-            mu, logvar = model.encode(x, labels)
-            mu, logvar = mu.float(), logvar.float()
-            # k samples of all b images at a time: z is [k * b, D], sample-major
-            est = importance_sampled_log_px(
-                x, mu, logvar,
-                lambda z, labels=labels, b=b: model.decode(
-                    z, None if labels is None else labels.repeat(z.shape[0] // b)),
-                num_samples=num_samples, chunk=chunk, likelihood=likelihood, generator=gen,
-                return_elbo=proposal == "q", proposal=proposal,
-            )
-            log_px, elbo = est if proposal == "q" else (est, None)
-            log_px_all.append(log_px.double())
-            elbo_all.append(elbo)
-            if task is not None:
-                bar.advance(task, b)
+    lp, el = log_px_per_image(model, split, num_samples=num_samples, chunk=chunk,
+                              likelihood=likelihood, batch_size=batch_size, seed=seed,
+                              device=device, progress=progress, proposal=proposal)
     n = len(split)
-    if n == 0:
-        raise ConfigError("cannot estimate log p(x) on an empty split")
-    lp = torch.cat(log_px_all)
     sem = float(lp.std() / math.sqrt(n)) if n > 1 else 0.0
     out = {"log_px": float(lp.mean()), "neg_log_px": -float(lp.mean()), "log_px_sem": sem,
            "elbo": None, "neg_elbo": None, "gap": None, "num_samples": num_samples,
            "proposal": proposal, "n": n}
-    if proposal == "q":
-        el = torch.cat(elbo_all)
+    if el is not None:
         out.update(elbo=float(el.mean()), neg_elbo=-float(el.mean()), gap=float((lp - el).mean()))
     return out
 

@@ -1,0 +1,580 @@
+"""``vaelab table``: binarized MNIST test log-likelihoods beside the published ones.
+
+One command trains the grid of runs (each architecture x latent size x seed, dynamically
+binarized MNIST, ``--binarize dynamic``) and evaluates log p(x) on the binarized test split:
+
+- the headline cell: exact by quadrature where the latent is 1- or 2-D
+  (``vaelab.evaluate.exact_log_px_per_image``), else importance sampling with K = ``is_k``
+  (5000, as Burda et al. 2016 evaluate);
+- beside it, importance sampling with the paper's own K (500, Davidson et al. 2018), so that
+  like is compared with like: IS at small K understates log p(x), and the exact value beside it
+  must not replace it.
+
+The grid is a sweep (``vaelab.sweep.plan_sweep``): each cell is an ordinary run folder
+``OUT/arch=conv,latent_dim=2,seed=0``, trained through the sweep's Ray tasks when Ray is
+installed (``train_trials``) and one after another in this process otherwise (``run_trial``).
+A finished run is never trained again and an unfinished one is resumed. Each estimate is
+cached in its run folder (``table_eval.json``: per-image values, keyed by the estimator, its
+K or tolerance, the images and the weights' SHA-256), so running the command again trains
+and computes nothing. The folder::
+
+    table.json   the plan, the evaluation settings, every cell with its standard error and
+                 training budget, the published numbers (``vaelab.literature``)
+    table.md     the table: vaelab conv, vaelab MLP, the papers' N-VAE and S-VAE
+    NAME/        a run folder (+ table_eval.json)
+
+Nothing is chosen on the test split: the runs train a fixed number of epochs and keep their
+final weights (no early stopping); the validation split is only watched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.io import atomic_write_json, atomic_write_text, sha256_file
+from vaelab.literature import BURDA_NOTES, PROVENANCE, TABLE_ROWS, published_dict
+from vaelab.locks import FolderLock, is_lock_file
+from vaelab.sweep import SweepPlan, Trial, plan_sweep
+
+TABLE_FORMAT = 1
+TABLE_FILE = "table.json"
+MARKDOWN_FILE = "table.md"
+EVAL_FILE = "table_eval.json"
+EVAL_FORMAT = 1
+DEFAULT_LATENT_DIMS = (2, 5, 10, 20, 40)
+DEFAULT_ARCHS = ("conv", "mlp")
+IS_K = 5000  # Burda et al. 2016's evaluation
+PAPER_K = 500  # Davidson et al. 2018's evaluation
+DEFAULT_TOLERANCE = 0.1  # nats, for every image, of the exact value
+EVAL_SEED = 0  # the importance samples' generator: the same draws on every re-evaluation
+RUNNERS = ("auto", "ray", "local")
+GRID_OPTIONS = {"arch": "--archs", "latent_dim": "--latent-dims", "seed": "--seeds"}
+SELECTION = ("none: every run trains its fixed number of epochs and keeps its final weights "
+             "(no early stopping); the validation split is only watched and the test split "
+             "is used for nothing but this table")
+ARCH_LABELS = {"conv": "vaelab conv", "mlp": "vaelab MLP"}
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TablePlan:
+    """The grid of runs (a ``SweepPlan``) and the evaluation every run gets."""
+
+    sweep: SweepPlan
+    latent_dims: list[int]
+    archs: list[str]
+    seeds: list[int]
+    is_k: int = IS_K
+    paper_k: int = PAPER_K
+    test_images: int = 0  # 0: the whole test split
+    tolerance: float = DEFAULT_TOLERANCE
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return self.sweep.out
+
+    def evaluation(self) -> dict[str, Any]:
+        return {"is_k": self.is_k, "paper_k": self.paper_k,
+                "test_images": self.test_images or "all", "tolerance": self.tolerance,
+                "is_seed": EVAL_SEED, "quantity": "log p(x), nats per image",
+                "split": "test, binarized once with the pinned seed "
+                         "vaelab.data.BINARIZE_SEEDS['test']"}
+
+
+@dataclass
+class Cell:
+    """One (architecture, latent size): its runs, one per seed."""
+
+    arch: str
+    latent_dim: int
+    trials: list[Trial]
+
+    @property
+    def exact(self) -> bool:
+        from vaelab.evaluate import EXACT_MAX_LATENT
+
+        return self.latent_dim <= EXACT_MAX_LATENT
+
+
+def _whole(value: Any, what: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{what} must be a whole number >= {least}, got {value!r:.40}")
+    return value
+
+
+def plan_table(
+    out: str | os.PathLike,
+    *,
+    latent_dims: Sequence[int] = DEFAULT_LATENT_DIMS,
+    archs: Sequence[str] = DEFAULT_ARCHS,
+    seeds: Sequence[int] = (0,),
+    preset: str = "seed",
+    options: dict[str, Any] | None = None,
+    is_k: int = IS_K,
+    paper_k: int = PAPER_K,
+    test_images: int = 0,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> TablePlan:
+    """The table's grid over ``preset`` and the train ``options`` (every run dynamically
+    binarized, a VAE), each config validated, and its evaluation settings checked. Raises
+    ``ConfigError`` (one line) before anything is written or trained."""
+    from vaelab.models import ARCHS
+
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    for key, flag in GRID_OPTIONS.items():
+        if key in given:
+            raise ConfigError(f"--{key.replace('_', '-')} is the table's grid: give {flag}")
+    if given.get("binarize", "dynamic") != "dynamic":
+        raise ConfigError("the table is dynamically binarized MNIST: --binarize is always "
+                          f"dynamic, got {given['binarize']!r:.40}")
+    if given.get("model", "vae") != "vae":
+        raise ConfigError(f"the table is of VAEs: --model must be vae, got "
+                          f"{given['model']!r:.40}")
+    if not latent_dims:
+        raise ConfigError("--latent-dims: give at least one latent size")
+    if not archs:
+        raise ConfigError("--archs: give at least one architecture")
+    if not seeds:
+        raise ConfigError("--seeds: at least one seed")
+    for d in latent_dims:
+        _whole(d, "--latent-dims", 1)
+    for a in archs:
+        if a not in ARCHS:
+            raise ConfigError(f"--archs: unknown architecture {a!r:.40}: choose from "
+                              f"{', '.join(ARCHS)}")
+    _whole(is_k, "--is-k", 1)
+    _whole(paper_k, "--paper-k", 1)
+    _whole(test_images, "--test-images", 0)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
+            or not (math.isfinite(tolerance) and tolerance > 0):
+        raise ConfigError(f"--tolerance must be > 0 nats per image, got {tolerance!r:.40}")
+    sweep = plan_sweep(out, preset=preset,
+                       grid={"arch": list(archs), "latent_dim": list(latent_dims),
+                             "seed": list(seeds)},
+                       options={**given, "binarize": "dynamic", "model": "vae"})
+    plan = TablePlan(sweep, list(latent_dims), list(archs), list(seeds), is_k=is_k,
+                     paper_k=paper_k, test_images=test_images, tolerance=float(tolerance))
+    for arch in archs:
+        for d in latent_dims:
+            trials = [t for t in sweep.trials
+                      if t.values["arch"] == arch and t.values["latent_dim"] == d]
+            plan.cells.append(Cell(arch, d, trials))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Estimates: per image, cached in the run folder; means and standard errors
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimator:
+    """``quadrature`` (exact, within ``tolerance`` nats per image) or ``importance sampling``
+    with ``k`` samples of q(z|x) per image."""
+
+    method: str
+    k: int | None = None
+    tolerance: float | None = None
+
+    def key(self, images: int) -> str:
+        n = images or "all"
+        if self.method == "quadrature":
+            return f"quadrature,tolerance={self.tolerance:g},images={n}"
+        return f"importance sampling,K={self.k},seed={EVAL_SEED},images={n}"
+
+    def label(self) -> str:
+        if self.method == "quadrature":
+            return "exact (quadrature)"
+        return f"IS, K = {self.k}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"estimator": self.method, "K": self.k, "tolerance": self.tolerance}
+
+
+def estimators(cell: Cell, plan: TablePlan) -> dict[str, Estimator]:
+    """``best`` (exact for a 1- or 2-D latent, else IS with ``is_k``) and ``paper_k``."""
+    best = (Estimator("quadrature", tolerance=plan.tolerance) if cell.exact
+            else Estimator("importance sampling", k=plan.is_k))
+    return {"best": best, "paper_k": Estimator("importance sampling", k=plan.paper_k)}
+
+
+def mean_se(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (n - 1) and standard error std / sqrt(n) of
+    ``values``; std and se are None below two values."""
+    n = len(values)
+    if n == 0:
+        raise ConfigError("no values to average")
+    mean = math.fsum(values) / n
+    if n < 2:
+        return {"mean": mean, "std": None, "se": None, "n": n}
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "std": std, "se": std / math.sqrt(n), "n": n}
+
+
+def combine_seeds(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A cell's value from its seeds' ``{"mean", "se", "n"}`` (over images): one seed keeps
+    its standard error over images; several give the mean of their means and the standard
+    error over seeds (std of the means / sqrt(seeds)). ``se_over`` says which."""
+    if len(per_seed) == 1:
+        s = per_seed[0]
+        return {"mean": s["mean"], "se": s["se"], "se_over": "images", "seeds": 1,
+                "n_images": s["n"]}
+    over = mean_se([s["mean"] for s in per_seed])
+    return {"mean": over["mean"], "se": over["se"], "se_over": "seeds",
+            "seeds": len(per_seed), "n_images": per_seed[0]["n"]}
+
+
+def _read_cache(path: Path, weights: str) -> dict[str, Any]:
+    try:
+        saved = json.loads((path / EVAL_FILE).read_text())
+        if saved.get("format") == EVAL_FORMAT and saved.get("weights_sha256") == weights \
+                and isinstance(saved.get("entries"), dict):
+            return saved
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"format": EVAL_FORMAT, "weights_sha256": weights, "entries": {}}
+
+
+def cached_entries(path: Path) -> dict[str, Any]:
+    """The estimates cached in run folder ``path`` for its present weights ({} if none)."""
+    return _read_cache(path, sha256_file(path / "model.safetensors"))["entries"]
+
+
+def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 0,
+                 device: str = "auto", log: Any = None, progress: bool = False,
+                 ) -> tuple[dict[str, dict[str, Any]], int]:
+    """Every estimator in ``wanted`` of finished run ``path`` on its binarized test split
+    (the first ``test_images``, 0: all), from the cache where it holds one, else computed on
+    ``device`` (auto: CUDA where there is one) and cached, each as soon as it is done
+    (``EVAL_FILE``, written atomically under the run's lock). Returns ({key: entry}, how many
+    were computed now); an entry holds ``per_image`` log p(x) and its summary."""
+    wanted = list(wanted)
+    weights = sha256_file(path / "model.safetensors")
+    cache = _read_cache(path, weights)
+    missing = [e for e in dict.fromkeys(wanted) if e.key(test_images) not in cache["entries"]]
+    if missing:
+        from vaelab.checkpoint import load_run
+        from vaelab.evaluate import dataset_for_run, exact_log_px_per_image, log_px_per_image
+        from vaelab.train import pick_device
+
+        where = pick_device(device)
+        run = load_run(path, device=where)
+        model = run.model.eval()
+        likelihood = run.config["config"].get("likelihood", "bernoulli")
+        data = dataset_for_run(run)
+        cache["data"] = {f"{part}_images": len(getattr(data, part))
+                         for part in ("train", "val", "test")}
+        split = data.test.subset(test_images) if test_images else data.test
+        for est in missing:
+            if log is not None:
+                log(f"{path.name}: {est.label()} on {len(split):,} test images")
+            t0 = time.perf_counter()
+            extra: dict[str, Any] = {}
+            if est.method == "quadrature":
+                exact = exact_log_px_per_image(model, split, likelihood=likelihood,
+                                               tolerance=est.tolerance, progress=progress)
+                values = exact.log_px.tolist()
+                extra = {"error_estimate_mean": float(exact.error.mean()),
+                         "error_max": float(exact.error.max()),
+                         "over_tolerance": int((exact.error > est.tolerance).sum()),
+                         "nodes": exact.nodes}
+            else:
+                lp, _ = log_px_per_image(model, split, num_samples=est.k,
+                                         likelihood=likelihood, seed=EVAL_SEED,
+                                         progress=progress)
+                values = lp.tolist()
+            seconds = time.perf_counter() - t0
+            cache["entries"][est.key(test_images)] = {
+                **est.to_dict(), **mean_se(values), **extra, "seconds": seconds,
+                "seconds_per_image": seconds / max(len(values), 1), "device": str(where),
+                "per_image": values}
+            with FolderLock(path):  # kept at once: an interrupted table keeps what it finished
+                atomic_write_json(path / EVAL_FILE, cache)
+    return {e.key(test_images): cache["entries"][e.key(test_images)] for e in wanted}, \
+        len(missing)
+
+
+# --------------------------------------------------------------------------------------------
+# Training the grid
+# --------------------------------------------------------------------------------------------
+def ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def train_cells(plan: TablePlan, *, runner: str = "auto", force: bool = False,
+                address: str | None = None, num_cpus: int | None = None,
+                cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
+                max_retries: int | None = None, console: Any = None,
+                progress: bool = False) -> tuple[list[str], dict[str, str]]:
+    """Bring every run of the plan to a finished run: on Ray (the sweep's tasks) with
+    ``runner`` ray, or auto where Ray is installed; else one after another in this process.
+    Finished runs are left alone (Ray is not started when all are). Returns (the runs trained
+    now, {run: error} for those that failed)."""
+    from vaelab.sweep import (
+        DEFAULT_RETRIES,
+        check_data,
+        choose_resources,
+        refuse_other_settings,
+        run_trial,
+        train_trials,
+    )
+
+    out, trials = plan.out, plan.sweep.trials
+    states = refuse_other_settings(out, trials, force=force)
+    todo = [t for t in trials if states[t.name] != "done"]
+    if not todo:
+        return [], {}
+    use_ray = runner == "ray" or (runner == "auto" and ray_installed())
+    if use_ray:
+        res = choose_resources(address=address, num_cpus=num_cpus,
+                               cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+        outcome = train_trials(out, trials, res, tolerance=0.0, force=force,
+                               max_retries=DEFAULT_RETRIES if max_retries is None
+                               else max_retries, console=console, progress=progress)
+        trained = [t.name for t in trials if outcome.records.get(t.name, {}).get("trained")]
+        return trained, dict(outcome.failures)
+    import torch
+
+    check_data(todo)
+    trained, failures = [], {}
+    for t in todo:
+        if console is not None:
+            console.print(f"training {t.name} ({states[t.name]})")
+        try:
+            record = run_trial(t.config.to_dict(), str(out / t.name),
+                               threads=torch.get_num_threads(), force=force)
+        except VaelabError as e:
+            failures[t.name] = str(e)
+            continue
+        if record["trained"]:
+            trained.append(t.name)
+    return trained, failures
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+def _prepare_table_dir(out: Path) -> None:
+    """``out`` is new, empty, or a table's folder; anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder")
+    if out.exists() and not (out / TABLE_FILE).exists() \
+            and any(not is_lock_file(p) for p in out.iterdir()):
+        raise ConfigError(f"{out} holds files but no {TABLE_FILE}: not a table's folder; "
+                          "give a new or empty --out")
+
+
+def _budget(path: Path, trial: Trial) -> dict[str, Any]:
+    """What the run was trained with: epochs, images, steps, time."""
+    cfg = trial.config
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    try:
+        record = json.loads((path / "config.json").read_text()).get("data") or {}
+        data = json.loads((path / EVAL_FILE).read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        record, data = {}, {}
+    train = data.get("train_images")
+    return {"epochs": cfg.epochs, "steps": summary.get("steps"), "batch_size": cfg.batch_size,
+            "train_images": train, "images_seen": None if train is None else train * cfg.epochs,
+            "val_images": data.get("val_images"), "test_sha256": record.get("test_sha256"),
+            "limit": cfg.limit, "lr": cfg.lr,
+            "lr_schedule": cfg.lr_schedule, "beta_schedule": cfg.beta_schedule,
+            "warmup_epochs": cfg.warmup_epochs, "objective": cfg.objective, "k": cfg.k,
+            "train_seconds": summary.get("train_seconds"), "val": summary.get("val")}
+
+
+def _cell_result(plan: TablePlan, cell: Cell, failures: dict[str, str],
+                 evaluated: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    ests = estimators(cell, plan)
+    out: dict[str, Any] = {"arch": cell.arch, "latent_dim": cell.latent_dim,
+                           "runs": [t.name for t in cell.trials],
+                           "seeds": [t.config.seed for t in cell.trials],
+                           "budget": [_budget(plan.out / t.name, t) for t in cell.trials]}
+    failed = [t.name for t in cell.trials if t.name in failures]
+    if failed:
+        out["failed"] = {n: failures[n] for n in failed}
+    for role, est in ests.items():
+        key = est.key(plan.test_images)
+        per_seed = []
+        for t in cell.trials:
+            entry = evaluated.get(t.name, {}).get(key)
+            if entry is not None:
+                per_seed.append({"seed": t.config.seed, "run": t.name,
+                                 **{k: v for k, v in entry.items() if k != "per_image"}})
+        value: dict[str, Any] = {**est.to_dict(), "label": est.label(), "per_seed": per_seed}
+        if len(per_seed) == len(cell.trials):
+            value.update(combine_seeds(per_seed))
+        else:
+            value.update(mean=None, se=None, se_over=None)
+        out[role] = value
+    return out
+
+
+def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
+              address: str | None = None, num_cpus: int | None = None,
+              cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
+              max_retries: int | None = None, console: Any = None,
+              progress: bool = False) -> dict[str, Any]:
+    """Train the plan's runs (``train_cells``), evaluate each (``evaluate_run``, cached), then
+    write ``table.json`` and ``table.md`` into ``plan.out``. Returns what ``table.json``
+    holds. A run that fails to train leaves its cells empty; the table is written, then
+    ``VaelabError`` names the failures."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r:.40}")
+    if max_retries is not None and max_retries < 0:
+        raise ConfigError(f"--max-retries must be >= 0, got {max_retries}")
+    if runner == "ray" and not ray_installed():
+        raise ConfigError("--runner ray needs Ray: pip install 'vaelab[sweep]'")
+    from vaelab.sweep import check_data, refuse_other_settings
+
+    out = plan.out
+    _prepare_table_dir(out)
+    states = refuse_other_settings(out, plan.sweep.trials, force=force)  # before any write
+    todo = [t for t in plan.sweep.trials if states[t.name] != "done"]
+    if todo:
+        check_data(todo)
+    t0 = time.perf_counter()
+    log = None if console is None else console.print
+    with FolderLock(out) as lock:  # one table command at a time in a folder
+        lock.keep()
+        result: dict[str, Any] = {
+            "format": TABLE_FORMAT, "status": "running", "plan": plan.sweep.to_dict(),
+            "latent_dims": plan.latent_dims, "archs": plan.archs, "seeds": plan.seeds,
+            "evaluation": plan.evaluation(), "selection": SELECTION,
+            "published": published_dict(), "cells": []}
+        atomic_write_json(out / TABLE_FILE, result)
+        trained, failures = train_cells(
+            plan, runner=runner, force=force, address=address, num_cpus=num_cpus,
+            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+            max_retries=max_retries, console=console, progress=progress)
+        evaluated: dict[str, dict[str, dict[str, Any]]] = {}
+        computed = 0
+        for cell in plan.cells:
+            wanted = list(estimators(cell, plan).values())
+            for t in cell.trials:
+                path = out / t.name
+                if t.name in failures or not (path / "summary.json").exists():
+                    continue
+                evaluated[t.name], now = evaluate_run(
+                    path, wanted, test_images=plan.test_images, device=t.config.device,
+                    log=log, progress=progress)
+                computed += now
+        from vaelab.bench import machine
+
+        result.update(status="failed" if failures else "done",
+                      cells=[_cell_result(plan, c, failures, evaluated) for c in plan.cells],
+                      trained=len(trained), trained_runs=trained, computed=computed,
+                      seconds=time.perf_counter() - t0, machine=machine())
+        atomic_write_json(out / TABLE_FILE, result)
+        atomic_write_text(out / MARKDOWN_FILE, render_markdown(result))
+    if failures:
+        first = next(iter(failures.items()))
+        raise VaelabError(f"{len(failures)} of {len(plan.sweep.trials)} runs failed "
+                          f"({first[0]}: {first[1]}); see {out / TABLE_FILE}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+def _pm(mean: float | None, spread: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.2f}" if spread is None else f"{mean:.2f} ± {spread:.2f}"
+
+
+def published_rows(dims: Sequence[int]) -> list[str]:
+    """The papers' rows (``vaelab.literature.TABLE_ROWS``) over latent sizes ``dims``."""
+    return [f"| {r.name}, {r.citation.short()} ({r.estimator}) | "
+            + " | ".join(_pm(*r.values.get(d, (None, None))) for d in dims) + " |"
+            for r in TABLE_ROWS]
+
+
+def _header(dims: Sequence[int]) -> list[str]:
+    return ["| log p(x), nats per image | " + " | ".join(f"d = {d}" for d in dims) + " |",
+            "|---|" + "---:|" * len(dims)]
+
+
+def published_markdown() -> str:
+    """The published rows alone (the README shows these until the table is measured)."""
+    dims = sorted({d for r in TABLE_ROWS for d in r.values})
+    lines = _header(dims) + published_rows(dims)
+    return "\n".join(lines + ["", *_citation_lines()])
+
+
+def _citation_lines() -> list[str]:
+    cites = {r.citation.key: r.citation for r in TABLE_ROWS}
+    cites.update({n["citation"].key: n["citation"] for n in BURDA_NOTES})
+    burda = " and ".join(f"-log p(x) = {n['value']:.2f} for the {n['name']} (trained on the "
+                         f"{n['trained']})" for n in BURDA_NOTES)
+    return [f"Published rows: mean ± standard deviation over the paper's runs, as printed in "
+            f"{TABLE_ROWS[0].citation.full()}.",
+            f"For reference, {BURDA_NOTES[0]['citation'].full()}: one stochastic layer of "
+            f"{BURDA_NOTES[0]['latent_dim']} units, {burda}, both estimated by "
+            f"{BURDA_NOTES[0]['estimator']}; not a row here (no latent size of the grid "
+            "matches).",
+            "", f"Provenance: {PROVENANCE}"]
+
+
+def _over_tolerance(result: dict[str, Any]) -> str:
+    exact = [s for c in result["cells"] if c["best"]["estimator"] == "quadrature"
+             for s in c["best"]["per_seed"]]
+    over = sum(s.get("over_tolerance", 0) for s in exact)
+    if not exact or not over:
+        return ""
+    return (f"; {over:,} of {sum(s['n'] for s in exact):,} images were still above it when "
+            "the work budget ran out, with their estimated errors in table.json")
+
+
+def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
+    """``table.md``: one row per architecture and estimator, the papers' rows, the notes."""
+    dims = result["latent_dims"]
+    cells = {(c["arch"], c["latent_dim"]): c for c in result["cells"]}
+    lines = ["# Binarized MNIST: vaelab against the literature", ""] if heading else []
+    lines += _header(dims)
+    for arch in result["archs"]:
+        label = ARCH_LABELS.get(arch, f"vaelab {arch}")
+        for role, name in (("best", "exact (d ≤ 2) or IS, K = "
+                            f"{result['evaluation']['is_k']}"),
+                           ("paper_k", f"IS, K = {result['evaluation']['paper_k']}")):
+            row = [_pm(cells[(arch, d)][role]["mean"], cells[(arch, d)][role]["se"])
+                   if (arch, d) in cells else "—" for d in dims]
+            lines.append(f"| {label}, {name} | " + " | ".join(row) + " |")
+    lines += published_rows(dims)
+    ev = result["evaluation"]
+    seeds = result["seeds"]
+    budget = [b for c in result["cells"] for b in c["budget"]]
+    epochs = sorted({b["epochs"] for b in budget})
+    seen = sorted({b["images_seen"] for b in budget if b["images_seen"] is not None})
+    images = ev["test_images"]
+    lines += [
+        "",
+        f"vaelab rows: log p(x) on {'all the' if images == 'all' else f'the first {images:,}'} "
+        "images of the binarized test split, mean ± standard error "
+        + ("over the test images (one seed: std / sqrt(n))" if len(seeds) == 1 else
+           f"over {len(seeds)} seeds (std of the seeds' means / sqrt({len(seeds)}))")
+        + f". Exact: quadrature within {ev['tolerance']} nats per image by its error "
+        f"estimate (d ≤ 2{_over_tolerance(result)}); IS: "
+        "importance sampling with q(z|x) as the proposal, K samples per image. IS at small K "
+        "understates log p(x): compare the K = "
+        f"{ev['paper_k']} row with the papers' rows.",
+        f"Training: dynamically binarized MNIST, preset {result['plan']['preset']}, "
+        f"{', '.join(map(str, epochs))} epoch(s), "
+        + (f"{', '.join(f'{s:,}' for s in seen)} training images seen per run"
+           if seen else "training images not recorded")
+        + f", seed(s) {', '.join(map(str, seeds))}. Selection: {result['selection']}.",
+        "", *_citation_lines()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,363 @@
+"""``vaelab table``: the grid, its refusals, the estimators, the cache, the standard errors and
+the published rows.
+
+The runs are the ``quick`` preset for one epoch on a small synthetic IDX data set (192 train
+images, 32 of them validation, 24 test), trained one after another in this process
+(``--runner local``), latent sizes 2 (exact by quadrature) and 3 (importance sampling), both
+architectures, one seed: four runs of a second or so each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import cli
+from synthetic import noisy_blobs, write_synthetic
+from vaelab import literature
+from vaelab.checkpoint import load_run
+from vaelab.cli import main
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.evaluate import dataset_for_run, exact_log_px_per_image, log_px_per_image
+from vaelab.sweep import Outcome
+from vaelab.table import (
+    EVAL_FILE,
+    EVAL_SEED,
+    combine_seeds,
+    estimators,
+    mean_se,
+    plan_table,
+    run_table,
+    train_cells,
+)
+
+IS_K, PAPER_K, TEST_IMAGES = 12, 6, 20
+RUNS = ["arch=conv,latent_dim=2,seed=0", "arch=conv,latent_dim=3,seed=0",
+        "arch=mlp,latent_dim=2,seed=0", "arch=mlp,latent_dim=3,seed=0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("idx"), noisy_blobs, 192, 24, seed=0)
+
+
+def table_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["table", "--out", str(out), "--preset", "quick", "--dataset", f"idx:{data}",
+            "--val-size", "32", "--latent-dims", "2", "3", "--is-k", str(IS_K), "--paper-k",
+            str(PAPER_K), "--test-images", str(TEST_IMAGES), "--runner", "local", "--quiet",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def table(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The four runs, trained and evaluated by one ``vaelab table`` in this process."""
+    out = tmp_path_factory.mktemp("table") / "t"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(table_args(data, out))
+    assert code == 0, err.getvalue()
+    return out
+
+
+def result_of(out: Path) -> dict[str, Any]:
+    return json.loads((out / "table.json").read_text())
+
+
+def cell(result: dict[str, Any], arch: str, d: int) -> dict[str, Any]:
+    return next(c for c in result["cells"] if (c["arch"], c["latent_dim"]) == (arch, d))
+
+
+# --------------------------------------------------------------------------------------------
+# The plan and its refusals
+# --------------------------------------------------------------------------------------------
+def test_the_plan_is_every_arch_latent_and_seed_binarized(tmp_path: Path) -> None:
+    plan = plan_table(tmp_path / "t", latent_dims=[2, 5], archs=["conv", "mlp"], seeds=[0, 1],
+                      preset="quick", options={"epochs": 2})
+    assert [t.name for t in plan.sweep.trials] == [
+        f"arch={a},latent_dim={d},seed={s}" for a in ("conv", "mlp") for d in (2, 5)
+        for s in (0, 1)]
+    for t in plan.sweep.trials:
+        c = t.config
+        assert (c.arch, c.latent_dim, c.seed) == (t.values["arch"], t.values["latent_dim"],
+                                                  t.values["seed"])
+        assert (c.binarize, c.model, c.epochs, c.preset) == ("dynamic", "vae", 2, "quick")
+    assert [(c.arch, c.latent_dim, [t.config.seed for t in c.trials]) for c in plan.cells] == [
+        ("conv", 2, [0, 1]), ("conv", 5, [0, 1]), ("mlp", 2, [0, 1]), ("mlp", 5, [0, 1])]
+    ests = [estimators(c, plan) for c in plan.cells[:2]]
+    assert ests[0]["best"].method == "quadrature" and ests[0]["best"].tolerance == 0.1
+    assert (ests[1]["best"].method, ests[1]["best"].k) == ("importance sampling", 5000)
+    assert all((e["paper_k"].method, e["paper_k"].k) == ("importance sampling", 500)
+               for e in ests)
+    assert not (tmp_path / "t").exists()  # planning writes nothing
+
+
+BAD = [
+    (["--binarize", "none"], "binarize is always dynamic"),
+    (["--latent-dim", "3"], "--latent-dims"),
+    (["--seed", "1"], "--seeds"),
+    (["--arch", "mlp"], "--archs"),
+    (["--model", "cvae"], "must be vae"),
+    (["--tolerance", "0"], "--tolerance"),
+    (["--tolerance", "nan"], "--tolerance"),
+    (["--is-k", "0"], "--is-k"),
+    (["--paper-k", "-1"], "--paper-k"),
+    (["--test-images", "-1"], "--test-images"),
+    (["--archs", "resnet"], "--archs"),
+    (["--latent-dims", "0"], "--latent-dims"),
+    (["--latent-dims", "2", "2"], "listed twice"),
+    (["--runner", "slurm"], "--runner"),
+    (["--epochs", "0"], "--epochs"),
+    (["--resume"], "--resume"),
+]
+
+
+@pytest.mark.parametrize(("extra", "needle"), BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_a_bad_option_exits_2_with_one_line_before_anything_is_written(
+    extra: list[str], needle: str, data: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "t"
+    code, err = cli(table_args(data, out, *extra), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert needle in err[0]
+    assert not out.exists()
+
+
+def test_an_out_that_is_not_a_table_folder_is_refused(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = cli(table_args(data, tmp_path), capsys)
+    assert code == 2 and len(err) == 1 and "not a table's folder" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# The estimators, their numbers and the budget
+# --------------------------------------------------------------------------------------------
+def test_d2_is_exact_by_quadrature_and_d3_importance_sampled_as_the_json_says(
+    table: Path,
+) -> None:
+    result = result_of(table)
+    assert result["status"] == "done" and len(result["cells"]) == 4
+    for arch in ("conv", "mlp"):
+        exact, sampled = cell(result, arch, 2), cell(result, arch, 3)
+        assert (exact["best"]["estimator"], exact["best"]["K"]) == ("quadrature", None)
+        assert exact["best"]["tolerance"] == 0.1
+        assert (sampled["best"]["estimator"], sampled["best"]["K"]) == (
+            "importance sampling", IS_K)
+        for c in (exact, sampled):
+            assert (c["paper_k"]["estimator"], c["paper_k"]["K"]) == (
+                "importance sampling", PAPER_K)
+    # the per-image values are what those estimators give on the binarized test images
+    for name, d in (("arch=conv,latent_dim=2,seed=0", 2), ("arch=mlp,latent_dim=3,seed=0", 3)):
+        run = load_run(table / name)
+        split = dataset_for_run(run).test.subset(TEST_IMAGES)
+        assert set(split.images.unique().tolist()) <= {0, 255}  # binarized
+        entries = json.loads((table / name / EVAL_FILE).read_text())["entries"]
+        best = next(e for e in entries.values() if e["K"] in (None, IS_K)
+                    and e["estimator"] == ("quadrature" if d == 2 else "importance sampling"))
+        if d == 2:
+            want = exact_log_px_per_image(run.model, split, tolerance=0.1).log_px
+        else:
+            want, _ = log_px_per_image(run.model, split, num_samples=IS_K, seed=EVAL_SEED)
+        assert torch.allclose(torch.tensor(best["per_image"], dtype=torch.float64), want,
+                              atol=1e-9, rtol=0)
+
+
+def test_each_cell_is_the_mean_and_standard_error_of_its_per_image_values(
+    table: Path,
+) -> None:
+    result = result_of(table)
+    for c in result["cells"]:
+        (run,) = c["runs"]
+        entries = json.loads((table / run / EVAL_FILE).read_text())["entries"]
+        for role in ("best", "paper_k"):
+            key = next(k for k, e in entries.items()
+                       if (e["estimator"], e["K"]) == (c[role]["estimator"], c[role]["K"]))
+            values = np.array(entries[key]["per_image"])
+            assert len(values) == TEST_IMAGES
+            assert c[role]["mean"] == pytest.approx(values.mean(), abs=1e-9)
+            assert c[role]["se"] == pytest.approx(values.std(ddof=1) / math.sqrt(len(values)),
+                                                  abs=1e-9)
+            assert c[role]["se_over"] == "images" and c[role]["n_images"] == TEST_IMAGES
+
+
+def test_the_json_records_the_training_budget_and_the_test_split(table: Path) -> None:
+    result = result_of(table)
+    assert "no early stopping" in result["selection"]
+    for c in result["cells"]:
+        (budget,) = c["budget"]
+        assert budget["epochs"] == 1 and budget["train_images"] == 192 - 32
+        assert budget["images_seen"] == 160 and budget["val_images"] == 32
+        recorded = json.loads((table / c["runs"][0] / "config.json").read_text())["data"]
+        assert budget["test_sha256"] == recorded["test_sha256"]
+    ev = result["evaluation"]
+    assert (ev["is_k"], ev["paper_k"], ev["test_images"]) == (IS_K, PAPER_K, TEST_IMAGES)
+
+
+def test_mean_and_standard_error_of_known_values() -> None:
+    got = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert got["mean"] == 2.5 and got["n"] == 4
+    assert got["std"] == pytest.approx(math.sqrt(5 / 3))
+    assert got["se"] == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert mean_se([7.0]) == {"mean": 7.0, "std": None, "se": None, "n": 1}
+    with pytest.raises(ConfigError):
+        mean_se([])
+    one = combine_seeds([{"mean": -90.0, "se": 0.4, "n": 100}])
+    assert (one["mean"], one["se"], one["se_over"]) == (-90.0, 0.4, "images")
+    two = combine_seeds([{"mean": -91.0, "se": 0.4, "n": 100}, {"mean": -89.0, "se": 0.5,
+                                                                "n": 100}])
+    # over seeds: std of (-91, -89) is sqrt(2), over sqrt(2) seeds: 1
+    assert (two["mean"], two["se_over"], two["seeds"]) == (-90.0, "seeds", 2)
+    assert two["se"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-runs: nothing trained, nothing computed; a new K computes only itself
+# --------------------------------------------------------------------------------------------
+def _stamps(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and p.name not in ("table.json", "table.md")}
+
+
+def test_a_second_invocation_trains_nothing_and_computes_nothing(
+    table: Path, data: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    before, cells = _stamps(table), result_of(table)["cells"]
+    code, err = cli(table_args(data, table), capsys)
+    assert (code, err) == (0, [])
+    result = result_of(table)
+    assert (result["trained"], result["computed"]) == (0, 0)
+    assert _stamps(table) == before  # no run file, checkpoint or cache rewritten
+    assert result["cells"] == cells
+
+
+def test_a_new_is_k_computes_only_the_sampled_cells_it_changes(
+    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "t"
+    shutil.copytree(table, out)
+    args = table_args(data, out)
+    args[args.index("--is-k") + 1] = str(IS_K + 1)
+    code, err = cli(args, capsys)
+    assert (code, err) == (0, [])
+    result = result_of(out)
+    assert (result["trained"], result["computed"]) == (0, 2)  # the two d = 3 runs
+    assert cell(result, "conv", 3)["best"]["K"] == IS_K + 1
+    assert cell(result, "conv", 2)["best"] == cell(result_of(table), "conv", 2)["best"]
+
+
+# --------------------------------------------------------------------------------------------
+# Where the runs train; a run that fails
+# --------------------------------------------------------------------------------------------
+def test_runs_train_through_the_sweep_where_ray_is_installed_and_in_turn_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vaelab.sweep
+    import vaelab.table
+
+    plan = plan_table(tmp_path / "t", latent_dims=[2, 3], archs=["conv"], preset="quick")
+    calls: dict[str, list[Any]] = {"ray": [], "local": []}
+
+    def fake_train_trials(out: Path, trials: list[Any], res: Any, **kw: Any) -> Outcome:
+        calls["ray"].append(([t.name for t in trials], kw["tolerance"]))
+        return Outcome({t.name: {"trained": True} for t in reversed(trials)}, {}, None)
+
+    def fake_run_trial(config: dict[str, Any], out: str, **kw: Any) -> dict[str, Any]:
+        calls["local"].append(Path(out).name)
+        return {"trained": True}
+
+    monkeypatch.setattr(vaelab.sweep, "train_trials", fake_train_trials)
+    monkeypatch.setattr(vaelab.sweep, "run_trial", fake_run_trial)
+    monkeypatch.setattr(vaelab.table, "ray_installed", lambda: True)
+    names = [t.name for t in plan.sweep.trials]
+    assert train_cells(plan, runner="auto") == (names, {})  # in the plan's order
+    assert calls == {"ray": [(names, 0.0)], "local": []}
+    monkeypatch.setattr(vaelab.table, "ray_installed", lambda: False)
+    monkeypatch.setattr(vaelab.sweep, "check_data", lambda trials: None)
+    assert train_cells(plan, runner="auto") == (names, {})
+    assert calls["local"] == names
+
+
+def test_a_run_that_fails_leaves_its_cells_empty_and_the_command_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vaelab.sweep
+
+    def failing(config: dict[str, Any], out: str, **kw: Any) -> dict[str, Any]:
+        raise VaelabError("the loss became NaN at step 3")
+
+    monkeypatch.setattr(vaelab.sweep, "run_trial", failing)
+    monkeypatch.setattr(vaelab.sweep, "check_data", lambda trials: None)
+    plan = plan_table(tmp_path / "t", latent_dims=[2], archs=["conv", "mlp"], preset="quick")
+    with pytest.raises(VaelabError, match="2 of 2 runs failed.*NaN at step 3"):
+        run_table(plan, runner="local")
+    result = result_of(tmp_path / "t")
+    assert result["status"] == "failed"
+    assert all(c["best"]["mean"] is None and c["failed"] for c in result["cells"])
+    assert "| vaelab conv, exact (d ≤ 2) or IS, K = 5000 | — |" in (
+        tmp_path / "t" / "table.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The published rows
+# --------------------------------------------------------------------------------------------
+ISSUE_TABLE = {  # Davidson et al. 2018, Table 1, as the issue quotes it: d -> (N-VAE, S-VAE)
+    2: ((-135.73, 0.83), (-132.50, 0.73)), 5: ((-110.21, 0.21), (-108.43, 0.09)),
+    10: ((-93.84, 0.30), (-93.16, 0.31)), 20: ((-88.90, 0.26), (-89.02, 0.31)),
+    40: ((-88.93, 0.30), (-90.87, 0.34))}
+
+
+def test_the_published_numbers_are_the_papers_with_their_citations() -> None:
+    assert {d: (literature.N_VAE.values[d], literature.S_VAE.values[d])
+            for d in ISSUE_TABLE} == ISSUE_TABLE
+    assert [(n["name"], n["value"]) for n in literature.BURDA_NOTES] == [
+        ("VAE", 86.76), ("IWAE", 84.78)]
+    assert literature.DAVIDSON_2018.short() == "Davidson et al. 2018, Table 1"
+    assert literature.BURDA_2016.short() == "Burda et al. 2016, Table 1"
+
+
+def test_the_markdown_has_vaelabs_rows_and_the_published_rows_with_citations(
+    table: Path,
+) -> None:
+    md = (table / "table.md").read_text()
+    result = result_of(table)
+    lines = md.splitlines()
+    assert "| log p(x), nats per image | d = 2 | d = 3 |" in lines
+    conv = [cell(result, "conv", d)["best"] for d in (2, 3)]
+    assert (f"| vaelab conv, exact (d ≤ 2) or IS, K = {IS_K} | "
+            f"{conv[0]['mean']:.2f} ± {conv[0]['se']:.2f} | "
+            f"{conv[1]['mean']:.2f} ± {conv[1]['se']:.2f} |") in lines
+    mlp = [cell(result, "mlp", d)["paper_k"] for d in (2, 3)]
+    assert (f"| vaelab MLP, IS, K = {PAPER_K} | {mlp[0]['mean']:.2f} ± {mlp[0]['se']:.2f} | "
+            f"{mlp[1]['mean']:.2f} ± {mlp[1]['se']:.2f} |") in lines
+    assert ("| N-VAE (Gaussian), Davidson et al. 2018, Table 1 (IS, K = 500) | "
+            "-135.73 ± 0.83 | — |") in lines
+    assert ("| S-VAE (von Mises-Fisher), Davidson et al. 2018, Table 1 (IS, K = 500) | "
+            "-132.50 ± 0.73 | — |") in lines
+    for text in ("Hyperspherical Variational Auto-Encoders", "UAI 2018", "arXiv:1804.00891",
+                 "Importance Weighted Autoencoders", "ICLR 2016", "arXiv:1509.00519",
+                 "86.76", "84.78", "standard error over the test images"):
+        assert text in md
+    assert result["published"]["rows"][0]["values"]["2"] == {"mean": -135.73, "spread": 0.83}
+
+
+def test_other_settings_in_a_table_folder_are_refused_and_leave_its_table_alone(
+    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "t"
+    shutil.copytree(table, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err = cli(table_args(data, out, "--epochs", "2"), capsys)
+    assert code == 2 and len(err) == 1 and "other settings (epochs)" in err[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
