@@ -16,7 +16,7 @@ from helpers import one_thread
 from synthetic import noisy_blobs, synthetic_dataset
 from vaelab.checkpoint import load_run
 from vaelab.config import TrainConfig, resolve_config
-from vaelab.errors import ConfigError
+from vaelab.errors import CheckpointError, ConfigError
 from vaelab.models import AFFINE, ModelSpec, build_model
 from vaelab.train import Trainer
 
@@ -85,8 +85,8 @@ def test_old_folders_load_as_input_and_film_trains_and_reloads(tmp_path: Path) -
     assert all(w > 0 for w in trained)  # the tables moved from their zero start
     # a folder written before the field: its config and spec lack it, and it loads as input
     with one_thread():
-        Trainer(resolve_config("quick", model="cvae", limit=None, val_size=32),
-                tmp_path / "old", progress=False, dataset=ds).fit()
+        Trainer(resolve_config("quick", model="cvae", label_conditioning="input", limit=None,
+                               val_size=32), tmp_path / "old", progress=False, dataset=ds).fit()
     raw = json.loads((tmp_path / "old" / "config.json").read_text())
     del raw["config"]["label_conditioning"], raw["model"]["label_conditioning"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
@@ -94,3 +94,8 @@ def test_old_folders_load_as_input_and_film_trains_and_reloads(tmp_path: Path) -
     old = load_run(tmp_path / "old").model
     assert old.decoder.film is None
     assert not any(isinstance(m, nn.Embedding) for m in old.decoder.modules())
+    # a folder whose weights do not match its config is refused, naming the field
+    raw["model"]["label_conditioning"] = raw["config"]["label_conditioning"] = "film"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="label_conditioning input, not film"):
+        load_run(tmp_path / "old")

@@ -61,9 +61,10 @@ def _describe(spec: ModelSpec) -> str:
 
 def check_spec(found: ModelSpec, expected: ModelSpec | None, where: Path) -> None:
     if expected is not None and found != expected:
-        raise CheckpointError(
-            f"{where} holds {_describe(found)}, but {_describe(expected)} was expected"
-        )
+        a, b = found.to_dict(), expected.to_dict()
+        differ = "; ".join(f"{k} {a[k]}, not {b[k]}" for k in a if a[k] != b[k])
+        raise CheckpointError(f"{where} holds {_describe(found)}, but {_describe(expected)} "
+                              f"was expected ({differ})")
 
 
 def load_weights(model: torch.nn.Module, data: bytes, where: Path) -> None:

@@ -381,7 +381,6 @@ class Trainer:
             props = torch.cuda.get_device_properties(self.device)
             check_fits(cfg, props.total_memory, where=props.name)
         self.precision, why = self._precision(cfg)
-        self.log(f"precision: {self.precision} ({why})")
         # one CUDA graph replays the whole training step (forward, backward, Adam, the sums):
         # the step is ~100 small kernels, whose launches cost more than their arithmetic
         self.use_graphs = (self.device.type == "cuda" and cfg.cuda_graphs
@@ -455,6 +454,7 @@ class Trainer:
         self._barrier()
         if resume:
             self._restore()
+        self.log(f"precision: {self.precision} ({why})")
         self.tb = self._tensorboard() if tensorboard and self.rank == 0 else None
 
     def _precision(self, cfg: TrainConfig) -> tuple[str, str]:
