@@ -463,36 +463,44 @@ _SEEDS = "benchmarks/seeds-cpu.json"
 
 
 def seeds_cpu() -> str:
-    """README: the seed preset over seeds 0, 1, 2 in fp32 and in bf16 on this CPU."""
+    """README: the seed preset over seeds and precisions on this CPU, against the targets."""
     r = _load(_SEEDS)
-    lines = ["| model | precision | test -ELBO, seeds " + ", ".join(
-                 str(s) for s in r["groups"][0]["seeds"]) + " | mean ± std | target | met? |",
-             "|---|---|---|---:|---|---|"]
+    lines = ["| model (network) | precision | seeds | test -ELBO per seed | mean ± std | worst | "
+             "target | met? | val -ELBO, mean |", "|---|---|---|---|---:|---:|---|---|---:|"]
     for g in r["groups"]:
         t = g["target"]
         target = f"each <= {t['each']:.1f}" + (f", mean <= {t['mean']:.1f}" if "mean" in t
                                                 else "")
-        name = g["model"].upper() + (f" ({g['label_conditioning']})"
-                                     if g["label_conditioning"] else "")
-        lines.append(f"| {name} | {g['precision']} | "
+        name = g["model"].upper() + f" ({g['activation']}" + (
+            f", {g['label_conditioning']})" if g["label_conditioning"] else ")")
+        spread = f" ± {g['std']:.2f}" if g["std"] is not None else " (one seed)"
+        lines.append(f"| {name} | {g['precision']} | {', '.join(map(str, g['seeds']))} | "
                      + ", ".join(f"{v:.2f}" for v in g["neg_elbo"])
-                     + f" | {g['mean']:.2f} ± {g['std']:.2f} | {target} | "
-                     + ("yes" if g["met"] else "no") + " |")
-    by = {(g["model"], g["precision"]): g["mean"] for g in r["groups"]}
-    diffs = [f"{by[(m, 'bf16')] - by[(m, 'fp32')]:+.2f} ({m.upper()})" for m in ("vae", "cvae")
-             if (m, "bf16") in by and (m, "fp32") in by]
+                     + f" | {g['mean']:.2f}{spread} | {g['worst']:.2f} | {target} | "
+                     + ("yes" if g["met"] else "no") + f" | {g['val_mean']:.2f} |")
+    def net(x: dict) -> tuple:
+        return x["model"], x["activation"], x["label_conditioning"]
+
+    diffs = []
+    for n in sorted({net(x) for x in r["runs"]}, key=str):
+        value = {(x["precision"], x["seed"]): x["test"]["neg_elbo"] for x in r["runs"]
+                 if net(x) == n}
+        same = sorted(s for p, s in value if p == "bf16" and ("fp32", s) in value)
+        if same:
+            d = [value[("bf16", s)] - value[("fp32", s)] for s in same]
+            diffs.append(f"{sum(d) / len(d):+.2f} for the {n[0].upper()} (seeds "
+                         f"{', '.join(map(str, same))})")
     m = r["machine"]
-    runs = r["runs"]
-    speed = {p: [v for x in runs if x["precision"] == p for v in x["images_per_s"]]
+    speed = {p: sorted(v for x in r["runs"] if x["precision"] == p for v in x["images_per_s"])
              for p in ("fp32", "bf16")}
-    lines.append("")
-    lines.append(
-        f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}), each run on one thread, two "
-        f"at a time (`{_SEEDS}`, written by `benchmarks/seeds_precision.py`). bf16's mean "
-        f"minus fp32's: {', '.join(diffs)} nats. Median training speed per run: "
-        + ", ".join(f"{sorted(v)[len(v) // 2]:,} images/s in {p}" for p, v in speed.items() if v)
-        + ".")
-    return "\n".join(lines)
+    text = (f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}), each run on one thread, "
+            f"two or three at a time beside other work (`{_SEEDS}`, written by "
+            "`benchmarks/seeds_precision.py` from the run folders).")
+    if diffs:
+        text += " bf16 minus fp32 on the same seeds: " + "; ".join(diffs) + " nats."
+    text += " Median training speed per run and epoch: " + ", ".join(
+        f"{v[len(v) // 2]:,} images/s in {p}" for p, v in speed.items() if v) + "."
+    return "\n".join(lines + ["", text])
 
 
 _LITERATURE = "results/binarized-table.json"

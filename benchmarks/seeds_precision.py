@@ -34,9 +34,9 @@ def run_row(folder: Path) -> dict:
         "precision": summary["precision"],
         # a VAE has no label: its runs group together whatever the field says
         "label_conditioning": cfg["label_conditioning"] if cfg["model"] == "cvae" else None,
-        "resolved": raw.get("resolved"),
+        "activation": cfg["activation"], "resolved": raw.get("resolved"),
         "preset": cfg["preset"], "epochs": cfg["epochs"],
-        "test": summary["test"], "train_seconds": summary["train_seconds"],
+        "test": summary["test"], "val": summary["val"], "train_seconds": summary["train_seconds"],
         "images_per_s": [round(json.loads(line)["images_per_s"])
                          for line in (folder / "metrics.jsonl").read_text().splitlines()],
     }
@@ -44,18 +44,20 @@ def run_row(folder: Path) -> dict:
 
 def groups(rows: list[dict]) -> list[dict]:
     out = []
-    keys = {(r["model"], r["precision"], r["label_conditioning"]) for r in rows}
-    for key in sorted(keys, key=str):
-        model, precision, cond = key
-        these = sorted((r for r in rows if (r["model"], r["precision"],
-                                            r["label_conditioning"]) == key),
-                       key=lambda r: r["seed"])
+    def key(r: dict) -> tuple:
+        return r["model"], r["activation"], r["label_conditioning"], r["precision"]
+
+    for k in sorted({key(r) for r in rows}, key=str):
+        model, activation, cond, precision = k
+        these = sorted((r for r in rows if key(r) == k), key=lambda r: r["seed"])
         values = [r["test"]["neg_elbo"] for r in these]
         target = TARGETS[model]
         out.append({
-            "model": model, "precision": precision, "label_conditioning": cond,
+            "model": model, "activation": activation, "label_conditioning": cond,
+            "precision": precision,
             "seeds": [r["seed"] for r in these], "neg_elbo": values,
             "mean": statistics.fmean(values),
+            "val_mean": statistics.fmean(r["val"]["neg_elbo"] for r in these),
             "std": statistics.stdev(values) if len(values) > 1 else None,
             "worst": max(values), "target": target,
             "met": max(values) <= target["each"]
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     for g in groups(rows):
         cond = g["label_conditioning"] or "-"
-        print(f"{g['model']:4} {g['precision']} {cond:5} seeds {g['seeds']}: "
+        print(f"{g['model']:4} {g['activation']} {g['precision']} {cond:5} seeds {g['seeds']}: "
               + " ".join(f"{v:.2f}" for v in g["neg_elbo"]) + f"  mean {g['mean']:.2f}")
     return 0
 
