@@ -63,12 +63,13 @@ def test_the_quick_look_shows_digits_clusters_and_the_class_asked_for(tmp_path: 
     assert ca["per_class_n"] == 100 and ca["accuracy"] >= 0.80
 
     # samples are digits, not a grey blur: ink and background within each image (MNIST's
-    # pixel std is about 0.31, a blank panel's 0), and images that differ from draw to draw
+    # pixel std is about 0.31; the old quick preset's blank panels had 0.005 and 0.003), and
+    # images that differ from draw to draw
     for kind in ("vae", "cvae"):
         means = prior_sample_means(out / "runs" / kind)
         within = means.std(dim=1).mean().item()
         across = means.std(dim=0).mean().item()
-        assert within > 0.15, (kind, within)
+        assert within > 0.12, (kind, within)
         assert across > 0.05, (kind, across)
 
     # the report says what these numbers are

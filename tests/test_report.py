@@ -418,7 +418,7 @@ def test_a_first_look_says_so_and_the_study_does_not(study) -> None:
     text = ("A first look, not the study (preset `smoke`): each model here trained on "
             f"{results['evaluations']['vae']['knn']['n_train']:,} training images for 1 epoch "
             "through a convolutional network (batch 64, learning rate 0.001), and the numbers "
-            f"below are on {results['evaluations']['vae']['knn']['n_test']:,} test images.")
+            f"below are on all {results['evaluations']['vae']['knn']['n_test']:,} test images.")
     assert text in readme and text in (out / "index.html").read_text()
     assert results["settings"]["preset"] == "smoke" and results["settings"]["quick"] is False
     assert results["command"].startswith(f"vaelab reproduce --out {out} --preset smoke ")
@@ -427,7 +427,8 @@ def test_a_first_look_says_so_and_the_study_does_not(study) -> None:
     mlp = json.loads(json.dumps(results))
     mlp["settings"]["preset"] = "quick"
     mlp["evaluations"]["vae"]["config"].update(arch="mlp", mlp_hidden=[512, 256], epochs=6)
-    assert "for 6 epochs through an MLP (512 - 256 hidden units)" in first_look_blocks(mlp)[0][1]
+    text = first_look_blocks(mlp)[0][1]
+    assert "for 6 epochs through an MLP of 512 and 256 hidden units (batch" in text
 
 
 def test_the_presets_of_a_study_and_their_report_settings() -> None:

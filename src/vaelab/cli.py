@@ -500,7 +500,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce", help="reproduce the whole study in one command: train, evaluate, report",
         description="Reproduce the VAE vs CVAE study into one folder. Trains the VAE and the "
-        "CVAE with the `seed` preset (latent 2, 30 epochs, 10-epoch KL warm-up) into "
+        "CVAE with the `seed` preset (latent 2, 30 epochs, 10-epoch KL warm-up; --quick: "
+        "the `quick` preset, a first look) into "
         "OUT/runs/{vae,cvae}, unless finished runs are given with --runs (their kind is read "
         "from their config); trains the CNN digit classifier into OUT/classifier; evaluates "
         "each run on the test set (reconstruction, KL, -ELBO, importance-sampled log p(x), "

@@ -568,10 +568,12 @@ def run_study(
     evaluations: dict[str, dict[str, Any]] = {}
     for name, run in named.items():
         settings = {"num_samples": num_samples, "logpx_images": logpx_images, "seed": 0,
-                    "tolerance": tolerance, "test_images": recipe["test_images"],
+                    "tolerance": tolerance,
                     "per_class": recipe["per_class"],
                     "classifier_sha256": classifier_meta.get("sha256")
                     if run.model.conditional else None}
+        if recipe["test_images"] is not None:  # absent for all: older caches stay valid
+            settings["test_images"] = recipe["test_images"]
 
         def evaluate(run: Run = run, name: str = name,
                      settings: dict[str, Any] = settings) -> dict[str, Any]:
@@ -854,7 +856,7 @@ def first_look_blocks(results: dict[str, Any]) -> list[Block]:
         return []
     ev = results["evaluations"]["vae"]
     c = ev["config"]
-    network = (f"an MLP ({' - '.join(str(h) for h in c.get('mlp_hidden', []))} hidden units)"
+    network = (f"an MLP of {' and '.join(str(h) for h in c.get('mlp_hidden', []))} hidden units"
                if c.get("arch") == "mlp" else "a convolutional network")
     return [("p", f"A first look, not the study (preset `{preset}`): each model here trained on "
                   f"{ev['knn']['n_train']:,} training images for {c['epochs']} epoch"
