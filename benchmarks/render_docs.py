@@ -417,8 +417,63 @@ def quickstart_timing() -> str:
             f"{r['timings']['total'] / 60:.0f} more. On one H100 the "
             f"whole command took {h['total']:.0f} s, {h['training']:.0f} s of it the two "
             f"trainings side by side (`{_H100_RUNS}`; see [BENCHMARKS.md](BENCHMARKS.md)). "
-            "`vaelab reproduce --out report --quick` runs the same pipeline on a few hundred "
-            "images.")
+            "`vaelab reproduce --out report --quick` is a first look (below).")
+
+
+_QUICK = "results/reproduce-quick-cpu.json"
+_QUICK_FP32 = "results/reproduce-quick-cpu-fp32.json"
+
+
+def _quick_numbers(r: dict) -> str:
+    m = r["measurement"]
+    return (f"{m['vae_active_units']} of 2 active units and a 5-NN digit accuracy of "
+            f"{100 * m['vae_knn_accuracy']:.1f}% in the VAE's latent space, and CVAE samples "
+            f"that the classifier read as the class asked for {100 * m['cvae_class_accuracy']:.1f}%"
+            " of the time")
+
+
+def quick_look() -> str:
+    """README: what `vaelab reproduce --quick` took and showed, from benchmarks/quick_look.py."""
+    r, f = _load(_QUICK), _load(_QUICK_FP32)
+    m, t, st = r["measurement"], r["timings"], r["settings"]
+    c = r["evaluations"]["vae"]["config"]
+    steps = ", ".join(f"{k} {t[k]:.0f} s" for k in ("training", "classifier", "evaluation",
+                                                     "figures"))
+    threads = (f"`OMP_NUM_THREADS={m['omp_num_threads']}`" if m.get("omp_num_threads")
+               else "every core")
+    return (f"`vaelab reproduce --out report --quick` (the same as `--preset quick`) is a first "
+            f"look: an MLP VAE and CVAE ({c['mlp_hidden'][0]}-{c['mlp_hidden'][1]} hidden "
+            f"units) trained for {c['epochs']} epochs on the first {c['limit']:,} MNIST images, "
+            "a one-epoch classifier, and every test-set number on the first "
+            f"{st['test_images']:,} test images (the exact log p(x) within {st['tolerance']} "
+            "nats per image). `python benchmarks/quick_look.py` ran it on "
+            f"{_machine(r['machine'])}, with {threads}, at nice {m['nice']} beside other "
+            f"trainings (load average {m['load_before'][0]:.1f} before, "
+            f"{m['load_after'][0]:.1f} after): {m['wall_s']:.0f} s of wall time ({steps}) "
+            f"and {m['cpu_s']:.0f} s of CPU time, about what it takes on one quiet core. It "
+            f"showed {_quick_numbers(r)} (`{_QUICK}`, trained in {m['precision']['vae']}); "
+            f"trained in {f['measurement']['precision']['vae']} it showed "
+            f"{_quick_numbers(f)} (`{_QUICK_FP32}`). `tests/test_quick_look.py` checks these "
+            "three numbers (at least 2 units, 60% and 80%) in CI. They are a first look, not "
+            "the study's: the report says so, and its tables are on these runs.")
+
+
+def quick_sweep() -> str:
+    """README: how long the sweep example takes, from benchmarks/quick_look.py --sweep."""
+    r = _load(_QUICK)
+    s = r["evaluations"]["vae"]["train_summary"]["train_seconds"]
+    w = r["measurement"].get("sweep")
+    if w is None:
+        return (f"The first line trains three `quick` VAEs on a local Ray, one trial per core "
+                f"with one torch thread each (the sweep itself was not timed): one `quick` "
+                f"training took {s:.0f} s in the measured quick look (`{_QUICK}`, a shared "
+                "machine), and a core trains two of the three trials, one after the other, "
+                "after Ray's start.")
+    return (f"The first line trains three `quick` VAEs on a local Ray, one trial per core with "
+            f"one torch thread each: `python benchmarks/quick_look.py --sweep` measured "
+            f"{w['wall_s']:.0f} s for it, Ray's start included, at nice {w['nice']} on the "
+            f"shared machine of the quick look (load average {w['load_before'][0]:.1f} before; "
+            f"there one `quick` training took {s:.0f} s; `{_QUICK}`).")
 
 
 def h100_study() -> str:
@@ -539,7 +594,8 @@ SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
             "h100-pairs": h100_pairs, "h100-reproduce": h100_reproduce,
             "h100-seeds": h100_seeds, "h100-precision": h100_precision,
             "h100-repeat": h100_repeat, "h100-logpx": h100_logpx,
-            "quickstart-timing": quickstart_timing, "h100-study": h100_study,
+            "quickstart-timing": quickstart_timing, "quick-look": quick_look,
+            "quick-sweep": quick_sweep, "h100-study": h100_study,
             "h100-training": h100_training, "seeds-cpu": seeds_cpu,
             "literature-table": literature_table}
 DOCUMENTS = ("README.md", "BENCHMARKS.md")

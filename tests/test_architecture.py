@@ -75,7 +75,7 @@ def test_cli_architecture_flags_reach_the_run(tmp_path: Path, monkeypatch) -> No
     data = synthetic_dataset(uniform_noise, 64, 16, 16, seed=0)
     monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
     run = tmp_path / "run"
-    code = main(["train", "--preset", "quick", "--model", "cvae", "--device", "cpu", "--quiet",
+    code = main(["train", "--preset", "smoke", "--model", "cvae", "--device", "cpu", "--quiet",
                  "--channels", "4", "6", "--enc-hidden", "12", "--dec-hidden", "10",
                  "--activation", "elu", "--enc-refine", "1", "--enc-mlp-layers", "2",
                  "--dec-refine", "2", "--dec-mlp-layers", "3", "--dec-full-channels", "3",

@@ -50,7 +50,7 @@ def test_reference_loss_equals_vaelab_loss(kind):
 def test_bf16_training_steps_are_finite_and_close_to_fp32(data_dir, tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):
-        cfg = resolve_config("quick", dataset=f"idx:{data_dir}", val_size=32,
+        cfg = resolve_config("smoke", dataset=f"idx:{data_dir}", val_size=32,
                              precision=precision, device="cpu")
         trainer = Trainer(cfg, tmp_path / precision, progress=False)
         x, y = next(iter(trainer.batcher.epoch(0)))
@@ -184,7 +184,7 @@ def test_bench_times_the_exact_log_px_of_a_trained_run(data_dir, tmp_path):
     from vaelab.evaluate import dataset_for_run, exact_log_px_per_image
 
     run = tmp_path / "run"
-    assert main(["train", "--preset", "quick", "--dataset", f"idx:{data_dir}", "--val-size",
+    assert main(["train", "--preset", "smoke", "--dataset", f"idx:{data_dir}", "--val-size",
                  "32", "--epochs", "1", "--out", str(run), "--quiet"]) == 0
     timed = exact_speed(run, tolerance=0.5)
     loaded = load_run(run)

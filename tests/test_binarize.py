@@ -2,7 +2,7 @@
 
 The val and test splits are binarized once with pinned seeds (the same bytes on every machine:
 a pinned SHA-256 checks it), each training batch is drawn afresh from a generator a checkpoint
-saves (a resumed run equals an uninterrupted one bit for bit: quick preset, synthetic IDX
+saves (a resumed run equals an uninterrupted one bit for bit: smoke preset, synthetic IDX
 data, one thread, as in test_reliability.py), and evaluate, the explorer and ``data info``
 read the binarized test split a run recorded.
 """
@@ -112,7 +112,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--out", str(out), "--preset", "quick", "--dataset", f"idx:{data}",
+    return ["train", "--out", str(out), "--preset", "smoke", "--dataset", f"idx:{data}",
             "--val-size", "32", "--epochs", "3", "--checkpoint-every", "3", "--quiet",
             "--binarize", "dynamic", "--objective", "iwae", "--k", "2", *extra]
 
@@ -268,7 +268,7 @@ def test_the_same_seed_binarizes_the_same_and_another_seed_does_not(tmp_path: Pa
     ds = synthetic_dataset(noisy_blobs, 128, 16, 16, seed=0)
 
     def weights(seed: int, name: str) -> dict[str, torch.Tensor]:
-        cfg = resolve_config("quick", binarize="dynamic", val_size=16, device="cpu", seed=seed)
+        cfg = resolve_config("smoke", binarize="dynamic", val_size=16, device="cpu", seed=seed)
         return train(cfg, tmp_path / name, dataset=ds, progress=False).model.state_dict()
 
     a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")

@@ -69,7 +69,7 @@ def truncated_data(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def train_args(data: Path | str, out: Path, *extra: str) -> list[str]:
     dataset = data if isinstance(data, str) else f"idx:{data}"
-    return ["train", "--out", str(out), "--preset", "quick", "--dataset", dataset,
+    return ["train", "--out", str(out), "--preset", "smoke", "--dataset", dataset,
             "--val-size", "32", "--epochs", "1", "--quiet", *extra]
 
 
@@ -385,7 +385,7 @@ def test_an_out_folder_under_proc_says_it_cannot_be_written(
     """/proc refuses mkdir with ENOENT; the message was "No such file or directory"."""
     out = Path("/proc/vaelab-cannot-be-here")
     args = train_args(data, out) if command == "train" else \
-        ["reproduce", "--out", str(out), "--quick", "--dataset", f"idx:{data}"]
+        ["reproduce", "--out", str(out), "--preset", "smoke", "--dataset", f"idx:{data}"]
     code, err, stdout = cli(args, capsys)
     assert_refused(code, err, stdout, f"cannot create {out}: /proc cannot be written")
     assert "No such file" not in err[0]
@@ -536,22 +536,22 @@ def test_the_memory_check_compares_the_estimate_with_the_machine(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The estimate (weights, gradients and Adam's moments at 4 bytes each, plus activations)
-    is compared with the machine's memory: the quick preset fits in 64 MiB, not in 8 MiB."""
+    is compared with the machine's memory: the smoke preset fits in 64 MiB, not in 8 MiB."""
     import vaelab.config
     from vaelab.config import resolve_config, training_memory_bytes
     from vaelab.errors import ConfigError
     from vaelab.models import build_model
 
-    cfg = resolve_config("quick")
+    cfg = resolve_config("smoke")
     params = sum(p.numel() for p in build_model(cfg.model_spec()).parameters())
     assert cfg.model_spec().parameter_count() == params
     need = training_memory_bytes(cfg)
     assert 16 * params < need < 64 * 2**20
     monkeypatch.setattr(vaelab.config, "machine_memory", lambda: 64 * 2**20)
-    resolve_config("quick")
+    resolve_config("smoke")
     monkeypatch.setattr(vaelab.config, "machine_memory", lambda: 8 * 2**20)
     with pytest.raises(ConfigError, match=r"more than this machine's 8\.0 MiB of memory"):
-        resolve_config("quick")
+        resolve_config("smoke")
 
 
 BAD_SEEDS = [str(2**64), str(2**63), "-1", "1" + "0" * 30]
@@ -567,8 +567,8 @@ def test_a_seed_out_of_range_exits_2_and_leaves_nothing(
     argv = {
         "train": train_args(data, out, "--seed", seed),
         "evaluate": ["evaluate", str(finished), "--seed", seed],
-        "reproduce": ["reproduce", "--out", str(out), "--quick", "--dataset", f"idx:{data}",
-                      "--seeds", "0", seed],
+        "reproduce": ["reproduce", "--out", str(out), "--preset", "smoke", "--dataset",
+                      f"idx:{data}", "--seeds", "0", seed],
         "classifier": ["classifier", "train", "--out", str(out), "--seed", seed],
     }[command]
     before = snapshot(finished)
@@ -588,7 +588,7 @@ def test_the_api_range_checks_seeds(data: Path, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
             TrainConfig(seed=seed).validate()
         with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
-            reproduce(tmp_path / "study", quick=True, dataset=f"idx:{data}", seeds=(0, seed),
+            reproduce(tmp_path / "study", preset="smoke", dataset=f"idx:{data}", seeds=(0, seed),
                       progress=False)
         assert not (tmp_path / "study").exists()
         with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
@@ -607,7 +607,7 @@ def test_a_failed_start_leaves_no_folder_it_made(
     assert_refused(*cli(train_args(missing, tmp_path / "a" / "b" / "run"), capsys),
                    "no such folder")
     assert not (tmp_path / "a").exists()
-    code, err, _ = cli(["reproduce", "--out", str(tmp_path / "study"), "--quick",
+    code, err, _ = cli(["reproduce", "--out", str(tmp_path / "study"), "--preset", "smoke",
                         "--dataset", missing], capsys)  # (its "training ..." lines on stdout)
     assert code == 2 and len(err) == 1 and "no such folder" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []

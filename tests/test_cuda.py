@@ -32,7 +32,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config(data: Path, **kw: Any):  # noqa: ANN201
     base = dict(dataset=f"idx:{data}", val_size=32, epochs=3, device="cuda", precision="fp32",
                 lr_schedule="cosine", model="cvae")
-    return resolve_config("quick", **{**base, **kw})
+    return resolve_config("smoke", **{**base, **kw})
 
 
 def run(cfg: Any, out: Path, **kw: Any) -> tuple[Trainer, dict[str, torch.Tensor]]:

@@ -41,7 +41,7 @@ def _run(data_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     cmd = _torchrun() + ["--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                          "--master-port", str(_free_port()),
-                         "-m", "vaelab", "train", "--preset", "quick",
+                         "-m", "vaelab", "train", "--preset", "smoke",
                          "--dataset", f"idx:{data_dir}", "--val-size", "32",
                          "--batch-size", "32", "--out", str(out), "--quiet", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -98,7 +98,7 @@ from vaelab.train import Trainer
 
 data, out, ranks = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 torch.set_num_threads(1)
-cfg = resolve_config("quick", dataset=f"idx:{data}", val_size=32, batch_size=32, epochs=2)
+cfg = resolve_config("smoke", dataset=f"idx:{data}", val_size=32, batch_size=32, epochs=2)
 trainer = Trainer(cfg, out, progress=False)
 trainer.fit()
 ranks.mkdir(exist_ok=True)

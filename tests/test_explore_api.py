@@ -43,7 +43,7 @@ def explore_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = write_synthetic(root / "data", ring_blobs, 400, N_TEST, seed=0)
     runs = {}
     for name, model, latent in (("vae", "vae", 2), ("cvae", "cvae", 2), ("vae3", "vae", 3)):
-        cfg = resolve_config("quick", model=model, dataset=f"idx:{data}", val_size=32,
+        cfg = resolve_config("smoke", model=model, dataset=f"idx:{data}", val_size=32,
                              latent_dim=latent)
         train(cfg, root / name, progress=False)
         runs[name] = root / name

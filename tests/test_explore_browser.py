@@ -48,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for name, model, latent, epochs in (("vae", "vae", 2, 3), ("cvae", "cvae", 2, 3),
                                         ("vae3", "vae", 3, 1)):
         # a few quick epochs at a brisk learning rate: enough for z and the class to matter
-        cfg = resolve_config("quick", model=model, dataset=f"idx:{data}", val_size=32,
+        cfg = resolve_config("smoke", model=model, dataset=f"idx:{data}", val_size=32,
                              latent_dim=latent, epochs=epochs, batch_size=32, lr=3e-3)
         train(cfg, root / name, progress=False)
         runs.append(str(root / name))

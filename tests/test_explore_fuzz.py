@@ -39,7 +39,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     data = write_synthetic(root / "data", uniform_noise, 160, 40, seed=0)
     paths = []
     for name, model, latent in (("vae3", "vae", 3), ("cvae", "cvae", 2)):
-        cfg = resolve_config("quick", model=model, dataset=f"idx:{data}", val_size=32,
+        cfg = resolve_config("smoke", model=model, dataset=f"idx:{data}", val_size=32,
                              latent_dim=latent)
         train(cfg, root / name, progress=False)
         paths.append(root / name)

@@ -32,7 +32,7 @@ BODY = b'{"z": [0.5, -1.0]}'
 def app(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("explore-timeouts")
     data = write_synthetic(root / "data", uniform_noise, 160, 40, seed=0)
-    cfg = resolve_config("quick", dataset=f"idx:{data}", val_size=32)
+    cfg = resolve_config("smoke", dataset=f"idx:{data}", val_size=32)
     train(cfg, root / "vae", progress=False)
     return create_app([root / "vae"])
 

@@ -51,7 +51,7 @@ SCALARS = st.none() | st.booleans() | NUMBERS | TEXT
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8)
 
-BASE_CONFIG = resolve_config("quick", dataset="idx:/nowhere").to_dict()
+BASE_CONFIG = resolve_config("smoke", dataset="idx:/nowhere").to_dict()
 # values a field of config.json could plausibly be given by hand
 FIELD_VALUES = JSON | st.sampled_from([
     "vae", "cvae", "linear", "cyclical", "cosine", "relu", "auto", "cpu", "bernoulli", "mnist",
@@ -267,7 +267,7 @@ TRAIN_NUMBERS = ["--latent-dim", "--epochs", "--batch-size", "--lr", "--warmup-e
 
 @pytest.fixture(scope="module")
 def saved_run(scratch: Path) -> Path:
-    """A run folder whose config.json is the quick preset's (nothing else: it is not trained)."""
+    """A run folder whose config.json is the smoke preset's (nothing else: it is not trained)."""
     run = scratch / "saved-run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": BASE_CONFIG}))
@@ -284,7 +284,7 @@ def test_fuzz_train_numbers(scratch: Path, saved_run: Path, stubbed: None,
     start from. With --resume the numbers are checked against the run's config."""
     argv = ["train", "--quiet"]
     argv += ["--resume", "--out", str(saved_run)] if resume else [
-        "--out", str(scratch / "never"), "--preset", "quick", "--dataset", "idx:/nowhere"]
+        "--out", str(scratch / "never"), "--preset", "smoke", "--dataset", "idx:/nowhere"]
     for option, value, second in options:
         argv += [option, value, *([second] if option == "--channels" else [])]
     code, err = run_cli(argv)
@@ -343,7 +343,7 @@ def test_fuzz_reproduce_numbers(scratch: Path, stubbed: None, seeds: list[str], 
     when the study would begin; either way its --out is not left behind."""
     out = scratch / "study"
     values = {"--samples": samples, "--logpx-images": logpx, "--tolerance": tolerance}
-    argv = ["reproduce", "--out", str(out), "--quick", "--seeds", *seeds]
+    argv = ["reproduce", "--out", str(out), "--preset", "smoke", "--seeds", *seeds]
     for option in sorted(which):
         argv += [f"{option}={values[option]}"]
     code, err = run_cli(argv)

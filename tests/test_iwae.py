@@ -147,11 +147,11 @@ def test_k_samples_of_a_cvae_decode_each_image_with_its_own_label() -> None:
 
 
 def test_iwae_trains_a_quick_run_whose_loss_is_the_negative_bound() -> None:
-    """A quick-preset step with --objective iwae --k 4: finite, and the epoch's train_loss is
+    """A smoke-preset step with --objective iwae --k 4: finite, and the epoch's train_loss is
     the -L_4 of its batches, at most their -ELBO (-L_K <= -ELBO in expectation: K = 4 on an
     untrained model is far from equality)."""
     ds = synthetic_dataset(noisy_blobs, 128, 16, 16, seed=0)
-    cfg = resolve_config("quick", objective="iwae", k=4, beta_schedule="constant",
+    cfg = resolve_config("smoke", objective="iwae", k=4, beta_schedule="constant",
                          val_size=16, device="cpu", batch_size=32)
     with tempfile.TemporaryDirectory() as tmp:
         result = Trainer(cfg, tmp + "/run", dataset=ds, progress=False).fit()
@@ -171,7 +171,7 @@ def test_bad_iwae_options_are_one_line_exit_2(
     args: list[str], message: str, tmp_path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(SystemExit) if "argument" in message else nullcontext():
-        code = main(["train", "--out", str(tmp_path / "run"), "--preset", "quick", *args])
+        code = main(["train", "--out", str(tmp_path / "run"), "--preset", "smoke", *args])
         assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(message)
@@ -180,4 +180,4 @@ def test_bad_iwae_options_are_one_line_exit_2(
 
 def test_the_api_refuses_k_above_one_for_the_elbo() -> None:
     with pytest.raises(ConfigError, match="is for --objective iwae"):
-        resolve_config("quick", k=2)
+        resolve_config("smoke", k=2)

@@ -68,12 +68,12 @@ def test_a_vae_ignores_it_and_a_bad_value_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown label conditioning 'x'"):
         ModelSpec(kind="cvae", label_conditioning="x")
     with pytest.raises(ConfigError, match="label conditioning"):
-        resolve_config("quick", model="cvae", label_conditioning="films")
+        resolve_config("smoke", model="cvae", label_conditioning="films")
 
 
 def test_old_folders_load_as_input_and_film_trains_and_reloads(tmp_path: Path) -> None:
     ds = synthetic_dataset(noisy_blobs, 96, 32, 32, seed=3)
-    cfg = resolve_config("quick", model="cvae", label_conditioning="film", limit=None,
+    cfg = resolve_config("smoke", model="cvae", label_conditioning="film", limit=None,
                          val_size=32)
     with one_thread():
         result = Trainer(cfg, tmp_path / "film", progress=False, dataset=ds).fit()
@@ -85,7 +85,7 @@ def test_old_folders_load_as_input_and_film_trains_and_reloads(tmp_path: Path) -
     assert all(w > 0 for w in trained)  # the tables moved from their zero start
     # a folder written before the field: its config and spec lack it, and it loads as input
     with one_thread():
-        Trainer(resolve_config("quick", model="cvae", label_conditioning="input", limit=None,
+        Trainer(resolve_config("smoke", model="cvae", label_conditioning="input", limit=None,
                                val_size=32), tmp_path / "old", progress=False, dataset=ds).fit()
     raw = json.loads((tmp_path / "old" / "config.json").read_text())
     del raw["config"]["label_conditioning"], raw["model"]["label_conditioning"]

@@ -32,7 +32,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--out", str(out), "--preset", "quick", "--dataset", f"idx:{data}",
+    return ["train", "--out", str(out), "--preset", "smoke", "--dataset", f"idx:{data}",
             "--val-size", "32", "--epochs", "1", "--quiet", *extra]
 
 
@@ -73,7 +73,7 @@ def test_a_killed_holder_s_lock_is_taken_over(data: Path, tmp_path: Path) -> Non
 
 
 def test_two_writers_in_one_process_are_refused_too(data: Path, tmp_path: Path) -> None:
-    cfg = resolve_config("quick", dataset=f"idx:{data}", val_size=32, epochs=1)
+    cfg = resolve_config("smoke", dataset=f"idx:{data}", val_size=32, epochs=1)
     first = Trainer(cfg, tmp_path / "run", progress=False)
     with pytest.raises(FolderInUse, match=f"in use by pid {os.getpid()}"):
         Trainer(cfg, tmp_path / "run", progress=False, force=True)
@@ -112,7 +112,7 @@ def test_a_folder_is_free_again_after_its_writer_ends(tmp_path: Path) -> None:
 def test_a_second_reproduce_and_classifier_into_one_folder_are_refused(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for folder, args in ((tmp_path / "report", ["reproduce", "--quick", "--dataset",
+    for folder, args in ((tmp_path / "report", ["reproduce", "--preset", "smoke", "--dataset",
                                                  f"idx:{data}", "--out"]),
                          (tmp_path / "clf", ["classifier", "train", "--dataset", f"idx:{data}",
                                              "--epochs", "1", "--out"])):

@@ -62,7 +62,7 @@ def test_mlp_hidden_sizes_are_options_and_checked() -> None:
     with pytest.raises(ConfigError, match="mlp_hidden must be two positive integers"):
         ModelSpec(arch="mlp", mlp_hidden=(0, 3))
     with pytest.raises(ConfigError, match="unknown architecture 'rnn': choose conv or mlp"):
-        resolve_config("quick", arch="rnn")
+        resolve_config("smoke", arch="rnn")
 
 
 def test_the_output_bias_starts_at_the_data_mean() -> None:
@@ -91,7 +91,7 @@ def test_an_old_run_folder_without_the_fields_still_loads(tmp_path: Path, monkey
     data = synthetic_dataset(noisy_blobs, 64, 16, 16, seed=0)
     monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
     run = tmp_path / "run"
-    code = main(["train", "--preset", "quick", "--device", "cpu", "--quiet", "--out", str(run)])
+    code = main(["train", "--preset", "smoke", "--device", "cpu", "--quiet", "--out", str(run)])
     assert code == 0
     before = load_run(run).model.state_dict()
     for name, key in (("config.json", "config"), ("model.json", "spec")):
@@ -114,7 +114,7 @@ def test_cli_trains_an_mlp_run(tmp_path: Path, monkeypatch) -> None:
     data = synthetic_dataset(noisy_blobs, 256, 16, 32, seed=0)
     monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
     run = tmp_path / "run"
-    code = main(["train", "--preset", "quick", "--device", "cpu", "--quiet", "--arch", "mlp",
+    code = main(["train", "--preset", "smoke", "--device", "cpu", "--quiet", "--arch", "mlp",
                  "--mlp-hidden", "32", "16", "--epochs", "2", "--out", str(run)])
     assert code == 0
     cfg = json.loads((run / "config.json").read_text())
@@ -130,7 +130,7 @@ def test_the_memory_estimate_counts_k_decoder_passes() -> None:
     """A training step decodes K samples: the estimate grows with K by at least the extra
     samples' logits and their gradients (784 floats each, per image of the batch)."""
     for arch in ("conv", "mlp"):
-        one = resolve_config("quick", arch=arch, objective="iwae", k=1)
-        many = resolve_config("quick", arch=arch, objective="iwae", k=50)
+        one = resolve_config("smoke", arch=arch, objective="iwae", k=1)
+        many = resolve_config("smoke", arch=arch, objective="iwae", k=50)
         extra = training_memory_bytes(many) - training_memory_bytes(one)
         assert extra >= 4 * 2 * one.batch_size * 49 * 784

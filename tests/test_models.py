@@ -168,7 +168,7 @@ def test_resume_gives_identical_weights(tmp_path: Path) -> None:
     epochs" option, so this is the cleanest way in through the public API.
     """
     data = write_synthetic(tmp_path / "data", seeded_blobs, 256, 64, seed=0)
-    cfg = resolve_config("quick", dataset=f"idx:{data}", epochs=2, val_size=32, device="cpu")
+    cfg = resolve_config("smoke", dataset=f"idx:{data}", epochs=2, val_size=32, device="cpu")
     # resolve_config drops None overrides, so limit=None cannot clear the preset's 512;
     # replace() does (256 images are below 512 anyway)
     cfg = dataclasses.replace(cfg, limit=None).validate()

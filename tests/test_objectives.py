@@ -301,9 +301,9 @@ def test_unknown_schedule_and_likelihood_names_raise_config_error() -> None:
         elbo_terms(torch.zeros(1, 3), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 3),
                    "gaussian")
     with pytest.raises(ConfigError):
-        resolve_config("quick", beta_schedule="exponential")
+        resolve_config("smoke", beta_schedule="exponential")
     with pytest.raises(ConfigError):
-        resolve_config("quick", likelihood="gaussian")
+        resolve_config("smoke", likelihood="gaussian")
 
 
 # --------------------------------------------------------------------------------------------

@@ -404,7 +404,7 @@ def trained_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("plotrun")
     data = write_synthetic(root / "idx", uniform_noise, 160, 40, seed=1)
-    cfg = resolve_config("quick", dataset=f"idx:{data}", device="cpu")
+    cfg = resolve_config("smoke", dataset=f"idx:{data}", device="cpu")
     train(cfg, root / "run", progress=False)
     return root / "run"
 

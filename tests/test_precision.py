@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 def small(**kw: object) -> object:
-    return resolve_config("quick", **{"epochs": 2, "limit": None, "val_size": 32, **kw})
+    return resolve_config("smoke", **{"epochs": 2, "limit": None, "val_size": 32, **kw})
 
 
 def data() -> object:
@@ -87,7 +87,7 @@ def test_a_resume_keeps_the_precision_the_run_began_with(
                       dataset=data())
         cut.fit()
         monkeypatch.setattr(train_module, "cpu_bf16_hardware", lambda: None)
-        seen: list[str] = []  # trained on to 2 epochs (the quick schedules allow it)
+        seen: list[str] = []  # trained on to 2 epochs (the smoke schedules allow it)
         again = Trainer(None, tmp_path / "cut", resume=True, progress=False, dataset=data(),
                         log=seen.append, changes={"epochs": 2})
         assert again.precision == "bf16"

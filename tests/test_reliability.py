@@ -1,6 +1,6 @@
 """Nothing lost: kills, signals, damaged checkpoints, NaNs and full disks (issue parts 1, 2, 3, 5).
 
-Every run here is the ``quick`` preset on a small synthetic IDX data set (480 train, 32 val,
+Every run here is the ``smoke`` preset on a small synthetic IDX data set (480 train, 32 val,
 64 test images; 8 steps an epoch, 3 epochs, a checkpoint every 3 steps), on CPU with one
 thread, so a run resumed after any fault must end bit-for-bit equal to one never interrupted.
 The reference run is trained once in-process; the kill and signal tests run real subprocesses.
@@ -53,7 +53,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 # Data, runs and comparisons
 # --------------------------------------------------------------------------------------------
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--out", str(out), "--preset", "quick", "--dataset", f"idx:{data}",
+    return ["train", "--out", str(out), "--preset", "smoke", "--dataset", f"idx:{data}",
             "--val-size", "32", "--epochs", "3", "--checkpoint-every", "3", "--quiet", *extra]
 
 
@@ -626,7 +626,7 @@ def test_resume_refuses_options_that_differ_from_the_run_listing_them_all(
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"vaelab: error: --resume: these options differ from {finished}'s "
                              "config: --model cvae (run has vae), --latent-dim 7 (run has 2), "
-                             "--lr 0.5 (run has 0.001), --preset seed (run has quick). ")
+                             "--lr 0.5 (run has 0.001), --preset seed (run has smoke). ")
     assert "--epochs" not in err[0].split(". ")[0]
     assert tree(finished) == before
 
@@ -657,7 +657,7 @@ def test_a_finished_run_trained_on_to_more_epochs_equals_an_uninterrupted_longer
     one_thread: None,
 ) -> None:
     """--resume --epochs 5 on the finished 3-epoch run trains epochs 4 and 5; weights, metrics
-    and summary are bit for bit those of a run trained for 5 epochs from the start (the quick
+    and summary are bit for bit those of a run trained for 5 epochs from the start (the smoke
     preset's constant learning rate and linear warm-up do not depend on the run's length).
     config.json now says 5 epochs, so a later plain --resume continues to 5."""
     longer = tmp_path / "five"

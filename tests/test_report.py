@@ -52,7 +52,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, data_dir, low_dpi) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("study") / "report"
-    results = reproduce(out, quick=True, dataset=f"idx:{data_dir}", num_samples=5,
+    results = reproduce(out, preset="smoke", dataset=f"idx:{data_dir}", num_samples=5,
                         progress=False, formats=("png",))
     return out, results
 
@@ -165,8 +165,8 @@ def test_cli_reproduce_reuses_a_finished_study(study, data_dir, tmp_path, capsys
     out, _ = study
     copy = tmp_path / "again"
     shutil.copytree(out, copy)
-    code = main(["reproduce", "--quick", "--out", str(copy), "--dataset", f"idx:{data_dir}",
-                 "--samples", "3", "--format", "png"])
+    code = main(["reproduce", "--preset", "smoke", "--out", str(copy), "--dataset",
+                 f"idx:{data_dir}", "--samples", "3", "--format", "png"])
     text = capsys.readouterr().out
     assert code == 0
     assert "finished run found, reused" in text and "classifier found, reused" in text
@@ -185,7 +185,7 @@ def test_reproduce_reuses_saved_evaluations_and_redoes_unreadable_ones(
     shutil.copytree(out, copy)
     (copy / "evaluations" / "cvae.json").write_text('{"key": {"model_sha2')  # cut short
     printed = io.StringIO()
-    again = reproduce(copy, quick=True, dataset=f"idx:{data_dir}", num_samples=5,
+    again = reproduce(copy, preset="smoke", dataset=f"idx:{data_dir}", num_samples=5,
                       progress=False, formats=("png",),
                       console=Console(file=printed, width=400, highlight=False))
     reused = [ln for ln in printed.getvalue().splitlines()
@@ -229,14 +229,14 @@ def test_ensure_evaluation_is_keyed_by_weights_and_settings(tmp_path) -> None:
 
 def test_cli_reproduce_refuses_bad_runs_and_foreign_folders(tmp_path, capsys) -> None:
     out = tmp_path / "report"
-    assert main(["reproduce", "--quick", "--out", str(out), "--runs",
+    assert main(["reproduce", "--preset", "smoke", "--out", str(out), "--runs",
                  str(tmp_path / "no-such-run")]) == 2
     assert "error" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    assert main(["reproduce", "--quick", "--out", str(foreign)]) == 2
+    assert main(["reproduce", "--preset", "smoke", "--out", str(foreign)]) == 2
     assert "not a vaelab report" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
 
@@ -256,9 +256,9 @@ def test_reproduce_refuses_a_run_trained_otherwise(study, data_dir, tmp_path) ->
     copy = tmp_path / "other"
     shutil.copytree(out, copy)
     with pytest.raises(ConfigError, match="other settings"):
-        reproduce(copy, quick=True, dataset=f"idx:{data_dir}", seeds=(7,), progress=False)
+        reproduce(copy, preset="smoke", dataset=f"idx:{data_dir}", seeds=(7,), progress=False)
     with pytest.raises(ConfigError, match=r"other settings \(precision\)"):
-        reproduce(copy, quick=True, dataset=f"idx:{data_dir}", precision="bf16", progress=False)
+        reproduce(copy, preset="smoke", dataset=f"idx:{data_dir}", precision="bf16", progress=False)
 
 
 def test_a_run_that_differs_only_in_runtime_settings_is_reused(study, data_dir, tmp_path) -> None:
@@ -273,7 +273,7 @@ def test_a_run_that_differs_only_in_runtime_settings_is_reused(study, data_dir, 
     (copy / "config.json").write_text(json.dumps(meta))
     before = (copy / "model.safetensors").read_bytes()
     lines: list[str] = []
-    cfg = resolve_config("quick", model="vae", dataset=f"idx:{data_dir}", seed=0)
+    cfg = resolve_config("smoke", model="vae", dataset=f"idx:{data_dir}", seed=0)
     run = ensure_run(copy, cfg, force=False, progress=False, log=lines.append,
                      device=torch.device("cpu"))
     assert lines == [f"{copy}: finished run found, reused"]
@@ -287,7 +287,7 @@ def test_train_concurrently_off_cuda_trains_one_run_after_the_other(data_dir, tm
     """Without CUDA the runs train in order, each exactly as ``train`` alone would."""
     from vaelab.train import train, train_concurrently
 
-    cfgs = [resolve_config("quick", model=k, dataset=f"idx:{data_dir}", device="cpu")
+    cfgs = [resolve_config("smoke", model=k, dataset=f"idx:{data_dir}", device="cpu")
             for k in ("vae", "cvae")]
     results = train_concurrently([(c, tmp_path / c.model, {}) for c in cfgs], progress=False)
     timing = ("seconds", "images_per_s")
@@ -368,7 +368,7 @@ def test_reproduce_with_ablations(study, data_dir, tmp_path, monkeypatch) -> Non
         return outcome
 
     monkeypatch.setattr(vaelab.sweep, "train_trials", spy)
-    results = reproduce(copy, quick=True, ablations=True, seeds=(0, 1), num_samples=3,
+    results = reproduce(copy, preset="smoke", ablations=True, seeds=(0, 1), num_samples=3,
                         dataset=f"idx:{data_dir}", progress=False, formats=("png",))
     new = ["cvae-no-warmup", "cvae-seed1", "vae-no-warmup", "vae-seed1"]
     assert swept == [new, new]
@@ -406,3 +406,69 @@ def test_tables_written_to_a_file_or_pipe_are_not_cut() -> None:
     for cell in wide + row:
         assert cell in text
     assert "== A report heading ==" in text and ("a paragraph " * 30).strip() in text
+
+
+def test_a_first_look_says_so_and_the_study_does_not(study) -> None:
+    """A report of any preset but the study's opens with a paragraph that says its numbers are
+    a first look, with the runs' images, epochs and network; the study's report has none."""
+    from vaelab.report import first_look_blocks
+
+    out, results = study
+    readme = (out / "README.md").read_text()
+    text = ("A first look, not the study (preset `smoke`): each model here trained on "
+            f"{results['evaluations']['vae']['knn']['n_train']:,} training images for 1 epoch "
+            "through a convolutional network (batch 64, learning rate 0.001), and the numbers "
+            f"below are on all {results['evaluations']['vae']['knn']['n_test']:,} test images.")
+    assert text in readme and text in (out / "index.html").read_text()
+    assert results["settings"]["preset"] == "smoke" and results["settings"]["quick"] is False
+    assert results["command"].startswith(f"vaelab reproduce --out {out} --preset smoke ")
+    seed = {**results, "settings": {**results["settings"], "preset": "seed"}}
+    assert first_look_blocks(seed) == []
+    mlp = json.loads(json.dumps(results))
+    mlp["settings"]["preset"] = "quick"
+    mlp["evaluations"]["vae"]["config"].update(arch="mlp", mlp_hidden=[512, 256], epochs=6)
+    text = first_look_blocks(mlp)[0][1]
+    assert "for 6 epochs through an MLP of 512 and 256 hidden units (batch" in text
+
+
+def test_the_presets_of_a_study_and_their_report_settings() -> None:
+    """--quick is --preset quick (given with another preset: refused); each preset's report
+    settings (K, images, tolerance) are left out of the command line that remakes it, and any
+    other value is written there."""
+    from vaelab.report import REPORT_RECIPES, report_preset, reproduce_command
+
+    assert report_preset(None, False) == "seed" and report_preset(None, True) == "quick"
+    assert report_preset("quick", True) == "quick" and report_preset("smoke", False) == "smoke"
+    with pytest.raises(ConfigError, match="--quick is --preset quick: give one of them"):
+        report_preset("smoke", True)
+    with pytest.raises(ConfigError, match="unknown preset 'fast': choose one of seed, quick"):
+        report_preset("fast", False)
+    assert set(REPORT_RECIPES) == {"seed", "quick", "smoke"}
+    common = dict(runs=[], ablations=False, seeds=[0], dataset="mnist")
+    for preset, flag in (("seed", ""), ("quick", " --quick"), ("smoke", " --preset smoke")):
+        r = REPORT_RECIPES[preset]
+        assert reproduce_command(Path("o"), preset=preset, num_samples=r["num_samples"],
+                                 logpx_images=r["logpx_images"], tolerance=r["tolerance"],
+                                 **common) == f"vaelab reproduce --out o{flag}"
+    assert reproduce_command(Path("o"), preset="quick", num_samples=1000, logpx_images=1000,
+                             tolerance=0.1, **common) == (
+        "vaelab reproduce --out o --quick --samples 1000 --logpx-images 1000 --tolerance 0.1")
+
+
+def test_reproduce_quick_with_another_preset_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["reproduce", "--quick", "--preset", "seed", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vaelab: error: --quick is --preset quick: give one of them, not --preset seed"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_exact_table_gives_the_elbo_as_log_px_plus_the_gap() -> None:
+    """gap = log p(x) - ELBO >= 0, so -ELBO = -log p(x) + gap (the table once showed - gap)."""
+    from vaelab.report import EXACT_COLUMNS, exact_row
+
+    ex = {"neg_log_px": 127.25, "error_estimate": 0.1, "gap": 6.0, "log_px_sem": 0.4,
+          "refined": 3, "n": 10}
+    row = dict(zip(EXACT_COLUMNS, exact_row("vae", ex), strict=True))
+    assert float(row["-ELBO"]) == 133.25 and float(row["-log p(x)"]) == 127.25

@@ -1,6 +1,6 @@
 """``vaelab sweep``: a grid of runs on a local Ray, faults, re-runs, the table, bad grids.
 
-The trials are the ``quick`` preset on a small synthetic IDX data set (512 train images, 32
+The trials are the ``smoke`` preset on a small synthetic IDX data set (512 train images, 32
 of them validation, 64 test; 8 steps an epoch, 4 epochs, a checkpoint every 3 steps), one
 torch thread each, so a trial whose worker is killed and retried must end bit-for-bit equal to
 a run never interrupted. The sweep runs as a real ``vaelab sweep`` process with a local Ray of
@@ -46,7 +46,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBU
 
 
 def base_options(data: Path) -> list[str]:
-    return ["--preset", "quick", "--dataset", f"idx:{data}", "--val-size", "32", "--epochs",
+    return ["--preset", "smoke", "--dataset", f"idx:{data}", "--val-size", "32", "--epochs",
             "4", "--checkpoint-every", "3"]
 
 
@@ -270,7 +270,7 @@ def test_aggregate_groups_by_setting_and_gives_mean_and_sample_std() -> None:
     assert five["metrics"]["neg_elbo"] == {"mean": 80.0, "std": None, "n": 1}
     assert five["metrics"]["neg_log_px"] == {"mean": None, "std": None, "n": 0}
     assert mean_std([3.0, None, 5.0]) == (4.0, pytest.approx(2 ** 0.5))
-    md = render_markdown({"plan": {"preset": "quick", "grid": {"latent_dim": [2, 5],
+    md = render_markdown({"plan": {"preset": "smoke", "grid": {"latent_dim": [2, 5],
                                                                 "seed": [0, 1, 2]}},
                           "settings": {"tolerance": 0.1}, "rows": rows,
                           "trials": [{"name": "x"}]})
@@ -291,15 +291,15 @@ def test_the_grid_keys_are_vaelab_trains_options() -> None:
 
 
 def test_plan_parses_values_by_type_and_names_trials(tmp_path: Path) -> None:
-    plan = plan_sweep(tmp_path / "s", preset="quick", options={"epochs": 2},
+    plan = plan_sweep(tmp_path / "s", preset="smoke", options={"epochs": 2},
                       grid={"seed": ["0", "1"], "lr": ["1e-3"], "channels": ["4x8"],
                             "activation": ["elu"]})
     assert [t.name for t in plan.trials] == ["lr=0.001,channels=4x8,activation=elu,seed=0",
                                              "lr=0.001,channels=4x8,activation=elu,seed=1"]
     c = plan.trials[1].config
     assert (c.seed, c.lr, c.channels, c.activation, c.epochs, c.preset) == \
-        (1, 1e-3, (4, 8), "elu", 2, "quick")
-    assert c == resolve_config("quick", epochs=2, seed=1, lr=1e-3, channels=(4, 8),
+        (1, 1e-3, (4, 8), "elu", 2, "smoke")
+    assert c == resolve_config("smoke", epochs=2, seed=1, lr=1e-3, channels=(4, 8),
                                activation="elu")
     # a spec file's JSON values go through the same checks
     plan = plan_sweep(tmp_path / "s", grid={"latent_dim": [2, 5], "channels": [[4, 8]]})
@@ -331,7 +331,7 @@ def test_a_bad_grid_exits_2_with_one_line_and_writes_nothing(
     extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "sweep"
-    code, err = cli(["sweep", "--out", str(out), "--preset", "quick", *extra], capsys)
+    code, err = cli(["sweep", "--out", str(out), "--preset", "smoke", *extra], capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert err[0].startswith("vaelab: error: ")
     assert not out.exists()
@@ -362,19 +362,19 @@ def test_a_spec_file_gives_the_grid_and_options(tmp_path: Path) -> None:
     from vaelab.sweep import load_spec
 
     (tmp_path / "spec.json").write_text(json.dumps(
-        {"preset": "quick", "options": {"epochs": 2}, "grid": {"seed": [0, 1]}}))
+        {"preset": "smoke", "options": {"epochs": 2}, "grid": {"seed": [0, 1]}}))
     spec = load_spec(tmp_path / "spec.json")
     plan = plan_sweep(tmp_path / "s", preset=spec["preset"], options=spec["options"],
                       grid=spec["grid"])
     assert [(t.name, t.config.epochs, t.config.preset) for t in plan.trials] == \
-        [("seed=0", 2, "quick"), ("seed=1", 2, "quick")]
+        [("seed=0", 2, "smoke"), ("seed=1", 2, "smoke")]
 
 
 def test_a_missing_data_set_exits_2_before_anything_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "sweep"
-    code, err = cli(["sweep", "--out", str(out), "--preset", "quick", "--dataset",
+    code, err = cli(["sweep", "--out", str(out), "--preset", "smoke", "--dataset",
                      f"idx:{tmp_path / 'nowhere'}", "--grid", "seed=0,1"], capsys)
     assert code == 2 and len(err) == 1 and "nowhere: no such folder" in err[0], err
     assert not out.exists()
@@ -384,7 +384,7 @@ def test_a_folder_that_is_not_a_sweep_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    code, err = cli(["sweep", "--out", str(tmp_path), "--preset", "quick", "--grid", "seed=0"],
+    code, err = cli(["sweep", "--out", str(tmp_path), "--preset", "smoke", "--grid", "seed=0"],
                     capsys)
     assert code == 2 and len(err) == 1 and "not a sweep's folder" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
@@ -395,7 +395,7 @@ def test_a_trial_waits_for_a_folder_another_attempt_still_holds(
 ) -> None:
     """A retry that starts while the attempt it replaces still holds the run folder waits for
     it (here 0.5 s), then trains; one held for longer than it waits is refused by name."""
-    cfg = resolve_config("quick", dataset=f"idx:{data}", val_size=32, epochs=4,
+    cfg = resolve_config("smoke", dataset=f"idx:{data}", val_size=32, epochs=4,
                          checkpoint_every=3, latent_dim=2, seed=0).to_dict()
     run = tmp_path / "run"
     run.mkdir()  # a folder the lock did not make: its release leaves it in place

@@ -1,7 +1,7 @@
 """``vaelab table``: the grid, its refusals, the estimators, the cache, the standard errors and
 the published rows.
 
-The runs are the ``quick`` preset for one epoch on a small synthetic IDX data set (192 train
+The runs are the ``smoke`` preset for one epoch on a small synthetic IDX data set (192 train
 images, 32 of them validation, 24 test), trained one after another in this process
 (``--runner local``), latent sizes 2 (exact by quadrature) and 3 (importance sampling), both
 architectures, one seed: four runs of a second or so each.
@@ -51,7 +51,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def table_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["table", "--out", str(out), "--preset", "quick", "--dataset", f"idx:{data}",
+    return ["table", "--out", str(out), "--preset", "smoke", "--dataset", f"idx:{data}",
             "--val-size", "32", "--latent-dims", "2", "3", "--is-k", str(IS_K), "--paper-k",
             str(PAPER_K), "--test-images", str(TEST_IMAGES), "--runner", "local", "--quiet",
             *extra]
@@ -81,7 +81,7 @@ def cell(result: dict[str, Any], arch: str, d: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 def test_the_plan_is_every_arch_latent_and_seed_binarized(tmp_path: Path) -> None:
     plan = plan_table(tmp_path / "t", latent_dims=[2, 5], archs=["conv", "mlp"], seeds=[0, 1],
-                      preset="quick", options={"epochs": 2})
+                      preset="smoke", options={"epochs": 2})
     assert [t.name for t in plan.sweep.trials] == [
         f"arch={a},latent_dim={d},seed={s}" for a in ("conv", "mlp") for d in (2, 5)
         for s in (0, 1)]
@@ -89,7 +89,7 @@ def test_the_plan_is_every_arch_latent_and_seed_binarized(tmp_path: Path) -> Non
         c = t.config
         assert (c.arch, c.latent_dim, c.seed) == (t.values["arch"], t.values["latent_dim"],
                                                   t.values["seed"])
-        assert (c.binarize, c.model, c.epochs, c.preset) == ("dynamic", "vae", 2, "quick")
+        assert (c.binarize, c.model, c.epochs, c.preset) == ("dynamic", "vae", 2, "smoke")
     assert [(c.arch, c.latent_dim, [t.config.seed for t in c.trials]) for c in plan.cells] == [
         ("conv", 2, [0, 1]), ("conv", 5, [0, 1]), ("mlp", 2, [0, 1]), ("mlp", 5, [0, 1])]
     ests = [estimators(c, plan) for c in plan.cells[:2]]
@@ -266,7 +266,7 @@ def test_runs_train_through_the_sweep_where_ray_is_installed_and_in_turn_otherwi
     import vaelab.sweep
     import vaelab.table
 
-    plan = plan_table(tmp_path / "t", latent_dims=[2, 3], archs=["conv"], preset="quick")
+    plan = plan_table(tmp_path / "t", latent_dims=[2, 3], archs=["conv"], preset="smoke")
     calls: dict[str, list[Any]] = {"ray": [], "local": []}
 
     def fake_train_trials(out: Path, trials: list[Any], res: Any, **kw: Any) -> Outcome:
@@ -299,7 +299,7 @@ def test_a_run_that_fails_leaves_its_cells_empty_and_the_command_says_so(
 
     monkeypatch.setattr(vaelab.sweep, "run_trial", failing)
     monkeypatch.setattr(vaelab.sweep, "check_data", lambda trials: None)
-    plan = plan_table(tmp_path / "t", latent_dims=[2], archs=["conv", "mlp"], preset="quick")
+    plan = plan_table(tmp_path / "t", latent_dims=[2], archs=["conv", "mlp"], preset="smoke")
     with pytest.raises(VaelabError, match="2 of 2 runs failed.*NaN at step 3"):
         run_table(plan, runner="local")
     result = result_of(tmp_path / "t")

@@ -26,7 +26,7 @@ def read_events(run: Path) -> EventAccumulator:
 
 @pytest.mark.parametrize("kind", ["vae", "cvae"])
 def test_tensorboard_events_hold_scalars_and_images(tmp_path: Path, kind: str) -> None:
-    cfg = resolve_config("quick", model=kind, epochs=2, device="cpu")
+    cfg = resolve_config("smoke", model=kind, epochs=2, device="cpu")
     data = synthetic_dataset(block_digits, 128, 16, 32, seed=0)
     result = Trainer(cfg, tmp_path / "run", dataset=data, progress=False,
                      tensorboard=True).fit()
@@ -48,7 +48,7 @@ def test_tensorboard_events_hold_scalars_and_images(tmp_path: Path, kind: str) -
 def test_cli_tensorboard_flag_writes_events(tmp_path: Path, monkeypatch) -> None:
     data = synthetic_dataset(block_digits, 128, 16, 32, seed=0)
     monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
-    code = main(["train", "--preset", "quick", "--epochs", "1", "--device", "cpu", "--quiet",
+    code = main(["train", "--preset", "smoke", "--epochs", "1", "--device", "cpu", "--quiet",
                  "--tensorboard", "--out", str(tmp_path / "run")])
     assert code == 0
     acc = read_events(tmp_path / "run")

@@ -71,6 +71,37 @@ Block = tuple  # ("h1"|"h2"|"h3"|"p"|"code", text) | ("table", headers, rows) | 
 # images take minutes where all 10,000 take an hour. ``--logpx-images 0`` uses them all.
 DEFAULT_LOGPX_IMAGES = 1000
 
+# What the report computes for each preset's runs, where no option says otherwise: K
+# importance samples on the first ``logpx_images`` test images, the exact log p(x)'s
+# ``tolerance`` (nats per image), CVAE samples per class for the classifier to label, the
+# classifier's epochs (it trains on the runs' images: their ``limit``) and ``test_images``, the
+# first test images every test-set number is computed on (None: all). ``quick`` is a first
+# look: 1,000 test images, a coarser exact log p(x) and fewer samples, so that the evaluation
+# takes seconds (on all 10,000, a CVAE's exact log p(x) decodes about four times the nodes).
+REPORT_RECIPES: dict[str, dict[str, Any]] = {
+    "seed": dict(num_samples=1000, logpx_images=DEFAULT_LOGPX_IMAGES, tolerance=0.1,
+                 per_class=1000, classifier_epochs=3, test_images=None),
+    "quick": dict(num_samples=50, logpx_images=200, tolerance=0.5, per_class=100,
+                  classifier_epochs=1, test_images=1000),
+    "smoke": dict(num_samples=50, logpx_images=DEFAULT_LOGPX_IMAGES, tolerance=0.1,
+                  per_class=50, classifier_epochs=1, test_images=None),
+}
+
+
+def report_preset(preset: str | None, quick: bool) -> str:
+    """The preset a study trains: ``preset``, or ``quick`` when ``quick``, else ``seed``."""
+    if quick and preset not in (None, "quick"):
+        raise ConfigError(f"--quick is --preset quick: give one of them, not --preset {preset}")
+    preset = preset or ("quick" if quick else "seed")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r:.40}: choose one of {', '.join(PRESETS)}")
+    return preset
+
+
+def report_recipe(preset: str) -> dict[str, Any]:
+    """``REPORT_RECIPES[preset]``; the study's for a preset without one."""
+    return dict(REPORT_RECIPES.get(preset, REPORT_RECIPES["seed"]))
+
 def reduction_pct(vae: float | None, cvae: float | None) -> float | None:
     """Relative reduction of a lower-is-better number, CVAE vs VAE: 100 (vae - cvae) / vae."""
     if vae is None or cvae is None or vae == 0:
@@ -111,13 +142,14 @@ def main_log_px(ev: dict[str, Any]) -> dict[str, Any] | None:
     return ev.get("exact_log_px") or ev.get("log_px")
 
 
-def log_px_label(lp: dict[str, Any] | None) -> str:
-    """How a log p(x) was computed, and on how many images."""
+def log_px_label(lp: dict[str, Any] | None, first: bool = False) -> str:
+    """How a log p(x) was computed, and on how many images (all the test set's, or with
+    ``first`` its first ones)."""
     if not lp:
         return "log p(x) was not computed"
     if lp.get("method") == "quadrature":
         return (f"-log p(x) is exact (quadrature, estimated error {lp['error_estimate']:.3f} "
-                f"nats per image) on all {lp['n']:,} test images")
+                f"nats per image) on {'the first' if first else 'all'} {lp['n']:,} test images")
     return (f"-log p(x) is importance sampled with K = {lp['num_samples']} on the first "
             f"{lp['n']:,} test images")
 
@@ -412,6 +444,7 @@ def run_study(
     *,
     runs: Sequence[str | os.PathLike] | None = None,
     quick: bool = False,
+    preset: str | None = None,
     ablations: bool = False,
     seeds: Sequence[int] = (0, 1, 2),
     num_samples: int | None = None,
@@ -427,12 +460,13 @@ def run_study(
 ) -> dict[str, Any]:
     """Run the whole study into folder ``out`` and return ``results.json``'s content.
 
-    Trains the VAE and the CVAE (``seed`` preset, or ``quick``: a few hundred images, one
-    epoch) into ``out/runs`` unless finished ``runs`` are given (their kind is read from their
+    Trains the VAE and the CVAE (``preset``: default ``seed``, the study's; ``quick=True`` is
+    ``preset="quick"``, a first look on 10,000 images; ``smoke`` a few hundred images for tests)
+    into ``out/runs`` unless finished ``runs`` are given (their kind is read from their
     config); trains or reuses the digit classifier in ``out/classifier``; evaluates each run
     (``evaluate.full_evaluation``: the exact log p(x) on every test image, within
-    ``tolerance`` nats per image, default ``evaluate.DEFAULT_TOLERANCE``, and ``num_samples``
-    importance samples on the first ``logpx_images``: default 1000, or 50 when ``quick``);
+    ``tolerance`` nats per image, and ``num_samples`` importance samples on the first
+    ``logpx_images``; each None takes the preset's ``REPORT_RECIPES`` value);
     draws every figure into ``out/figures``; writes ``results.json``,
     ``README.md`` and ``index.html``; prints the summary table. ``ablations`` adds runs without
     KL warm-up (constant beta = 1) and one run per extra seed of ``seeds`` for both models, and
@@ -442,11 +476,14 @@ def run_study(
     retrains runs whose saved settings differ.
     """
     from vaelab.bench import machine
-    from vaelab.evaluate import DEFAULT_TOLERANCE, dataset_for_run, full_evaluation
+    from vaelab.evaluate import dataset_for_run, full_evaluation
     from vaelab.io import console as output_console
     from vaelab.train import pick_device, versions
 
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    preset = report_preset(preset, quick)
+    quick = preset == "quick"
+    recipe = report_recipe(preset)
+    tolerance = recipe["tolerance"] if tolerance is None else tolerance
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ConfigError(f"--tolerance must be > 0 nats per image, got {tolerance}")
 
@@ -454,9 +491,8 @@ def run_study(
     console = console or output_console()
     log: Callable[[str], None] = console.print
     out = Path(out)
-    preset = "quick" if quick else "seed"
-    num_samples = (50 if quick else 1000) if num_samples is None else num_samples
-    logpx_images = DEFAULT_LOGPX_IMAGES if logpx_images is None else logpx_images
+    num_samples = recipe["num_samples"] if num_samples is None else num_samples
+    logpx_images = recipe["logpx_images"] if logpx_images is None else logpx_images
     if logpx_images < 0:
         raise ConfigError(f"--logpx-images must be >= 0 (0: all), got {logpx_images}")
     if num_samples < 0:
@@ -507,7 +543,7 @@ def run_study(
     # ---- classifier ---------------------------------------------------------------------
     t0 = time.perf_counter()
     ccfg = named["cvae"].config["config"]
-    epochs = classifier_epochs or (1 if quick else 3)
+    epochs = classifier_epochs or recipe["classifier_epochs"]
     classifier, classifier_meta = ensure_classifier(
         out / "classifier", dataset=ccfg["dataset"], epochs=epochs, limit=ccfg.get("limit"),
         seed=seeds[0], force=force, log=log, device=device)
@@ -524,13 +560,20 @@ def run_study(
             datasets[key] = dataset_for_run(run)
         return datasets[key]
 
+    def test_part_of(run: Run) -> Dataset:  # the data the evaluation sees
+        ds = data_of(run)
+        n = recipe["test_images"]
+        return ds if n is None else replace(ds, test=ds.test.subset(n))
+
     evaluations: dict[str, dict[str, Any]] = {}
     for name, run in named.items():
         settings = {"num_samples": num_samples, "logpx_images": logpx_images, "seed": 0,
                     "tolerance": tolerance,
-                    "per_class": 50 if quick else 1000,
+                    "per_class": recipe["per_class"],
                     "classifier_sha256": classifier_meta.get("sha256")
                     if run.model.conditional else None}
+        if recipe["test_images"] is not None:  # absent for all: older caches stay valid
+            settings["test_images"] = recipe["test_images"]
 
         def evaluate(run: Run = run, name: str = name,
                      settings: dict[str, Any] = settings) -> dict[str, Any]:
@@ -540,7 +583,7 @@ def run_study(
                 "images, active units, kNN, aggregate posterior, closest pairs"
                 + (", class accuracy of samples" if run.model.conditional else ""))
             return full_evaluation(
-                run, data_of(run), num_samples=num_samples, seed=0, progress=progress,
+                run, test_part_of(run), num_samples=num_samples, seed=0, progress=progress,
                 classifier=classifier, per_class=settings["per_class"],
                 logpx_images=logpx_images, tolerance=tolerance)
 
@@ -571,7 +614,7 @@ def run_study(
         "kind": "vaelab-report",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": reproduce_command(out, runs=[str(r.path) for r in given.values()],
-                                     quick=quick, ablations=ablations, seeds=seeds,
+                                     preset=preset, ablations=ablations, seeds=seeds,
                                      num_samples=num_samples, dataset=dataset,
                                      formats=formats, logpx_images=logpx_images,
                                      tolerance=tolerance),
@@ -582,6 +625,7 @@ def run_study(
         "settings": {"quick": quick, "ablations": ablations, "seeds": seeds,
                      "num_samples": num_samples, "logpx_images": logpx_images,
                      "tolerance": tolerance, "dataset": dataset, "preset": preset,
+                     "test_images": recipe["test_images"],
                      "precision": precision,
                      "given_runs": {k: str(r.path) for k, r in given.items()}},
         "reference": {"values": STUDY, "reduction_pct": {
@@ -611,27 +655,30 @@ def run_study(
 
 
 def reproduce_command(
-    out: Path, *, runs: Sequence[str], quick: bool, ablations: bool, seeds: Sequence[int],
+    out: Path, *, runs: Sequence[str], preset: str, ablations: bool, seeds: Sequence[int],
     num_samples: int, dataset: str, formats: Sequence[str] = ("png", "pdf"),
     logpx_images: int = 0, tolerance: float | None = None,
 ) -> str:
     """The ``vaelab reproduce`` command line that makes this report again."""
+    recipe = report_recipe(preset)
     parts = ["vaelab", "reproduce", "--out", shlex.quote(str(out))]
     if runs:
         parts += ["--runs", *(shlex.quote(r) for r in runs)]
-    if quick:
+    if preset == "quick":
         parts.append("--quick")
+    elif preset != "seed":
+        parts += ["--preset", preset]
     if ablations:
         parts.append("--ablations")
         if list(seeds) != [0, 1, 2]:
             parts += ["--seeds", *(str(s) for s in seeds)]
-    if num_samples != (50 if quick else 1000):
+    if num_samples != recipe["num_samples"]:
         parts += ["--samples", str(num_samples)]
-    if logpx_images != DEFAULT_LOGPX_IMAGES:
+    if logpx_images != recipe["logpx_images"]:
         parts += ["--logpx-images", str(logpx_images)]
     if dataset != "mnist":
         parts += ["--dataset", shlex.quote(dataset)]
-    if tolerance is not None and tolerance != 0.1:
+    if tolerance is not None and tolerance != recipe["tolerance"]:
         parts += ["--tolerance", repr(tolerance)]
     if list(formats) != ["png", "pdf"]:
         parts += ["--format", *formats]
@@ -723,6 +770,18 @@ def ablation_results(
 # --------------------------------------------------------------------------------------------
 # The document: one list of blocks, rendered as Markdown, HTML and a terminal summary
 # --------------------------------------------------------------------------------------------
+EXACT_COLUMNS = ["run", "-log p(x)", "est. error", "-ELBO", "gap", "s.e.", "own rules",
+                 "images"]
+
+
+def exact_row(name: str, ex: dict[str, Any]) -> list[str]:
+    """The exact-likelihood table's row: gap = log p(x) - ELBO >= 0, so -ELBO is
+    -log p(x) + gap."""
+    return [name, _f(ex["neg_log_px"]), _f(ex["error_estimate"], 3),
+            _f(ex["neg_log_px"] + ex["gap"]), _f(ex["gap"]), _f(ex["log_px_sem"]),
+            f"{ex['refined']:,}", f"{ex['n']:,}"]
+
+
 def evaluation_blocks(
     evaluations: dict[str, dict[str, Any]], *, log_px: bool = True, study: bool = False
 ) -> list[Block]:
@@ -732,9 +791,7 @@ def evaluation_blocks(
     for name, ev in evaluations.items():
         ex = ev.get("exact_log_px") if log_px else None
         if ex:
-            exact_rows.append([name, _f(ex["neg_log_px"]), _f(ex["error_estimate"], 3),
-                               _f(ex["neg_log_px"] - ex["gap"]), _f(ex["gap"]),
-                               _f(ex["log_px_sem"]), f"{ex['refined']:,}", f"{ex['n']:,}"])
+            exact_rows.append(exact_row(name, ex))
     if exact_rows:
         blocks += [("h3", "Exact log-likelihood (2-D latent: quadrature)"),
                    ("p", "log p(x) = int p(x|z) p(z) dz by a trapezoid and a midpoint rule on "
@@ -743,8 +800,7 @@ def evaluation_blocks(
                          "over images of |log T - log M| plus the mass at the box's edge as its "
                          "estimated error. gap = log p(x) - ELBO = the mean KL(q(z|x) || p(z|x)) "
                          "over the same images."),
-                   ("table", ["run", "-log p(x)", "est. error", "-ELBO", "gap", "s.e.",
-                              "own rules", "images"], exact_rows)]
+                   ("table", EXACT_COLUMNS, exact_rows)]
     rows = []
     for name, ev in evaluations.items():
         for key, proposal in (("log_px", "q(z|x)"), ("log_px_student_t", "Student-t")):
@@ -801,9 +857,30 @@ def evaluation_blocks(
     return blocks
 
 
+def first_look_blocks(results: dict[str, Any]) -> list[Block]:
+    """For a preset other than the study's: a paragraph that says these numbers are a first
+    look, on how many images and how long a training, and not the study's."""
+    preset = results["settings"]["preset"]
+    if preset == "seed":
+        return []
+    ev = results["evaluations"]["vae"]
+    c = ev["config"]
+    network = (f"an MLP of {' and '.join(str(h) for h in c.get('mlp_hidden', []))} hidden units"
+               if c.get("arch") == "mlp" else "a convolutional network")
+    return [("p", f"A first look, not the study (preset `{preset}`): each model here trained on "
+                  f"{ev['knn']['n_train']:,} training images for {c['epochs']} epoch"
+                  f"{'s' if c['epochs'] != 1 else ''} through {network} (batch "
+                  f"{c['batch_size']}, learning rate {c['lr']:g}), and the numbers below are "
+                  f"on {'the first' if results['settings'].get('test_images') else 'all'} "
+                  f"{ev['knn']['n_test']:,} test images. They show the shape of the study "
+                  "(digits, clusters, a CVAE that draws the class asked for), not its values: "
+                  "`vaelab reproduce` without --quick trains the study's `seed` preset.")]
+
+
 def report_blocks(results: dict[str, Any]) -> list[Block]:
     ev = results["evaluations"]
     s = results["settings"]
+    first = s.get("test_images")
     seeds_note = ""
     if any(len(r["vae_values"]) > 1 for r in results["comparison"]):
         seeds_note = (" VAE and CVAE values are mean ± std over seeds "
@@ -814,6 +891,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
               f"created {results['created']}. Every number below was computed by this run; the "
               "study's columns are its published values."),
         ("code", results["command"] or "vaelab reproduce"),
+        *first_look_blocks(results),
         ("h2", "VAE vs CVAE (test set, nats per image)"),
         ("table",
          ["metric", "VAE", "CVAE", "reduction CVAE vs VAE", "study VAE", "study CVAE",
@@ -822,7 +900,8 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
            _pct(r["reduction_pct"]), _f(r["study_vae"]), _f(r["study_cvae"]),
            _pct(r["study_reduction_pct"])] for r in results["comparison"]]),
         ("p", "reduction = 100 (VAE - CVAE) / VAE; -ELBO = reconstruction + KL at beta = 1 "
-              f"on all test images; {log_px_label(main_log_px(ev['vae']))}." + seeds_note),
+              + (f"on the first {first:,} test images; " if first else "on all test images; ")
+              + f"{log_px_label(main_log_px(ev['vae']), bool(first))}." + seeds_note),
     ]
     ca = ev.get("cvae", {}).get("cvae_class_accuracy")
     clf = results["classifier"]
