@@ -548,9 +548,10 @@ def seeds_cpu() -> str:
     m = r["machine"]
     speed = {p: sorted(v for x in r["runs"] if x["precision"] == p for v in x["images_per_s"])
              for p in ("fp32", "bf16")}
-    text = (f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}), each run on one thread, "
-            f"two or three at a time beside other work (`{_SEEDS}`, written by "
-            "`benchmarks/seeds_precision.py` from the run folders).")
+    text = (f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}); `{_SEEDS}`, written by "
+            "`benchmarks/seeds_precision.py` from the run folders. The runs shared the two "
+            "cores with other work, most on one thread two or three at a time, so their "
+            "speeds say little.")
     if diffs:
         text += " bf16 minus fp32 on the same seeds: " + "; ".join(diffs) + " nats."
     text += " Median training speed per run and epoch: " + ", ".join(
