@@ -543,19 +543,15 @@ def seeds_cpu() -> str:
         same = sorted(s for p, s in value if p == "bf16" and ("fp32", s) in value)
         if same:
             d = [value[("bf16", s)] - value[("fp32", s)] for s in same]
-            diffs.append(f"{sum(d) / len(d):+.2f} for the {n[0].upper()} (seeds "
+            diffs.append(f"{sum(d) / len(d):+.2f} for the {n[0].upper()} ({n[1]}; seeds "
                          f"{', '.join(map(str, same))})")
     m = r["machine"]
-    speed = {p: sorted(v for x in r["runs"] if x["precision"] == p for v in x["images_per_s"])
-             for p in ("fp32", "bf16")}
     text = (f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}); `{_SEEDS}`, written by "
             "`benchmarks/seeds_precision.py` from the run folders. The runs shared the two "
             "cores with other work, most on one thread two or three at a time, so their "
-            "speeds say little.")
+            "speeds (`images_per_s` there) say little.")
     if diffs:
         text += " bf16 minus fp32 on the same seeds: " + "; ".join(diffs) + " nats."
-    text += " Median training speed per run and epoch: " + ", ".join(
-        f"{v[len(v) // 2]:,} images/s in {p}" for p, v in speed.items() if v) + "."
     return "\n".join(lines + ["", text])
 
 
