@@ -81,7 +81,7 @@ def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
 
     if rounds < 1 or steps < 1:
         raise ConfigError(f"rounds and steps must be >= 1, got {rounds} and {steps}")
-    missing = bench_pythae.pythae_missing() if pythae else "pythae left out (asked)"
+    missing = bench_pythae.pythae_missing() if pythae else "left out (--no-pythae)"
     per_round = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _vaelab_trainer(model, ds, Path(tmp) / "run", device=device,
@@ -93,17 +93,17 @@ def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
         torch.manual_seed(0)
         ref_model = build_model(trainer.spec)
         contender = None
-        if missing is None:
-            torch.manual_seed(0)  # the reference's initialisation, in pythae's wrappers
-            contender = bench_pythae.PythaeContender(build_model(trainer.spec), ds.train,
-                                                     steps=steps, batch_size=batch_size,
-                                                     device=device)
-        _time_vaelab_steps(trainer, 5)  # warm-up
-        if fp32 is not None:
-            _time_vaelab_steps(fp32, 5)
-        ref.train_reference(ref_model, ds.train, epochs=1, max_steps=5, device=device,
-                            batch_size=batch_size)
         try:
+            if missing is None:
+                torch.manual_seed(0)  # the reference's initialisation, in pythae's wrappers
+                contender = bench_pythae.PythaeContender(build_model(trainer.spec), ds.train,
+                                                         steps=steps, batch_size=batch_size,
+                                                         device=device)
+            _time_vaelab_steps(trainer, 5)  # warm-up
+            if fp32 is not None:
+                _time_vaelab_steps(fp32, 5)
+            ref.train_reference(ref_model, ds.train, epochs=1, max_steps=5, device=device,
+                                batch_size=batch_size)
             for _ in range(rounds):
                 seconds, images = _time_vaelab_steps(trainer, steps)
                 row = {"vaelab_images": images, "vaelab_seconds": seconds}

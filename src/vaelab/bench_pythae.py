@@ -51,9 +51,13 @@ def pythae_missing() -> str | None:
 
 
 def pythae_version() -> str:
-    import pythae
+    """The installed pythae's version (it has no ``__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return getattr(pythae, "__version__", "unknown")
+    try:
+        return version("pythae")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _classes() -> dict[str, Any]:
