@@ -205,3 +205,173 @@ def test_bench_refuses_a_bad_exact_run_before_measuring(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "does not exist" in err[0]
     assert not (tmp_path / "b.md").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# pythae's TrainingPipeline as a contender (vaelab.bench_pythae)
+# --------------------------------------------------------------------------------------------
+def _shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
+    return sorted(tuple(p.shape) for p in module.parameters())
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae"])
+def test_pythae_trains_vaelabs_network_and_counts_its_images(full_batches_dir, kind):
+    pytest.importorskip("pythae")
+    from helpers import one_thread
+    from vaelab.bench_pythae import PythaeContender
+    from vaelab.data import load_dataset
+
+    ds = load_dataset(f"idx:{full_batches_dir}", val_size=32)
+    spec = resolve_config("seed", model=kind).model_spec()
+    torch.manual_seed(0)
+    net = build_model(spec)
+    torch.manual_seed(0)
+    twin = build_model(spec)  # net's initial weights, to see that pythae trains those
+    with one_thread():
+        c = PythaeContender(net, ds.train, steps=2, batch_size=128)
+        try:
+            # the same network: every parameter of vaelab's model, once, and nothing more
+            assert _shapes(c.model) == _shapes(twin)
+            assert sum(p.numel() for p in c.model.parameters()) == \
+                sum(p.numel() for p in twin.parameters())
+            ids = {id(p) for p in c.model.parameters()}
+            assert ids == {id(p) for p in net.parameters()}
+            # its networks compute vaelab's: the encoder's (mu, logvar), the decoder's
+            # sigmoid(logits), for the CVAE given the labels
+            x = ds.train.images[:8].float().div(255).unsqueeze(1)
+            y = ds.train.labels[:8].long()
+            yy = y if net.conditional else None
+            with torch.no_grad():
+                enc = c.model.encoder(x, yy)
+                mu, logvar = net.encode(x, yy)
+                torch.testing.assert_close(enc.embedding, mu)
+                torch.testing.assert_close(enc.log_covariance, logvar)
+                torch.testing.assert_close(c.model.decoder(mu, yy).reconstruction,
+                                           torch.sigmoid(net.decode(mu, yy)))
+            # one round: 2 steps of 128 images, each counted, and the weights move
+            before = [p.detach().clone() for p in net.parameters()]
+            r = c.round()
+            assert r["images"] == 2 * 128 and r["seconds"] > 0
+            assert torch.isfinite(torch.tensor(r["loss"]))
+            assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters(),
+                                                                 strict=True))
+        finally:
+            c.close()
+
+
+def test_pythae_leaves_the_global_generators_as_they_were(full_batches_dir):
+    """pythae's trainer seeds random, numpy and torch: the contender puts them back."""
+    pytest.importorskip("pythae")
+    import random
+
+    import numpy as np
+
+    from helpers import one_thread
+    from vaelab.bench_pythae import PythaeContender
+    from vaelab.data import load_dataset
+
+    ds = load_dataset(f"idx:{full_batches_dir}", val_size=32)
+    net = build_model(resolve_config("seed", model="vae").model_spec())
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expect = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    with one_thread():
+        c = PythaeContender(net, ds.train, steps=1, batch_size=128)
+        c.round()
+        c.close()
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expect
+
+
+def test_bench_ratios_are_computed_from_the_rounds(full_batches_dir, monkeypatch):
+    """vaelab, reference and pythae alternate, each rate is the median of its own per-round
+    images over seconds, and the ratios are those medians'; fake rounds with known numbers
+    stand in for the timing (the real ones are checked above)."""
+    from vaelab import bench, bench_pythae
+    from vaelab.data import load_dataset
+
+    order: list[str] = []
+    vaelab_times = iter([2.0, 1.0, 4.0])
+    ref_times = iter([4.0, 8.0, 2.0])
+    pythae_times = iter([8.0, 16.0, 4.0])
+
+    def fake_vaelab(trainer, steps):  # the warm-ups are 5 steps, the rounds 4
+        order.append("vaelab" if trainer.precision == "bf16" else "fp32")
+        if steps == 5 or trainer.precision != "bf16":
+            return 10.0, steps * 128
+        return next(vaelab_times), steps * 128
+
+    def fake_reference(model, split, *, max_steps, **kw):
+        order.append("reference")
+        return {"images": max_steps * 128,
+                "seconds": 1.0 if max_steps == 5 else next(ref_times)}
+
+    class FakePythae:
+        def __init__(self, net, split, *, steps, batch_size, device):
+            self.steps = steps
+
+        def round(self):
+            order.append("pythae")
+            return {"images": self.steps * 128, "seconds": next(pythae_times), "loss": 1.0}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "_time_vaelab_steps", fake_vaelab)
+    monkeypatch.setattr(bench.ref, "train_reference", fake_reference)
+    monkeypatch.setattr(bench_pythae, "pythae_missing", lambda: None)
+    monkeypatch.setattr(bench_pythae, "pythae_version", lambda: "0.1.2")
+    monkeypatch.setattr(bench_pythae, "PythaeContender", FakePythae)
+    ds = load_dataset(f"idx:{full_batches_dir}", val_size=32)
+    t = bench.throughput(ds, "vae", rounds=3, steps=4, device="cpu", precision="bf16",
+                         fp32_too=True)
+    # warm-ups (vaelab, fp32, reference), then rounds of vaelab, reference, pythae, fp32
+    assert order == ["vaelab", "fp32", "reference"] + \
+        ["vaelab", "reference", "pythae", "fp32"] * 3
+    n = 4 * 128
+    assert t["vaelab"] == statistics.median([n / 2.0, n / 1.0, n / 4.0]) == n / 2.0
+    assert t["reference"] == n / 4.0 and t["pythae"] == n / 8.0 and t["vaelab_fp32"] == n / 10
+    assert t["ratio"] == t["vaelab"] / t["reference"] == 2.0
+    assert t["pythae_ratio"] == t["vaelab"] / t["pythae"] == 4.0
+    assert t["bf16_gain"] == 5.0 and t["precision"] == "bf16"
+    assert [r["pythae_seconds"] for r in t["per_round"]] == [8.0, 16.0, 4.0]
+    assert all(r["pythae_images"] == n for r in t["per_round"])
+    table = "\n".join(bench.throughput_table({"vae": {"throughput": t}}))
+    assert "vaelab / pythae" in table and "| 4.00x |" in table and "(bf16)" in table
+
+
+def test_a_missing_pythae_is_said_in_one_line_and_the_rest_is_measured(
+    full_batches_dir, tmp_path, monkeypatch
+):
+    import builtins
+
+    from helpers import one_thread
+    from vaelab.bench_pythae import pythae_missing
+
+    real_import = builtins.__import__
+
+    def no_pythae(name, *args, **kwargs):
+        if name == "pythae" or name.startswith("pythae."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pythae)
+    line = pythae_missing()
+    assert line is not None and "\n" not in line and "pythae is not installed" in line
+
+    out = tmp_path / "b.md"
+    logged: list[str] = []
+    with one_thread():
+        results = run_bench(models=("vae",), rounds=1, steps=1, device="cpu", num_samples=0,
+                            dataset=f"idx:{full_batches_dir}", out=out, log=logged.append,
+                            rss_limit=64, val_size=32)
+    assert logged.count(line) == 1  # said once as it starts
+    assert results == json.loads(out.with_suffix(".json").read_text())
+    t = results["models"]["vae"]["throughput"]
+    assert t["pythae_missing"] == line and "pythae" not in t and "pythae_ratio" not in t
+    assert t["vaelab"] > 0 and t["reference"] > 0 and len(t["per_round"]) == 1
+    assert out.read_text().count(line) == 1
+    assert len(results["load_average"]["start"]) == 3

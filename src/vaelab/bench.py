@@ -65,34 +65,80 @@ def _time_vaelab_steps(trainer: Trainer, steps: int) -> tuple[float, int]:
 
 
 def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
-               batch_size: int = 128) -> dict[str, Any]:
-    """Images/s of vaelab's training step and of the reference, alternating rounds.
+               batch_size: int = 128, precision: str = "auto", pythae: bool = True,
+               fp32_too: bool = False) -> dict[str, Any]:
+    """Images/s of vaelab's training step (at ``precision``), of the reference and of pythae's
+    ``TrainingPipeline`` (``vaelab.bench_pythae``; left out, with ``pythae_missing`` saying why,
+    when it is not installed or ``pythae`` is False), all on the same network, alternating
+    rounds: vaelab, reference, pythae. With ``fp32_too`` and vaelab at bf16, vaelab at fp32 joins
+    the rotation too, so what bf16 contributes is measured under the same load.
 
     Each contender's rate is the median over rounds of (images it trained on) / (seconds),
-    with both counts kept per round in ``per_round``.
+    with both counts kept per round in ``per_round``; ``ratio`` is vaelab / reference and
+    ``pythae_ratio`` vaelab / pythae, each of those medians.
     """
+    from vaelab import bench_pythae
+
     if rounds < 1 or steps < 1:
         raise ConfigError(f"rounds and steps must be >= 1, got {rounds} and {steps}")
+    missing = bench_pythae.pythae_missing() if pythae else "left out (--no-pythae)"
     per_round = []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = _vaelab_trainer(model, ds, Path(tmp) / "run", device=device)
+        trainer = _vaelab_trainer(model, ds, Path(tmp) / "run", device=device,
+                                  precision=precision)
+        fp32 = None
+        if fp32_too and trainer.precision != "fp32":
+            fp32 = _vaelab_trainer(model, ds, Path(tmp) / "fp32", device=device,
+                                   precision="fp32")
         torch.manual_seed(0)
         ref_model = build_model(trainer.spec)
-        _time_vaelab_steps(trainer, 5)  # warm-up
-        ref.train_reference(ref_model, ds.train, epochs=1, max_steps=5, device=device,
-                            batch_size=batch_size)
-        for _ in range(rounds):
-            seconds, images = _time_vaelab_steps(trainer, steps)
-            r = ref.train_reference(ref_model, ds.train, epochs=1, max_steps=steps,
-                                    device=device, batch_size=batch_size)
-            per_round.append({"vaelab_images": images, "vaelab_seconds": seconds,
-                              "reference_images": r["images"],
-                              "reference_seconds": r["seconds"]})
-        trainer.close()
-    a = statistics.median(p["vaelab_images"] / p["vaelab_seconds"] for p in per_round)
-    b = statistics.median(p["reference_images"] / p["reference_seconds"] for p in per_round)
-    return {"vaelab": a, "reference": b, "ratio": a / b, "rounds": rounds, "steps": steps,
-            "per_round": per_round}
+        contender = None
+        try:
+            if missing is None:
+                torch.manual_seed(0)  # the reference's initialisation, in pythae's wrappers
+                contender = bench_pythae.PythaeContender(build_model(trainer.spec), ds.train,
+                                                         steps=steps, batch_size=batch_size,
+                                                         device=device)
+            _time_vaelab_steps(trainer, 5)  # warm-up
+            if fp32 is not None:
+                _time_vaelab_steps(fp32, 5)
+            ref.train_reference(ref_model, ds.train, epochs=1, max_steps=5, device=device,
+                                batch_size=batch_size)
+            for _ in range(rounds):
+                seconds, images = _time_vaelab_steps(trainer, steps)
+                row = {"vaelab_images": images, "vaelab_seconds": seconds}
+                r = ref.train_reference(ref_model, ds.train, epochs=1, max_steps=steps,
+                                        device=device, batch_size=batch_size)
+                row.update(reference_images=r["images"], reference_seconds=r["seconds"])
+                if contender is not None:
+                    p = contender.round()
+                    row.update(pythae_images=p["images"], pythae_seconds=p["seconds"])
+                if fp32 is not None:
+                    seconds, images = _time_vaelab_steps(fp32, steps)
+                    row.update(vaelab_fp32_images=images, vaelab_fp32_seconds=seconds)
+                per_round.append(row)
+        finally:
+            trainer.close()
+            if fp32 is not None:
+                fp32.close()
+            if contender is not None:
+                contender.close()
+    out: dict[str, Any] = {"precision": trainer.precision, "batch_size": batch_size,
+                           "rounds": rounds, "steps": steps}
+    for name in ("vaelab", "reference", "pythae", "vaelab_fp32"):
+        if f"{name}_images" in per_round[0]:
+            out[name] = statistics.median(p[f"{name}_images"] / p[f"{name}_seconds"]
+                                          for p in per_round)
+    out["ratio"] = out["vaelab"] / out["reference"]
+    if "pythae" in out:
+        out["pythae_ratio"] = out["vaelab"] / out["pythae"]
+        out["pythae_version"] = bench_pythae.pythae_version()
+    else:
+        out["pythae_missing"] = missing
+    if "vaelab_fp32" in out:
+        out["bf16_gain"] = out["vaelab"] / out["vaelab_fp32"]
+    out["per_round"] = per_round
+    return out
 
 
 def training_flops_per_image(model: str, *, batch_size: int = 128) -> float:
@@ -310,9 +356,13 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
               dataset: str = "mnist", out: str | os.PathLike | None = None, log=print,
               rss_limit: int = 10000, val_size: int = 5000,
               exact_runs: tuple[str | os.PathLike, ...] = (), tolerance: float = 0.1,
+              precision: str = "auto", pythae: bool = True, fp32_too: bool = False,
               ) -> dict[str, Any]:
     """The whole benchmark; writes the Markdown report and its JSON (``report_paths(out)``)
-    when ``out`` is given."""
+    when ``out`` is given. ``precision`` is vaelab's in the throughput rounds (the reference
+    and pythae train in fp32, as they are written); ``pythae`` and ``fp32_too`` as in
+    ``throughput``."""
+    from vaelab.bench_pythae import pythae_missing
     from vaelab.train import pick_device
 
     for name, value in (("rounds", rounds), ("steps", steps), ("rss_limit", rss_limit)):
@@ -320,6 +370,8 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if num_samples < 0:
         raise ConfigError(f"num_samples must be >= 0, got {num_samples}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"unknown precision {precision!r}: choose auto, fp32 or bf16")
     paths = report_paths(out) if out is not None else None
     for run_dir in exact_runs:  # refuse a bad run before anything is measured
         from vaelab.checkpoint import load_run
@@ -329,12 +381,17 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
 
     dev = str(pick_device(device))
     ds = load_dataset(dataset, val_size=val_size)
-    results: dict[str, Any] = {"machine": machine(), "device": dev, "models": {}}
+    results: dict[str, Any] = {"machine": machine(), "device": dev, "models": {},
+                               "load_average": {"start": _load_average()}}
+    missing = pythae_missing() if pythae else None
+    if missing:
+        log(missing)
     peak = matmul_peak_gflops(dev)  # one ceiling for every model
     for model in models:
         log(f"{model}: throughput: {rounds} alternating rounds of {steps} steps")
-        r: dict[str, Any] = {"throughput": throughput(ds, model, rounds=rounds, steps=steps,
-                                                      device=dev)}
+        r: dict[str, Any] = {"throughput": throughput(
+            ds, model, rounds=rounds, steps=steps, device=dev, precision=precision,
+            pythae=pythae, fp32_too=fp32_too)}
         r["roofline"] = roofline(r["throughput"], training_flops_per_image(model), peak)
         log(f"{model}: evaluation speed")
         r["evaluation"] = evaluation_speed(ds, model, device=dev, num_samples=num_samples)
@@ -349,6 +406,7 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
         results["exact"].append(exact_speed(run_dir, tolerance=tolerance, device=dev))
     log("peak RSS of a training process")
     results["peak_rss_mb"] = peak_rss_of_training(dataset, limit=rss_limit)
+    results["load_average"]["end"] = _load_average()
     argv = sys.argv[1:] if sys.argv and sys.argv[1:2] == ["bench"] else ["bench"]
     results["command"] = "vaelab " + " ".join(argv)
     if paths is not None:
@@ -358,6 +416,46 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
     return results
 
 
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the system has none): other work on
+    the machine slows every contender alike in alternating rounds, but it belongs in the
+    report."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def throughput_table(models: dict[str, Any]) -> list[str]:
+    """The throughput table's lines (bench.md and BENCHMARKS.md), and one line for a pythae
+    left out."""
+    ts = [r["throughput"] for r in models.values()]
+    has_p = any("pythae" in t for t in ts)
+    has_f = any("vaelab_fp32" in t for t in ts)
+    head = "| model | vaelab | reference |" + (" pythae |" if has_p else "") + \
+        (" vaelab fp32 |" if has_f else "") + " vaelab / reference |" + \
+        (" vaelab / pythae |" if has_p else "") + (" bf16 gain |" if has_f else "")
+    lines = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
+
+    def num(t: dict[str, Any], key: str) -> str:
+        return f" {t[key]:,.0f} |" if key in t else " - |"
+
+    def ratio(t: dict[str, Any], key: str) -> str:
+        return f" {t[key]:.2f}x |" if key in t else " - |"
+
+    for name, t in zip(models, ts, strict=True):
+        prec = t.get("precision", "fp32")
+        lines.append(f"| {name} | {t['vaelab']:,.0f} ({prec}) |" + num(t, "reference")
+                     + (num(t, "pythae") if has_p else "")
+                     + (num(t, "vaelab_fp32") if has_f else "") + ratio(t, "ratio")
+                     + (ratio(t, "pythae_ratio") if has_p else "")
+                     + (ratio(t, "bf16_gain") if has_f else ""))
+    missing = {t["pythae_missing"] for t in ts if t.get("pythae_missing")}
+    for m in sorted(missing):
+        lines += ["", f"pythae: {m}"]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -365,13 +463,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"Measured with `{results['command']}` on {m['cpu']} ({m['cores']} cores, "
         f"{m['torch_threads']} torch threads), device `{results['device']}`, torch "
         f"{m['torch']}, Python {m['python']}.", "",
-        "## Training throughput (images/s, seed preset, batch 128, median of alternating rounds)",
-        "", "| model | vaelab | reference | ratio |", "|---|---:|---:|---:|",
+        "## Training throughput (images/s, seed preset's network for all, batch 128, median "
+        "of alternating rounds)", "", *throughput_table(results["models"]),
     ]
-    for name, r in results["models"].items():
-        t = r["throughput"]
-        lines.append(f"| {name} | {t['vaelab']:,.0f} | {t['reference']:,.0f} | "
-                     f"{t['ratio']:.2f}x |")
+    load = results.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        lines += ["", f"Load average (1, 5, 15 min) {load['start']} at the start, "
+                  f"{load['end']} at the end: other work slows each contender alike in "
+                  "alternating rounds."]
     if all("roofline" in r for r in results["models"].values()):
         lines += ["", "## Against the machine's ceiling", "",
                   "Work per image counted by `torch.utils.flop_counter` (forward and backward of "

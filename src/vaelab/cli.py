@@ -818,7 +818,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run_bench(models=tuple(args.models), rounds=args.rounds, steps=args.steps,
                         device=args.device, quality=args.quality, num_samples=args.samples,
                         dataset=args.dataset, out=args.out, log=print,
-                        exact_runs=tuple(args.exact), tolerance=args.tolerance)
+                        exact_runs=tuple(args.exact), tolerance=args.tolerance,
+                        precision=args.precision, pythae=not args.no_pythae,
+                        fp32_too=args.fp32_too)
     print(markdown(results))
     return 0
 
@@ -830,9 +832,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="benchmark training and evaluation against the plain tutorial recipe",
         description="Measure, in one run and alternating the contenders, the training "
-        "throughput of vaelab and of the plain reference (vaelab.bench_reference: the same "
+        "throughput of vaelab, of the plain reference (vaelab.bench_reference: the same "
         "network trained with a per-sample Dataset, DataLoader, fp32 eager and .item() every "
-        "step), the evaluation speed (test -ELBO, importance-sampled log p(x)), peak memory, "
+        "step) and of pythae's TrainingPipeline on that network (when pythae is installed), "
+        "the evaluation speed (test -ELBO, importance-sampled log p(x)), peak memory, "
         "and with --quality the training time until the test -ELBO reaches the study's "
         "numbers: vaelab's seed preset against the whole tutorial recipe (that loop with the "
         "study's plain network and a constant learning rate). Writes the report to --out "
@@ -842,6 +845,15 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=_positive_int, default=3, help="alternating rounds")
     p.add_argument("--steps", type=_positive_int, default=40, help="training steps per round")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="vaelab's precision in the throughput rounds (auto: bf16 on a CPU with "
+                   "AMX or AVX512-BF16; the reference and pythae train in fp32)")
+    p.add_argument("--fp32-too", action="store_true",
+                   help="when vaelab trains in bf16, also time it in fp32 in the same "
+                   "alternation: what bf16 contributes")
+    p.add_argument("--no-pythae", action="store_true",
+                   help="leave pythae's TrainingPipeline out of the throughput rounds (it is "
+                   "left out, saying so, when it is not installed)")
     p.add_argument("--quality", action="store_true",
                    help="also measure time to the study's -ELBO (trains up to 30 epochs each)")
     p.add_argument("--samples", type=_integer, default=1000,
