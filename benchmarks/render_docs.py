@@ -57,8 +57,19 @@ def exact_results() -> str:
               f"images; the IS columns on the first {n_is:,}, with the exact value on those "
               f"same images. Evaluation took {t['evaluation']:.0f} s of the report's "
               f"{t['total']:.0f} s on {_machine(r.get('machine', {}))} (the runs were given, "
-              "not trained)."]
+              "not trained). " + _network_of(ev)]
     return "\n".join(lines)
+
+
+def _network_of(ev: dict) -> str:
+    """Which network the report's runs trained, from their configs."""
+    vae, cvae = ev["vae"]["config"], ev["cvae"]["config"]
+    cond = cvae.get("label_conditioning", "input")
+    label = ("the CVAE's label at every decoder layer (FiLM)" if cond == "film"
+             else "the CVAE's label at the decoder's first layer")
+    return (f"The runs: {vae['activation']} activations, {label}, trained in "
+            f"{ev['vae']['train_summary'].get('precision', '?')} (VAE) and "
+            f"{ev['cvae']['train_summary'].get('precision', '?')} (CVAE).")
 
 
 def exact_timing() -> str:
