@@ -99,3 +99,11 @@ def test_old_folders_load_as_input_and_film_trains_and_reloads(tmp_path: Path) -
     (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="label_conditioning input, not film"):
         load_run(tmp_path / "old")
+
+
+def test_the_count_of_a_hand_edited_layer_count_is_arithmetic() -> None:
+    """A config.json may say 2^62 layers: the spec counts FiLM's weights without listing them
+    (the memory check refuses it afterwards, allocating nothing)."""
+    spec = ModelSpec(kind="cvae", label_conditioning="film", dec_mlp_layers=2**62)
+    plain = ModelSpec(kind="cvae", label_conditioning="input", dec_mlp_layers=2**62)
+    assert spec.parameter_count() - plain.parameter_count() > 2 * 10 * 512 * 2**62

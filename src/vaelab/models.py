@@ -126,9 +126,11 @@ class ModelSpec:
         dec += linear(self.dec_hidden, c2 * s * s) + conv(c2, c1, 4)
         dec += self.dec_refine * conv(c1, c1, 3)
         dec += conv(c1, f, 4) + conv(f, 1, 3) if f else conv(c1, 1, 4)
-        widths = [self.dec_hidden] * self.dec_mlp_layers + [c2 * s * s, c1]
-        widths += [c1] * self.dec_refine + ([f, 1] if f else [1])
-        films = 2 * k * sum(widths) if film else 0
+        # the widths FiLM scales and shifts, summed as numbers (a list of the layers would be as
+        # long as a hand-edited layer count)
+        widths = self.dec_hidden * self.dec_mlp_layers + c2 * s * s + c1 * (1 + self.dec_refine)
+        widths += f + 1 if f else 1
+        films = 2 * k * widths if film else 0
         return enc + dec + (k * n * n if cond else 0) + films
 
     def activations_per_image(self, samples: int = 1) -> int:
