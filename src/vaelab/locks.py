@@ -138,3 +138,16 @@ def holder_of(folder: str | os.PathLike) -> str:
 
 def is_lock_file(path: Path) -> bool:
     return path.name in LOCK_FILES
+
+
+def check_output_folder(out: Path, marker: str, what: str) -> None:
+    """``out`` is new, empty (but for lock files), or ``what``'s folder (it holds ``marker``);
+    anything else is a ConfigError, before anything is written there."""
+    from vaelab.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder")
+    if out.exists() and not (out / marker).exists() \
+            and any(not is_lock_file(p) for p in out.iterdir()):
+        raise ConfigError(f"{out} holds files but no {marker}: not {what} folder; "
+                          "give a new or empty --out")

@@ -35,7 +35,7 @@ from typing import Any
 from vaelab.config import ARCHITECTURE_KNOBS, PRESETS, TrainConfig, resolve_config
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
-from vaelab.locks import FolderInUse, FolderLock, is_lock_file
+from vaelab.locks import FolderInUse, FolderLock, check_output_folder, is_lock_file
 
 SWEEP_FORMAT = 1
 SWEEP_FILE = "sweep.json"
@@ -475,12 +475,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 def _prepare_sweep_dir(out: Path) -> None:
     """``out`` is new, empty, or a sweep's folder (``sweep.json``); anything else is refused."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a folder")
-    if out.exists() and not (out / SWEEP_FILE).exists() \
-            and any(not is_lock_file(p) for p in out.iterdir()):
-        raise ConfigError(f"{out} holds files but no {SWEEP_FILE}: not a sweep's folder; "
-                          "give a new or empty --out")
+    check_output_folder(out, SWEEP_FILE, "a sweep's")
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import Any
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text, sha256_file
 from vaelab.literature import BURDA_NOTES, PROVENANCE, TABLE_ROWS, published_dict
-from vaelab.locks import FolderLock, is_lock_file
+from vaelab.locks import FolderLock, check_output_folder
 from vaelab.sweep import SweepPlan, Trial, plan_sweep
 
 TABLE_FORMAT = 1
@@ -365,13 +365,8 @@ def train_cells(plan: TablePlan, *, runner: str = "auto", force: bool = False,
 # The table
 # --------------------------------------------------------------------------------------------
 def _prepare_table_dir(out: Path) -> None:
-    """``out`` is new, empty, or a table's folder; anything else is refused."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a folder")
-    if out.exists() and not (out / TABLE_FILE).exists() \
-            and any(not is_lock_file(p) for p in out.iterdir()):
-        raise ConfigError(f"{out} holds files but no {TABLE_FILE}: not a table's folder; "
-                          "give a new or empty --out")
+    """``out`` is new, empty, or a table's folder (``table.json``); anything else is refused."""
+    check_output_folder(out, TABLE_FILE, "a table's")
 
 
 def _budget(path: Path, trial: Trial) -> dict[str, Any]:
