@@ -174,7 +174,8 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 def _train_overrides(args: argparse.Namespace) -> dict:
     from vaelab.config import ARCHITECTURE_KNOBS
 
-    keys = ["model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "lr_schedule",
+    keys = ["model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "weight_decay",
+            "lr_schedule",
             "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
             "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
             "objective", "k", "binarize", *ARCHITECTURE_KNOBS]
@@ -239,6 +240,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size")
     p.add_argument("--lr", type=_real, default=None, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=_real, default=None,
+                   help="decoupled weight decay (AdamW's, scaled by the learning rate) on the "
+                   "weight matrices and conv kernels; biases and FiLM's one-per-class rows "
+                   "are not decayed (0: off)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="learning-rate schedule over the run")
     p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=None,

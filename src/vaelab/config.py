@@ -61,6 +61,7 @@ class TrainConfig:
     binarize: str = "none"
     batch_size: int = 128
     lr: float = 1e-3
+    weight_decay: float = 0.0  # decoupled (AdamW), on weight matrices and kernels only
     lr_schedule: str = "constant"
     epochs: int = 30
     beta_schedule: str = "linear"
@@ -93,6 +94,8 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be >= 1, got {_short(self.batch_size)}"),
             (math.isfinite(self.lr) and self.lr > 0,
              f"learning rate must be > 0, got {_short(self.lr)}"),
+            (math.isfinite(self.weight_decay) and 0 <= self.weight_decay * self.lr < 1,
+             f"weight decay must be >= 0 and below 1 / lr, got {_short(self.weight_decay)}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"unknown lr schedule {_short(self.lr_schedule)}: choose "
              f"{' or '.join(LR_SCHEDULES)}"),

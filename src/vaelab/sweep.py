@@ -42,7 +42,8 @@ SWEEP_FILE = "sweep.json"
 TABLE_FILE = "sweep.md"
 EXACT_FILE = "exact_log_px.json"
 # the train options a grid may vary: the dest names of ``vaelab train``'s options
-GRID_KEYS = ("model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "lr_schedule",
+GRID_KEYS = ("model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "weight_decay",
+            "lr_schedule",
              "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
              "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
              "objective", "k", "binarize", *ARCHITECTURE_KNOBS)

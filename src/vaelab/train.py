@@ -141,20 +141,37 @@ def precision_reason(name: str, device: torch.device) -> str:
     return f"auto: this CPU has {isa}" if isa else "auto: this CPU has no bf16 instructions"
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Adam's parameter groups: one without decay when ``weight_decay`` is 0 (the layout every
+    earlier checkpoint has); else the weight matrices and conv kernels decayed, and the rest
+    (biases, FiLM's per-class rows, which start at the identity) not."""
+    if weight_decay == 0:
+        return [{"params": list(model.parameters())}]
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and ".film." not in f".{name}" else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": keep, "weight_decay": 0.0}]
+
+
 def make_adam(params: Any, lr: float, *, capturable: bool = False) -> torch.optim.Adam:
     """Adam with the fused kernel where this torch has it for the device, else the default.
 
-    ``capturable``: the learning rate is a device tensor and the update reads nothing from the
-    host, so the step can be captured in a CUDA graph (CUDA only).
+    ``params``: tensors, or parameter groups (``decay_groups``); a group's ``weight_decay`` is
+    decoupled from the gradient (AdamW's). ``capturable``: the learning rate is a device
+    tensor and the update reads nothing from the host, so the step can be captured in a CUDA
+    graph (CUDA only).
     """
     params = list(params)
+    opts: dict[str, Any] = {"decoupled_weight_decay": True}
     if capturable:
-        lr_t = torch.tensor(lr, dtype=torch.float32, device=params[0].device)
-        return torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
+        first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+        lr_t = torch.tensor(lr, dtype=torch.float32, device=first.device)
+        return torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True, **opts)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True, **opts)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, **opts)
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -417,11 +434,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         try:
-            self.optimizer = make_adam(self.model.parameters(), cfg.lr,
+            self.optimizer = make_adam(decay_groups(self.model, cfg.weight_decay), cfg.lr,
                                        capturable=self.use_graphs)
         except (RuntimeError, TypeError, ValueError):  # a torch without tensor-lr fused Adam
             self.use_graphs = False
-            self.optimizer = make_adam(self.model.parameters(), cfg.lr)
+            self.optimizer = make_adam(decay_groups(self.model, cfg.weight_decay), cfg.lr)
         self._graph: Any = None  # torch.cuda.CUDAGraph, captured after WARMUP_STEPS eager steps
         self._graph_inputs: tuple[torch.Tensor, ...] = ()
         self._eager_full_steps = 0
