@@ -3,6 +3,8 @@ another (what reproduce did on a CPU before the sweep).
 
     python benchmarks/sweep_bench.py --out benchmarks/sweep-cpu.json          # the full runs
     python benchmarks/sweep_bench.py --out X.json --epochs 2 --limit 6000     # a small grid
+    python benchmarks/sweep_bench.py --out benchmarks/sweep-full-cpu.json \
+        --modes one_after_another sweep                                        # skip 1 thread
 
 The runs are those ``--ablations`` adds to the two main ones: the VAE and the CVAE at seeds 1
 and 2, and each without KL warm-up (constant beta = 1), on the ``seed`` preset. *One after
@@ -10,7 +12,9 @@ another*: ``vaelab.train.train`` in this process, run after run, torch using eve
 ``train_concurrently`` does off CUDA), and the same with one torch thread (each sweep trial's
 share, which tells the sweep's parallelism from a machine's thread contention). *Sweep*:
 ``vaelab.sweep.train_trials`` on a local Ray with one trial per core, one torch thread each.
-The modes alternate over ``--rounds`` rounds, each into fresh folders. Writes the machine (the
+The modes alternate over ``--rounds`` rounds, each into fresh folders; the file is rewritten
+after each mode, so a long measurement that is stopped keeps what it finished. Also times a
+bare local Ray's start and stop (``ray.init``, one task, ``ray.shutdown``). Writes the machine (the
 CPU as lscpu names it, its cores, the load average before and after each mode: the machine may
 be shared), the settings, and per mode the wall seconds and each run's test -ELBO;
 BENCHMARKS.md's section is rendered from that file
@@ -97,6 +101,23 @@ def through_the_sweep(root: Path, jobs: list[tuple[str, TrainConfig]], cpus: int
     return seconds
 
 
+def ray_start_stop() -> float:
+    """Seconds for a fresh local Ray to start, run one trivial task and stop."""
+    import ray
+
+    t0 = time.perf_counter()
+    res = choose_resources(address=None, num_cpus=len(os.sched_getaffinity(0)),
+                           cpus_per_trial=None, gpus_per_trial=0)
+    from vaelab.sweep import _start_ray
+
+    _start_ray(ray, res)
+    try:
+        ray.get(ray.remote(lambda: 1).remote())
+    finally:
+        ray.shutdown()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -106,6 +127,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="images per split (default: all)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--note", default="", help="a sentence shown with the table")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="which ways to run the grid (default: all three)")
     args = p.parse_args()
     cores = len(os.sched_getaffinity(0))
     jobs = ablation_runs(preset=args.preset, dataset=args.dataset, epochs=args.epochs,
@@ -117,10 +140,12 @@ def main() -> None:
                      "epochs": jobs[0][1].epochs, "limit": args.limit, "runs": names,
                      "rounds": args.rounds, "sequential_threads": torch.get_num_threads(),
                      "sweep_trials_at_once": cores, "sweep_threads_per_trial": 1},
-        "note": args.note, "rounds": []}
+        "note": args.note, "rounds": [],
+        "ray_start_stop_seconds": [ray_start_stop() for _ in range(3)]}
+    modes = tuple(m for m in MODES if m in args.modes)
     for r in range(args.rounds):
-        order = MODES if r % 2 == 0 else MODES[::-1]
-        row: dict[str, Any] = {}
+        order = modes if r % 2 == 0 else modes[::-1]
+        result["rounds"].append({})
         for mode in order:
             root = Path(tempfile.mkdtemp(prefix=f"sweep-bench-{mode}-"))
             load_before = os.getloadavg()
@@ -128,12 +153,12 @@ def main() -> None:
                        else one_after_another(root, jobs, threads=1)
                        if mode == "one_after_another_1_thread"
                        else through_the_sweep(root, jobs, cores))
-            row[mode] = {"seconds": seconds, "neg_elbo": neg_elbos(root, names),
-                         "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+            result["rounds"][-1][mode] = {
+                "seconds": seconds, "neg_elbo": neg_elbos(root, names),
+                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+            atomic_write_json(args.out, result)
             print(f"round {r + 1} {mode}: {seconds:.1f} s", flush=True)
             shutil.rmtree(root, ignore_errors=True)
-        result["rounds"].append(row)
-    atomic_write_json(args.out, result)
     print(f"wrote {args.out}; BENCHMARKS.md shows it (python benchmarks/render_docs.py)")
 
 
