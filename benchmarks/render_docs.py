@@ -117,34 +117,58 @@ def exact_error_check() -> str:
     return "\n".join(lines)
 
 
-def sweep_timing() -> str:
-    """BENCHMARKS.md: the ablation runs through the sweep against one after another (CPU)."""
-    r = _load("benchmarks/sweep-cpu.json")
+_SWEEP_MODES = (("one_after_another", "one after another, s"),
+                ("one_after_another_1_thread", "the same, 1 thread, s"), ("sweep", "sweep, s"))
+
+
+def _sweep_table(path: str, command: str) -> str:
+    """The ablation runs through the sweep against one after another, from sweep_bench.py's
+    JSON; a mode the file lacks (``--modes``) has no column."""
+    r = _load(path)
     m, s = r["machine"], r["settings"]
+    modes = [(k, label) for k, label in _SWEEP_MODES if all(k in row for row in r["rounds"])]
     cpu = m.get("lscpu", {}).get("Model name", m.get("cpu", "?"))
     limit = "all images" if s["limit"] is None else f"the first {s['limit']:,} images per split"
-    lines = [f"Measured with `python benchmarks/sweep_bench.py --out benchmarks/sweep-cpu.json` "
-             f"on {cpu} ({m.get('affinity_cores', m.get('cores', '?'))} cores), torch "
+    one = ", or 1" if any(k == "one_after_another_1_thread" for k, _ in modes) else ""
+    lines = [f"Measured with `{command}` on {cpu} "
+             f"({m.get('affinity_cores', m.get('cores', '?'))} cores), torch "
              f"{m.get('torch', '?')}: the {len(s['runs'])} runs `--ablations` adds "
              f"({', '.join(s['runs'])}), preset {s['preset']}, {s['epochs']} epoch(s), {limit}. "
-             f"One after another: one process, {s['sequential_threads']} torch threads, or 1. "
+             f"One after another: one process, {s['sequential_threads']} torch threads{one}. "
              f"Sweep: a local Ray, {s['sweep_trials_at_once']} trials at once, "
-             f"{s['sweep_threads_per_trial']} thread each, Ray's start and stop included.", "",
-             "| round | one after another, s | the same, 1 thread, s | sweep, s | speed-up "
-             "(against each) | load average before (1 min) | largest -ELBO difference |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{s['sweep_threads_per_trial']} thread each, Ray's start and stop included.", ""]
+    if r.get("ray_start_stop_seconds"):
+        t = r["ray_start_stop_seconds"]
+        lines += [f"A bare local Ray starts, runs one task and stops in "
+                  f"{', '.join(f'{x:.1f}' for x in t)} s ({len(t)} tries).", ""]
+    others = [label.removesuffix(", s") for k, label in modes if k != "sweep"]
+    lines += ["| round | " + " | ".join(label for _, label in modes) + " | speed-up (against "
+              + ", ".join(others) + ") | load average before (1 min) | largest -ELBO "
+              "difference |", "|" + "---:|" * (len(modes) + 4)]
     for i, row in enumerate(r["rounds"], 1):
-        a, one, b = (row["one_after_another"], row["one_after_another_1_thread"],
-                     row["sweep"])
-        diff = max(abs(x["neg_elbo"][n] - b["neg_elbo"][n]) for x in (a, one)
-                   for n in b["neg_elbo"])
-        lines.append(f"| {i} | {a['seconds']:.1f} | {one['seconds']:.1f} | {b['seconds']:.1f} | "
-                     f"{a['seconds'] / b['seconds']:.2f}x, {one['seconds'] / b['seconds']:.2f}x "
-                     f"| {a['loadavg_before'][0]:.1f}, {one['loadavg_before'][0]:.1f}, "
-                     f"{b['loadavg_before'][0]:.1f} | {diff:.3f} |")
+        b = row["sweep"]
+        rest = [row[k] for k, _ in modes if k != "sweep"]
+        diff = max(abs(x["neg_elbo"][n] - b["neg_elbo"][n]) for x in rest for n in b["neg_elbo"])
+        lines.append(f"| {i} | " + " | ".join(f"{row[k]['seconds']:.1f}" for k, _ in modes)
+                     + " | " + ", ".join(f"{x['seconds'] / b['seconds']:.2f}x" for x in rest)
+                     + " | " + ", ".join(f"{row[k]['loadavg_before'][0]:.1f}" for k, _ in modes)
+                     + f" | {diff:.3f} |")
     if r.get("note"):
         lines += ["", r["note"]]
     return "\n".join(lines)
+
+
+def sweep_timing() -> str:
+    """BENCHMARKS.md: a small ablation grid through the sweep against one after another."""
+    return _sweep_table("benchmarks/sweep-cpu.json",
+                        "python benchmarks/sweep_bench.py --out benchmarks/sweep-cpu.json")
+
+
+def sweep_timing_full() -> str:
+    """BENCHMARKS.md: the full-length ablation runs through the sweep, one after another."""
+    return _sweep_table("benchmarks/sweep-full-cpu.json",
+                        "python benchmarks/sweep_bench.py --out benchmarks/sweep-full-cpu.json "
+                        "--modes one_after_another sweep")
 
 
 # --- CPU: `vaelab bench` (BENCHMARKS.json at the root, the quality-*.json runs) ---------------
@@ -632,7 +656,7 @@ def literature_table() -> str:
 
 SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
             "exact-error-check": exact_error_check,
-            "sweep-timing": sweep_timing,
+            "sweep-timing": sweep_timing, "sweep-timing-full": sweep_timing_full,
             "bench-cpu": bench_cpu, "peak-rss": peak_rss, "time-to-quality": time_to_quality,
             "targets": targets, "ceiling-why": ceiling_why, "h100-bench": h100_bench,
             "h100-pairs": h100_pairs, "h100-reproduce": h100_reproduce,
