@@ -283,6 +283,25 @@ def test_a_run_that_differs_only_in_runtime_settings_is_reused(study, data_dir, 
                    device=torch.device("cpu"))
 
 
+def test_a_run_written_before_a_setting_existed_is_reused(study, data_dir, tmp_path) -> None:
+    """A config.json without ``weight_decay`` (written before it existed) is today's default,
+    no decay: the run is reused, not refused as other settings."""
+    out, _ = study
+    copy = tmp_path / "run"
+    shutil.copytree(out / "runs" / "vae", copy)
+    meta = json.loads((copy / "config.json").read_text())
+    del meta["config"]["weight_decay"]
+    (copy / "config.json").write_text(json.dumps(meta))
+    lines: list[str] = []
+    cfg = resolve_config("smoke", model="vae", dataset=f"idx:{data_dir}", seed=0)
+    ensure_run(copy, cfg, force=False, progress=False, log=lines.append,
+               device=torch.device("cpu"))
+    assert lines == [f"{copy}: finished run found, reused"]
+    with pytest.raises(ConfigError, match=r"other settings \(weight_decay\)"):
+        ensure_run(copy, replace(cfg, weight_decay=0.1), force=False, progress=False,
+                   log=lines.append, device=torch.device("cpu"))
+
+
 def test_train_concurrently_off_cuda_trains_one_run_after_the_other(data_dir, tmp_path) -> None:
     """Without CUDA the runs train in order, each exactly as ``train`` alone would."""
     from vaelab.train import train, train_concurrently

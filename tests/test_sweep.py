@@ -151,6 +151,24 @@ def test_a_second_invocation_trains_nothing_and_starts_no_ray(
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_trials_written_before_a_new_setting_existed_still_count_as_done(
+    swept: dict[str, Any], data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A trial's config.json from before ``weight_decay`` existed (the field absent) is the
+    same settings as today's default (no decay): a rerun trains nothing."""
+    out = Path(shutil.copytree(swept["out"], tmp_path / "grid"))
+    for name in TRIALS:
+        path = out / name / "config.json"
+        saved = json.loads(path.read_text())
+        del saved["config"]["weight_decay"]
+        path.write_text(json.dumps(saved))
+    code, err = cli(sweep_args(data, out), capsys)
+    assert (code, err) == (0, [])
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["trained"] == 0 and result["settings"]["ray"] is None
+    assert all(t["status"] == "done" for t in result["trials"])
+
+
 def test_a_rerun_with_other_settings_is_refused_until_force(
     swept: dict[str, Any], data: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -39,7 +39,7 @@ from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderLock, is_lock_file
-from vaelab.sweep import mean_std
+from vaelab.sweep import mean_std, recipe, saved_recipe
 
 REPORT_FORMAT = 1
 MARKER = "vaelab-report.json"
@@ -161,19 +161,6 @@ def run_metrics(ev: dict[str, Any]) -> dict[str, float | None]:
             "neg_elbo": ev["elbo"]["neg_elbo"], "neg_log_px": lp["neg_log_px"] if lp else None}
 
 
-def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(cfg.to_dict()))
-
-
-# Settings that say where and how often, not what is trained: a run that differs from the
-# wanted config only in these (say, trained with --device cpu, wanted with auto) is reused.
-RUNTIME_SETTINGS = ("device", "checkpoint_every", "eval_batch_size", "cuda_graphs")
-
-
-def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RUNTIME_SETTINGS}
-
-
 # --------------------------------------------------------------------------------------------
 # Folders, runs and the classifier
 # --------------------------------------------------------------------------------------------
@@ -214,12 +201,14 @@ def _plan_run(
 ) -> dict[str, Any] | None:
     """What ``path`` needs to hold a finished run of ``config``: None when it does already,
     else ``train``'s keyword options (``resume`` an unfinished run, ``force`` a replacement)."""
-    want = _recipe(_config_dict(config))
+    # a run that differs only in where and how often (say, trained with --device cpu, wanted
+    # with auto) is reused; a field its config.json predates takes the value it meant then
+    want = recipe(config)
     saved = None
     if (path / "config.json").exists():
         try:
-            saved = _recipe(json.loads((path / "config.json").read_text())["config"])
-        except (ValueError, KeyError, TypeError, AttributeError):
+            saved = saved_recipe(path)
+        except (ValueError, KeyError, TypeError, AttributeError, ConfigError):
             saved = None
     if saved is not None and saved != want:
         if not force:

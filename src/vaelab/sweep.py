@@ -250,26 +250,42 @@ def _recipe(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in RUNTIME_SETTINGS}
 
 
+def recipe(config: TrainConfig) -> dict[str, Any]:
+    """What ``config`` trains, as JSON: every setting but where and how often."""
+    return _recipe(_jsonable(config.to_dict()))
+
+
+def saved_recipe(path: Path) -> dict[str, Any]:
+    """The recipe of the run in ``path``, read through ``TrainConfig.from_dict``: a field its
+    config.json predates takes the value that meant then (no weight decay, first-layer label
+    conditioning, ...), so an older finished trial still counts as the same settings. Raises
+    ``OSError``, ``ValueError``, ``KeyError``, ``TypeError`` or ``ConfigError``."""
+    saved = json.loads((path / "config.json").read_text())["config"]
+    if not isinstance(saved, dict):
+        raise TypeError("config.json's config is not an object")
+    return _recipe(_jsonable(TrainConfig.from_dict(saved).to_dict()))
+
+
 def trial_state(path: Path, config: TrainConfig) -> str:
     """``done`` (a finished run of ``config``), ``unfinished`` (a run of it to resume), ``new``
     (nothing there) or ``other`` (a run of other settings, or other files)."""
     if not path.exists() or not any(not is_lock_file(p) for p in path.iterdir()):
         return "new"
     try:
-        saved = json.loads((path / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = saved_recipe(path)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return "other"
-    if not isinstance(saved, dict) or _recipe(saved) != _recipe(_jsonable(config.to_dict())):
+    if saved != recipe(config):
         return "other"
     return "done" if (path / "summary.json").exists() else "unfinished"
 
 
 def _settings_differ(path: Path, config: TrainConfig) -> str:
     try:
-        saved = _recipe(json.loads((path / "config.json").read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        saved = saved_recipe(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError):
         return "files that are not a vaelab run"
-    want = _recipe(_jsonable(config.to_dict()))
+    want = recipe(config)
     diff = sorted(k for k in set(want) | set(saved) if want.get(k) != saved.get(k))
     return f"a run with other settings ({', '.join(diff)})"
 
