@@ -165,10 +165,26 @@ def sweep_timing() -> str:
 
 
 def sweep_timing_full() -> str:
-    """BENCHMARKS.md: the full-length ablation runs through the sweep, one after another."""
-    return _sweep_table("benchmarks/sweep-full-cpu.json",
-                        "python benchmarks/sweep_bench.py --out benchmarks/sweep-full-cpu.json "
-                        "--modes one_after_another sweep")
+    """BENCHMARKS.md: the full-length ablation runs through the sweep, one after another; and
+    whether its one-thread seed runs end where seeds-cpu.json's one-thread runs of the same
+    network and precision end (bitwise reproducibility across processes and Ray)."""
+    table = _sweep_table("benchmarks/sweep-full-cpu.json",
+                         "python benchmarks/sweep_bench.py --out benchmarks/sweep-full-cpu.json "
+                         "--modes one_after_another sweep")
+    swept = _load("benchmarks/sweep-full-cpu.json")["rounds"][0]["sweep"]["neg_elbo"]
+    pairs = []
+    for g in _load("benchmarks/seeds-cpu.json")["groups"]:
+        if g["activation"] != "silu" or g["precision"] != "bf16":
+            continue
+        for seed, x in zip(g["seeds"], g["neg_elbo"], strict=True):
+            name = f"{g['model']}-seed{seed}"
+            if name in swept:
+                pairs.append((name, x == swept[name]))
+    same = [n for n, eq in pairs if eq]
+    return table + (f"\n\nOf its runs, {', '.join(same) or 'none'} end with the very test -ELBO "
+                    f"(every digit) of the one-thread run of `benchmarks/seeds-cpu.json` "
+                    f"(same network, bf16), trained outside the sweep; {len(pairs) - len(same)} "
+                    "of the runs both files hold differ.")
 
 
 # --- CPU: `vaelab bench` (BENCHMARKS.json at the root, the quality-*.json runs) ---------------
@@ -540,11 +556,13 @@ def quick_sweep() -> str:
                 f"training took {s:.0f} s in the measured quick look (`{_QUICK}`, a shared "
                 "machine), and a core trains two of the three trials, one after the other, "
                 "after Ray's start.")
+    m = r["machine"]
     return (f"The first line trains three `quick` VAEs on a local Ray, one trial per core with "
             f"one torch thread each: `python benchmarks/quick_look.py --sweep` measured "
-            f"{w['wall_s']:.0f} s for it, Ray's start included, at nice {w['nice']} on the "
-            f"shared machine of the quick look (load average {w['load_before'][0]:.1f} before; "
-            f"there one `quick` training took {s:.0f} s; `{_QUICK}`).")
+            f"{w['wall_s']:.0f} s for it on {m.get('cpu', '?')} ({m.get('cores', '?')} cores; "
+            f"load average {w['load_before'][0]:.1f} before), Ray's start and each trial's "
+            f"exact -log p(x) included (`{_QUICK}`, where the quick look itself, measured "
+            f"separately, trained one `quick` VAE in {s:.0f} s).")
 
 
 def h100_study() -> str:
