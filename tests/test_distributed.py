@@ -159,3 +159,16 @@ def test_torchrun_resume_continues_the_run(data_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_into_a_folder_of_other_files_is_refused_with_one_line(data_dir, tmp_path):
+    """Only rank 0 checks the folder (the one writer); its refusal stops both ranks at once,
+    with the one line, and the files are left as they were."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = _run(data_dir, out, "--epochs", "1")
+    assert r.returncode != 0
+    assert "already holds other files" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"

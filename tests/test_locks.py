@@ -126,3 +126,22 @@ def test_a_second_reproduce_and_classifier_into_one_folder_are_refused(
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_folder_whose_holder_file_is_being_written_counts_as_empty(tmp_path: Path) -> None:
+    """Another process may see the holder file's atomic-write temp for an instant (torchrun's
+    second rank did, and refused a new folder as "holding other files"): it is the lock's."""
+    from vaelab.locks import is_lock_file
+    from vaelab.train import check_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (LOCK_FILE, HOLDER_FILE, f".{HOLDER_FILE}.k2j4x_a.tmp"):
+        (out / name).write_text("")
+        assert is_lock_file(out / name)
+    assert check_run_dir(out, force=False) is False
+    for name in (f"{HOLDER_FILE}.x.tmp", ".config.json.x.tmp", f".{HOLDER_FILE}.x"):
+        assert not is_lock_file(out / name)
+    (out / ".config.json.k2j4x_a.tmp").write_text("")
+    with pytest.raises(Exception, match="already holds other files"):
+        check_run_dir(out, force=False)

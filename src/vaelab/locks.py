@@ -137,7 +137,10 @@ def holder_of(folder: str | os.PathLike) -> str:
 
 
 def is_lock_file(path: Path) -> bool:
-    return path.name in LOCK_FILES
+    """The lock, its holder file, or the holder file while it is being written (the atomic
+    write's ``.vaelab.lock.json.*.tmp``, which another process may see for an instant)."""
+    name = path.name
+    return name in LOCK_FILES or (name.startswith(f".{HOLDER_FILE}.") and name.endswith(".tmp"))
 
 
 def check_output_folder(out: Path, marker: str, what: str) -> None:

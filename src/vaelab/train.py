@@ -385,7 +385,8 @@ class Trainer:
             if saved_nothing(self.out):
                 self.log(f"{self.out} holds a run that saved nothing (no checkpoint, no "
                          "weights, no finished epoch): starting it over")
-            check_run_dir(self.out, force=force)
+            if self.rank == 0:  # the one writer checks (and under torchrun its refusal
+                check_run_dir(self.out, force=force)  # stops every rank)
         self.config = cfg
         self.distributed = self.world_size > 1
         if self.distributed:
