@@ -172,14 +172,12 @@ def sweep_timing_full() -> str:
                          "python benchmarks/sweep_bench.py --out benchmarks/sweep-full-cpu.json "
                          "--modes one_after_another sweep")
     swept = _load("benchmarks/sweep-full-cpu.json")["rounds"][0]["sweep"]["neg_elbo"]
-    pairs = []
+    held: dict[str, list[float]] = {}  # seeds-cpu.json's bf16 SiLU runs, by model and seed
     for g in _load("benchmarks/seeds-cpu.json")["groups"]:
-        if g["activation"] != "silu" or g["precision"] != "bf16":
-            continue
-        for seed, x in zip(g["seeds"], g["neg_elbo"], strict=True):
-            name = f"{g['model']}-seed{seed}"
-            if name in swept:
-                pairs.append((name, x == swept[name]))
+        if g["activation"] == "silu" and g["precision"] == "bf16":
+            for seed, x in zip(g["seeds"], g["neg_elbo"], strict=True):
+                held.setdefault(f"{g['model']}-seed{seed}", []).append(x)
+    pairs = [(name, swept[name] in held[name]) for name in sorted(swept) if name in held]
     same = [n for n, eq in pairs if eq]
     return table + (f"\n\nOf its runs, {', '.join(same) or 'none'} end with the very test -ELBO "
                     f"(every digit) of the one-thread run of `benchmarks/seeds-cpu.json` "
@@ -606,6 +604,16 @@ def h100_training() -> str:
 _SEEDS = "benchmarks/seeds-cpu.json"
 
 
+def _network_label(g: dict) -> str:
+    """"silu, film, encoder 1024/2": activation, a CVAE's label conditioning, and the
+    encoder's hidden width / 3x3 refining convs (the knobs the seed runs differ in)."""
+    n = g.get("network") or {}
+    parts = [g["activation"]] + ([g["label_conditioning"]] if g["label_conditioning"] else [])
+    if n:
+        parts.append(f"encoder {n['enc_hidden']}/{n['enc_refine']}")
+    return ", ".join(parts)
+
+
 def seeds_cpu() -> str:
     """README: the seed preset over seeds and precisions on this CPU, against the targets."""
     r = _load(_SEEDS)
@@ -615,15 +623,14 @@ def seeds_cpu() -> str:
         t = g["target"]
         target = f"each <= {t['each']:.1f}" + (f", mean <= {t['mean']:.1f}" if "mean" in t
                                                 else "")
-        name = g["model"].upper() + f" ({g['activation']}" + (
-            f", {g['label_conditioning']})" if g["label_conditioning"] else ")")
+        name = g["model"].upper() + f" ({_network_label(g)})"
         spread = f" ± {g['std']:.2f}" if g["std"] is not None else " (one seed)"
         lines.append(f"| {name} | {g['precision']} | {', '.join(map(str, g['seeds']))} | "
                      + ", ".join(f"{v:.2f}" for v in g["neg_elbo"])
                      + f" | {g['mean']:.2f}{spread} | {g['worst']:.2f} | {target} | "
                      + ("yes" if g["met"] else "no") + f" | {g['val_mean']:.2f} |")
     def net(x: dict) -> tuple:
-        return x["model"], x["activation"], x["label_conditioning"]
+        return x["model"], _network_label(x)
 
     diffs = []
     for n in sorted({net(x) for x in r["runs"]}, key=str):
@@ -632,13 +639,14 @@ def seeds_cpu() -> str:
         same = sorted(s for p, s in value if p == "bf16" and ("fp32", s) in value)
         if same:
             d = [value[("bf16", s)] - value[("fp32", s)] for s in same]
-            diffs.append(f"{sum(d) / len(d):+.2f} for the {n[0].upper()} ({n[1]}; seeds "
+            diffs.append(f"{sum(d) / len(d):+.2f} for the {n[0].upper()} ({n[1]}: seeds "
                          f"{', '.join(map(str, same))})")
     m = r["machine"]
     text = (f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}); `{_SEEDS}`, written by "
             "`benchmarks/seeds_precision.py` from the run folders. The runs shared the two "
             "cores with other work, most on one thread two or three at a time, so their "
-            "speeds (`images_per_s` there) say little.")
+            "speeds (`images_per_s` there) say little. \"encoder H/R\": the encoder's hidden "
+            "width H and its R 3x3 refining convs (`--enc-hidden`, `--enc-refine`).")
     if diffs:
         text += " bf16 minus fp32 on the same seeds: " + "; ".join(diffs) + " nats."
     return "\n".join(lines + ["", text])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vaelab.bench import machine
 from vaelab.checkpoint import read_config
+from vaelab.config import ARCHITECTURE_KNOBS
 from vaelab.io import atomic_write_json
 
 TARGETS = {"vae": {"each": 136.0}, "cvae": {"each": 125.0, "mean": 124.5}}
@@ -29,11 +30,13 @@ def run_row(folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     if summary["epochs"] != cfg["epochs"]:
         raise SystemExit(f"{folder}: not finished ({summary['epochs']} of {cfg['epochs']} epochs)")
+    network = {k: cfg[k] for k in ARCHITECTURE_KNOBS}
+    if cfg["model"] == "vae":  # a VAE has no label: its runs group together whatever it says
+        network["label_conditioning"] = None
     return {
         "run": str(folder), "model": cfg["model"], "seed": cfg["seed"],
         "precision": summary["precision"],
-        # a VAE has no label: its runs group together whatever the field says
-        "label_conditioning": cfg["label_conditioning"] if cfg["model"] == "cvae" else None,
+        "network": network, "label_conditioning": network["label_conditioning"],
         "activation": cfg["activation"], "resolved": raw.get("resolved"),
         "preset": cfg["preset"], "epochs": cfg["epochs"],
         "test": summary["test"], "val": summary["val"], "train_seconds": summary["train_seconds"],
@@ -42,19 +45,25 @@ def run_row(folder: Path) -> dict:
     }
 
 
+def network_key(r: dict) -> tuple:
+    """Runs of one model and network (every architecture knob alike) group together."""
+    return r["model"], json.dumps(r["network"], sort_keys=True)
+
+
 def groups(rows: list[dict]) -> list[dict]:
     out = []
     def key(r: dict) -> tuple:
-        return r["model"], r["activation"], r["label_conditioning"], r["precision"]
+        return *network_key(r), r["precision"]
 
     for k in sorted({key(r) for r in rows}, key=str):
-        model, activation, cond, precision = k
+        model, _, precision = k
         these = sorted((r for r in rows if key(r) == k), key=lambda r: r["seed"])
+        first = these[0]
         values = [r["test"]["neg_elbo"] for r in these]
         target = TARGETS[model]
         out.append({
-            "model": model, "activation": activation, "label_conditioning": cond,
-            "precision": precision,
+            "model": model, "network": first["network"], "activation": first["activation"],
+            "label_conditioning": first["label_conditioning"], "precision": precision,
             "seeds": [r["seed"] for r in these], "neg_elbo": values,
             "mean": statistics.fmean(values),
             "val_mean": statistics.fmean(r["val"]["neg_elbo"] for r in these),
@@ -79,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     })
     for g in groups(rows):
         cond = g["label_conditioning"] or "-"
-        print(f"{g['model']:4} {g['activation']} {g['precision']} {cond:5} seeds {g['seeds']}: "
+        n = g["network"]
+        print(f"{g['model']:4} {g['activation']} {g['precision']} {cond:5} "
+              f"enc {n['enc_hidden']}/{n['enc_refine']} seeds {g['seeds']}: "
               + " ".join(f"{v:.2f}" for v in g["neg_elbo"]) + f"  mean {g['mean']:.2f}")
     return 0
 
