@@ -354,3 +354,29 @@ def test_a_budget_stops_the_work_and_the_summary_counts_what_is_left(
     assert summary["over_tolerance"] == int((capped.error > 1e-3).sum()) > 0
     # what is left keeps an honest estimate: within its error of the full computation
     assert bool(((capped.log_px - full.log_px).abs() <= capped.error + full.error).all())
+
+
+def test_saved_exact_values_load_back_under_their_key_only(small_vae_and_images, tmp_path
+                                                           ) -> None:
+    """``ExactLogPx.save``/``load``: the same values back under the same key; another key, a
+    cut-short or foreign file, or none at all give None (the caller computes them again)."""
+    from vaelab.evaluate import ExactLogPx
+
+    model, split = small_vae_and_images
+    ex = exact_log_px_per_image(model, split, tolerance=0.1)
+    path, key = tmp_path / "exact.safetensors", {"model_sha256": "ab", "tolerance": 0.1}
+    ex.save(path, key)
+    back = ExactLogPx.load(path, dict(key))
+    assert back is not None and back.tolerance == ex.tolerance and back.nodes == ex.nodes
+    for name in ("log_px", "error", "refined", "posterior_mean", "posterior_cov"):
+        assert torch.equal(getattr(back, name), getattr(ex, name)), name
+    assert back.summary() == ex.summary()
+    assert ExactLogPx.load(path, {**key, "tolerance": 0.5}) is None
+    assert ExactLogPx.load(tmp_path / "absent.safetensors", key) is None
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert ExactLogPx.load(path, key) is None
+    path.write_bytes(b'{"not": "safetensors"}')
+    assert ExactLogPx.load(path, key) is None
+    part = ex.subset(3)
+    assert part.log_px.shape == (3,) and torch.equal(part.posterior_cov, ex.posterior_cov[:3])

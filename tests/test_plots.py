@@ -446,3 +446,26 @@ def test_the_true_posterior_figure_shows_p_and_q_for_the_chosen_digits(vae, spli
     fig = plots.true_posterior(pics)
     assert len([a for a in fig.axes if a.get_title()]) == 6
     assert all("KL(q || p)" in a.get_title() for a in fig.axes if a.get_title())
+
+
+def test_the_true_posterior_figure_takes_an_evaluation_s_exact_values(vae, split, monkeypatch
+                                                                      ) -> None:
+    """Given the split's per-image exact log p(x) (as the report passes its evaluation's), the
+    figure runs no quadrature of its own, and shows the digits it would have chosen itself."""
+    import vaelab.evaluate as ev
+
+    part = split.subset(40)
+    own = ev.true_posteriors(vae, part, candidates=40, per_row=3, intervals=16)
+    given = ev.exact_log_px_per_image(vae, part, tolerance=0.5)
+
+    def refuse(*a, **k):
+        raise AssertionError("a second quadrature")
+
+    monkeypatch.setattr(ev, "exact_log_px_per_image", refuse)
+    took = ev.true_posteriors(vae, part, candidates=40, per_row=3, intervals=16, exact=given)
+    for row in ("largest", "smallest"):
+        assert [p.index for p in took[row]] == [p.index for p in own[row]]
+        for a, b in zip(took[row], own[row], strict=True):
+            assert torch.equal(a.density, b.density) and a.log_px == b.log_px
+    with pytest.raises(AssertionError, match="second quadrature"):  # too few: computed again
+        ev.true_posteriors(vae, part, candidates=40, exact=given.subset(39))

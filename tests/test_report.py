@@ -19,6 +19,7 @@ import pytest
 import torch
 from rich.console import Console
 
+import vaelab
 from synthetic import block_digits, write_synthetic
 from vaelab import plots
 from vaelab.cli import main
@@ -491,3 +492,43 @@ def test_the_exact_table_gives_the_elbo_as_log_px_plus_the_gap() -> None:
           "refined": 3, "n": 10}
     row = dict(zip(EXACT_COLUMNS, exact_row("vae", ex), strict=True))
     assert float(row["-ELBO"]) == 133.25 and float(row["-log p(x)"]) == 127.25
+
+
+def test_the_exact_quadrature_runs_once_per_run_and_is_kept(study, data_dir, tmp_path,
+                                                            monkeypatch) -> None:
+    """The evaluation's per-image exact log p(x) is kept beside it (evaluations/KIND-exact
+    .safetensors) and the true-posterior figure takes it: a report computes the quadrature once
+    per run, and a report that redoes its evaluations (here: a new K) and figures, none."""
+    import vaelab.evaluate as ev
+
+    out, first = study
+    for kind in ("vae", "cvae"):
+        assert ev.ExactLogPx.load(out / "evaluations" / f"{kind}-exact.safetensors",
+                                  {"model_sha256": _sha(out, kind), "tolerance": 0.1,
+                                   "test_images": 60, "vaelab": vaelab.__version__}) is not None
+    calls = []
+    real = ev.exact_log_px_per_image
+    monkeypatch.setattr(ev, "exact_log_px_per_image",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    fresh = tmp_path / "fresh"  # the same runs, nothing else
+    fresh.mkdir()
+    shutil.copytree(out / "runs", fresh / "runs")
+    shutil.copytree(out / "classifier", fresh / "classifier")
+    shutil.copy(out / MARKER, fresh / MARKER)
+    again = reproduce(fresh, preset="smoke", dataset=f"idx:{data_dir}", num_samples=5,
+                      progress=False, formats=("png",))
+    assert len(calls) == 2  # one per run: the figures reused the evaluations' values
+    for kind in ("vae", "cvae"):
+        assert (again["evaluations"][kind]["exact_log_px"]
+                == first["evaluations"][kind]["exact_log_px"])
+    calls.clear()
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "figures")
+    reproduce(copy, preset="smoke", dataset=f"idx:{data_dir}", num_samples=3, progress=False,
+              formats=("png",))
+    assert calls == []  # a new K: evaluated again, without a second quadrature
+
+
+def _sha(out: Path, kind: str) -> str:
+    return json.loads((out / "runs" / kind / "model.json").read_text())["sha256"]

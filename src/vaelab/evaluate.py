@@ -6,7 +6,9 @@ latent dimensions). The ELBO is always evaluated at beta = 1, so it is a true bo
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 from vaelab.config import check_seed
 from vaelab.data import Dataset, Split, dataset_for_config
 from vaelab.errors import ConfigError
+from vaelab.io import atomic_write_bytes
 from vaelab.models import ConvVAE
 from vaelab.objectives import (
     QuadratureSums,
@@ -241,6 +244,43 @@ class ExactLogPx:
             "over_tolerance": int((self.error > self.tolerance).sum()),
             "refined": int(self.refined.sum()), "nodes": self.nodes, "n": n,
         }
+
+    def subset(self, n: int) -> ExactLogPx:
+        """The first ``n`` images' values (``nodes`` stays the whole computation's)."""
+        return ExactLogPx(self.log_px[:n], self.error[:n], self.refined[:n],
+                          self.posterior_mean[:n], self.posterior_cov[:n], self.tolerance,
+                          self.nodes)
+
+    _TENSORS = ("log_px", "error", "refined", "posterior_mean", "posterior_cov")
+
+    def save(self, path: str | os.PathLike, key: dict[str, Any]) -> None:
+        """Write the per-image values to ``path`` (safetensors, atomically), with ``key`` (any
+        JSON) saying whose they are, for ``load``."""
+        from safetensors.torch import save
+
+        tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in self._TENSORS}
+        meta = {"key": json.dumps(key, sort_keys=True), "tolerance": repr(self.tolerance),
+                "nodes": str(self.nodes)}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, key: dict[str, Any]) -> ExactLogPx | None:
+        """The values ``save`` wrote to ``path`` under the same ``key``; None when the file is
+        absent, unreadable, inconsistent or another key's (the caller computes them again)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != json.dumps(key, sort_keys=True):
+                    return None
+                t = {k: f.get_tensor(k) for k in cls._TENSORS}
+            n = t["log_px"].shape[0]
+            if t["log_px"].dim() != 1 or any(t[k].shape[:1] != (n,) for k in cls._TENSORS):
+                return None
+            return cls(**t, tolerance=float(meta["tolerance"]), nodes=int(meta["nodes"]))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
+            return None
 
 
 def _check_exact_latent(model: nn.Module) -> int:
@@ -638,21 +678,25 @@ def pick_by_gap(gap: Tensor, labels: Tensor, per_row: int) -> tuple[list[int], l
 def true_posteriors(
     model: ConvVAE, split: Split, *, candidates: int = 300, per_row: int = 5,
     intervals: int = 64, likelihood: str = "bernoulli", progress: bool = False,
+    exact: ExactLogPx | None = None,
 ) -> dict[str, list[PosteriorPicture]]:
     """p(z|x) for the test digits with the largest and the smallest gaps (``pick_by_gap``)
     among the first ``candidates`` images of a 2-D model: ``{"largest": [...], "smallest":
     [...]}``. Gaps are ranked from a coarse exact log p(x) (tolerance 0.5 nats) and the
     Gauss-Hermite ELBO; each chosen image then gets a lattice rule of its own, ``intervals``
     per axis over its posterior's mean +- 4 sd (and q's), whose trapezoid nodes are the picture
-    and give log p(x) with its error estimate."""
+    and give log p(x) with its error estimate. ``exact``, the split's per-image values from an
+    evaluation (``exact_log_px_per_image``, covering at least the candidates), stands in for
+    the coarse pass: the report passes its own, so this costs no second quadrature."""
     if model.latent_dim != 2:
         raise ConfigError(f"the true-posterior figure needs a 2-D latent, this model has "
                           f"{model.latent_dim}")
     part = split.subset(min(candidates, len(split)))
     if len(part) == 0:
         raise ConfigError("the true-posterior figure needs at least one image")
-    coarse = exact_log_px_per_image(model, part, tolerance=0.5, likelihood=likelihood,
-                                    progress=progress)
+    coarse = (exact.subset(len(part)) if exact is not None and len(exact.log_px) >= len(part)
+              else exact_log_px_per_image(model, part, tolerance=0.5, likelihood=likelihood,
+                                          progress=progress))
     gap = coarse.log_px - gauss_hermite_elbo(model, part, likelihood=likelihood)
     largest, smallest = pick_by_gap(gap, part.labels, per_row)
     pictures = posterior_pictures(model, part, largest + smallest, coarse,
@@ -934,6 +978,7 @@ def full_evaluation(
     progress: bool = False,
     logpx_images: int | None = None,
     tolerance: float | None = DEFAULT_TOLERANCE,
+    exact: ExactLogPx | None = None,
 ) -> dict[str, Any]:
     """Every test-set number of one run, as a JSON-ready dict.
 
@@ -943,7 +988,8 @@ def full_evaluation(
     log p(x) to the first N test images (it costs ``num_samples`` decoder passes per image;
     None or 0: the whole test set), once with q(z|x) as the proposal (``log_px``) and once with
     a Student-t around it (``log_px_student_t``); with the exact value known, each also holds
-    the exact value on those same images and the estimate's ``bias`` against it.
+    the exact value on those same images and the estimate's ``bias`` against it. ``exact``:
+    those per-image values, computed already (``exact_log_px_per_image`` of ``dataset.test``).
 
     ``elbo`` (recon, KL, -ELBO, one z per image), ``log_px`` (importance sampled with
     ``num_samples`` draws per image; None if 0), ``active_units``, ``knn`` (test codes against
@@ -957,9 +1003,15 @@ def full_evaluation(
     out: dict[str, Any] = {"model": model.spec.kind, "run": str(run.path), "seed": cfg.get("seed")}
     out["elbo"] = evaluate_elbo(model, dataset.test, likelihood=likelihood, seed=seed)
     per_image = None
-    if tolerance is not None and model.latent_dim <= EXACT_MAX_LATENT:
+    if exact is not None and len(exact.log_px) != len(dataset.test):
+        raise ConfigError(f"the exact log p(x) given covers {len(exact.log_px)} images, the "
+                          f"test split has {len(dataset.test)}")
+    if exact is not None:
+        per_image = exact
+    elif tolerance is not None and model.latent_dim <= EXACT_MAX_LATENT:
         per_image = exact_log_px_per_image(model, dataset.test, likelihood=likelihood,
                                            tolerance=tolerance, progress=progress)
+    if per_image is not None:
         out["exact_log_px"] = per_image.summary()
         out["exact_log_px"]["gap"] = out["exact_log_px"]["log_px"] + out["elbo"]["neg_elbo"]
     logpx_split = dataset.test.subset(logpx_images) if logpx_images else dataset.test

@@ -41,7 +41,7 @@ from vaelab.io import atomic_write_bytes, make_folder
 
 if TYPE_CHECKING:
     from vaelab.checkpoint import Run
-    from vaelab.evaluate import PosteriorPicture
+    from vaelab.evaluate import ExactLogPx, PosteriorPicture
     from vaelab.models import ConvVAE
 
 __all__ = [
@@ -830,9 +830,10 @@ def save_figure(
 class FigureSpec(NamedTuple):
     """A figure of the registry: how to draw it for a run, its caption, what it applies to."""
 
-    draw: Callable[[Run, Dataset], Figure]
+    draw: Callable[..., Figure]  # (run, dataset), and the exact log p(x) where uses_exact
     caption: str
     applies_to: str  # "all", "cvae" or "latent2" (a 2-D latent)
+    uses_exact: bool = False  # takes an evaluation's per-image exact log p(x), or None
 
 
 FIGURES: dict[str, FigureSpec] = {
@@ -891,12 +892,12 @@ FIGURES: dict[str, FigureSpec] = {
         "(one row per class).",
         "cvae"),
     "true-posterior": FigureSpec(
-        lambda run, ds: true_posterior(_true_posteriors(run, ds)),
+        lambda run, ds, exact: true_posterior(_true_posteriors(run, ds, exact)),
         "The true posterior p(z|x) (filled contours, by quadrature) under q(z|x)'s 1, 2 and "
         "3-sigma ellipses, for the five test digits of distinct classes with the largest gap "
         "KL(q || p(z|x)) = log p(x) - ELBO (top) and the five with the smallest (bottom), among "
         "the first 300 test images: what the Gaussian encoder misses.",
-        "latent2"),
+        "latent2", uses_exact=True),
 }
 """Every figure of the study by name (the file stem ``draw_all`` writes)."""
 
@@ -906,10 +907,11 @@ def _applies(spec: FigureSpec, model: ConvVAE) -> bool:
             or (spec.applies_to == "latent2" and model.latent_dim == 2))
 
 
-def _true_posteriors(run: Run, ds: Dataset) -> dict[str, list[PosteriorPicture]]:
+def _true_posteriors(run: Run, ds: Dataset, exact: ExactLogPx | None
+                     ) -> dict[str, list[PosteriorPicture]]:
     from vaelab.evaluate import true_posteriors
 
-    return true_posteriors(run.model, ds.test,
+    return true_posteriors(run.model, ds.test, exact=exact,
                            likelihood=run.config["config"].get("likelihood", "bernoulli"))
 
 
@@ -940,15 +942,20 @@ def select_figures(run: Run, names: str | Iterable[str] = "all") -> list[str]:
 
 def draw_all(
     run: Run, dataset: Dataset, out_dir: str | Path, formats: Iterable[str] = ("png", "pdf"),
-    *, names: str | Iterable[str] = "all",
+    *, names: str | Iterable[str] = "all", exact: ExactLogPx | None = None,
 ) -> dict[str, list[Path]]:
     """Draw every figure of ``names`` (default: all that apply to ``run``) into ``out_dir``.
 
-    Files are ``<out_dir>/<name>.<format>``; returns name -> written paths.
+    Files are ``<out_dir>/<name>.<format>``; returns name -> written paths. ``exact``: the
+    test split's per-image exact log p(x) from an evaluation (``evaluate.ExactLogPx``), which
+    the true-posterior figure then takes instead of a quadrature of its own.
     """
     chosen = select_figures(run, names)
     formats = _check_formats(formats)
     out = Path(out_dir)
     make_folder(out)
-    return {name: save_figure(FIGURES[name].draw(run, dataset), out / name, formats)
-            for name in chosen}
+
+    def draw(spec: FigureSpec) -> Figure:
+        return spec.draw(run, dataset, exact) if spec.uses_exact else spec.draw(run, dataset)
+
+    return {name: save_figure(draw(FIGURES[name]), out / name, formats) for name in chosen}

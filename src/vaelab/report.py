@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderLock, is_lock_file
 from vaelab.sweep import mean_std, recipe, saved_recipe
+
+if TYPE_CHECKING:
+    from vaelab.evaluate import ExactLogPx
 
 REPORT_FORMAT = 1
 MARKER = "vaelab-report.json"
@@ -324,9 +327,10 @@ FIGURE_MANIFEST = "figures.json"
 
 def draw_figures(
     run: Run, dataset: Dataset, folder: Path, formats: Sequence[str], *, force: bool,
-    log: Callable[[str], None],
+    log: Callable[[str], None], exact: ExactLogPx | None = None,
 ) -> dict[str, list[Path]]:
-    """Every figure that applies to ``run``, drawn into ``folder`` by ``plots.draw_all``.
+    """Every figure that applies to ``run``, drawn into ``folder`` by ``plots.draw_all``
+    (``exact``: the evaluation's per-image exact log p(x), for the true-posterior figure).
 
     Figures already there for the same weights (the SHA-256 in the run's model.json, kept in
     ``folder/figures.json``) and formats are reused unless ``force``.
@@ -351,7 +355,8 @@ def draw_figures(
     if todo:
         log(f"drawing {len(todo)} figure{'s' if len(todo) != 1 else ''} of {run.path} "
             f"into {folder}")
-        drawn.update(plots.draw_all(run, dataset, folder, formats=tuple(formats), names=todo))
+        drawn.update(plots.draw_all(run, dataset, folder, formats=tuple(formats), names=todo,
+                                    exact=exact))
     else:
         log(f"{folder}: figures up to date, reused")
     atomic_write_json(folder / FIGURE_MANIFEST, {
@@ -464,8 +469,15 @@ def run_study(
     that is not empty and not a vaelab report is refused unless ``force``; ``force`` also
     retrains runs whose saved settings differ.
     """
+    from vaelab import __version__
     from vaelab.bench import machine
-    from vaelab.evaluate import dataset_for_run, full_evaluation
+    from vaelab.evaluate import (
+        EXACT_MAX_LATENT,
+        ExactLogPx,
+        dataset_for_run,
+        exact_log_px_per_image,
+        full_evaluation,
+    )
     from vaelab.io import console as output_console
     from vaelab.train import pick_device, versions
 
@@ -555,7 +567,17 @@ def run_study(
         return ds if n is None else replace(ds, test=ds.test.subset(n))
 
     evaluations: dict[str, dict[str, Any]] = {}
+    exact: dict[str, ExactLogPx | None] = {}  # per image, for the true-posterior figure
     for name, run in named.items():
+        # the exact log p(x) of every test image, kept beside the evaluation (its key: the
+        # weights, the images, the tolerance) so the figures reuse it instead of a second
+        # quadrature (minutes on a CPU), also when the evaluation itself is reused
+        exact_path = out / EVALUATIONS / f"{name}-exact.safetensors"
+        exact_key = {"model_sha256": _model_sha256(run), "tolerance": tolerance,
+                     "test_images": len(test_part_of(run).test), "vaelab": __version__}
+        wants_exact = tolerance is not None and run.model.latent_dim <= EXACT_MAX_LATENT
+        exact[name] = (ExactLogPx.load(exact_path, exact_key) if wants_exact and not force
+                       else None)
         settings = {"num_samples": num_samples, "logpx_images": logpx_images, "seed": 0,
                     "tolerance": tolerance,
                     "per_class": recipe["per_class"],
@@ -564,17 +586,25 @@ def run_study(
         if recipe["test_images"] is not None:  # absent for all: older caches stay valid
             settings["test_images"] = recipe["test_images"]
 
-        def evaluate(run: Run = run, name: str = name,
-                     settings: dict[str, Any] = settings) -> dict[str, Any]:
+        def evaluate(run: Run = run, name: str = name, settings: dict[str, Any] = settings,
+                     exact_path: Path = exact_path, exact_key: dict[str, Any] = exact_key,
+                     wants_exact: bool = wants_exact) -> dict[str, Any]:
             log(f"evaluating {name} ({run.path}): ELBO, exact log p(x) (latent <= 2), "
                 f"log p(x) with K = {num_samples} "
                 f"on {'all' if not logpx_images else f'the first {logpx_images:,}'} test "
                 "images, active units, kNN, aggregate posterior, closest pairs"
                 + (", class accuracy of samples" if run.model.conditional else ""))
+            data = test_part_of(run)
+            if exact[name] is None and wants_exact:
+                exact[name] = exact_log_px_per_image(
+                    run.model, data.test, tolerance=tolerance, progress=progress,
+                    likelihood=run.config["config"].get("likelihood", "bernoulli"))
+                if exact_key["model_sha256"] is not None:
+                    exact[name].save(exact_path, exact_key)
             return full_evaluation(
-                run, test_part_of(run), num_samples=num_samples, seed=0, progress=progress,
+                run, data, num_samples=num_samples, seed=0, progress=progress,
                 classifier=classifier, per_class=settings["per_class"],
-                logpx_images=logpx_images, tolerance=tolerance)
+                logpx_images=logpx_images, tolerance=tolerance, exact=exact[name])
 
         ev = ensure_evaluation(out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
                                force=force, log=log)
@@ -591,7 +621,7 @@ def run_study(
     figures: dict[str, dict[str, list[str]]] = {}
     for kind in KINDS:
         drawn = draw_figures(named[kind], data_of(named[kind]), out / "figures" / kind,
-                             formats, force=force, log=log)
+                             formats, force=force, log=log, exact=exact.get(kind))
         figures[kind] = {
             name: [os.path.relpath(Path(p), out) for p in paths] for name, paths in drawn.items()
         }
