@@ -44,13 +44,13 @@ class TrainConfig:
     dataset: str = "mnist"
     latent_dim: int = 2
     channels: tuple[int, int] = (32, 64)
-    enc_hidden: int = 512
+    enc_hidden: int = 1024
     dec_hidden: int = 512
     activation: str = "silu"  # smooth: the exact log p(x)'s rules converge fast (README)
     dec_mlp_layers: int = 2
     dec_refine: int = 2
     enc_mlp_layers: int = 2
-    enc_refine: int = 1
+    enc_refine: int = 2
     dec_full_channels: int = 0
     arch: str = "conv"
     mlp_hidden: tuple[int, int] = MLP_HIDDEN
