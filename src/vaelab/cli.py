@@ -269,7 +269,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=DEVICES, default=None, help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="auto (default): bf16 autocast where the hardware computes bf16 (a "
-                   "CUDA GPU, a CPU with AMX or AVX512-BF16), else fp32; the loss, the KL and "
+                   "CUDA GPU; a CPU with AMX or AVX512-BF16 where a few timed steps of this "
+                   "network run at least 1.1x faster in bf16), else fp32; the loss, the KL and "
                    "every evaluation stay fp32. The choice is printed and saved in config.json")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run every step eagerly instead of replaying one captured "
@@ -561,8 +562,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="mnist", help="mnist or idx:DIR (default: mnist)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="training precision of the runs it trains (default auto: bf16 "
-                   "autocast on a CUDA GPU and on a CPU with AMX or AVX512-BF16, fp32 "
-                   "elsewhere; the loss and every evaluation stay fp32; see BENCHMARKS.md)")
+                   "autocast on a CUDA GPU, and on a CPU with AMX or AVX512-BF16 that trains "
+                   "the network faster in it (timed), fp32 elsewhere; the loss and every "
+                   "evaluation stay fp32; see BENCHMARKS.md)")
     p.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"],
                    help="figure file formats (default: png pdf; index.html embeds the PNGs)")
     p.add_argument("--force", action="store_true",
@@ -851,8 +853,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=40, help="training steps per round")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="vaelab's precision in the throughput rounds (auto: bf16 on a CPU with "
-                   "AMX or AVX512-BF16; the reference and pythae train in fp32)")
+                   help="vaelab's precision in the throughput rounds (auto: as `vaelab train "
+                   "--precision auto` chooses, bf16 on a CPU with AMX or AVX512-BF16 where it "
+                   "trains the network faster; the reference and pythae train in fp32)")
     p.add_argument("--fp32-too", action="store_true",
                    help="when vaelab trains in bf16, also time it in fp32 in the same "
                    "alternation: what bf16 contributes")

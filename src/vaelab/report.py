@@ -465,7 +465,8 @@ def run_study(
     ``README.md`` and ``index.html``; prints the summary table. ``ablations`` adds runs without
     KL warm-up (constant beta = 1) and one run per extra seed of ``seeds`` for both models, and
     reports mean ± std over seeds. ``precision`` is the training precision of the runs it
-    trains (``auto``: bf16 on CUDA and on a CPU with AMX or AVX512-BF16, else fp32). A folder
+    trains (``auto``: bf16 on CUDA, and on a CPU with AMX or AVX512-BF16 that trains the
+    network faster in it, else fp32: ``vaelab.train.resolve_precision``). A folder
     that is not empty and not a vaelab report is refused unless ``force``; ``force`` also
     retrains runs whose saved settings differ.
     """

@@ -51,7 +51,7 @@ from vaelab.errors import CheckpointError, ConfigError, NumericalError, VaelabEr
 from vaelab.evaluate import evaluate_elbo
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderLock, is_lock_file
-from vaelab.models import ConvVAE, build_model
+from vaelab.models import ConvVAE, ModelSpec, build_model
 from vaelab.objectives import (
     BetaSchedule,
     elbo_terms,
@@ -60,6 +60,7 @@ from vaelab.objectives import (
     make_beta_schedule,
     training_loss,
 )
+from vaelab.precision import MIN_GAIN, MIN_MFLOP, bf16_speedup, forward_mflops
 
 REFRESH_STEPS = 25  # read the device-side sums this often (progress bar, NaN check)
 # the binarizing generator's seed is the run's seed plus this (plus 7919 per rank), mod 2^64:
@@ -119,26 +120,44 @@ def cpu_bf16_hardware() -> str | None:
     return None
 
 
-def pick_precision(name: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast where the hardware computes it natively (CUDA with bf16, a CPU
-    with AMX or AVX512-BF16: ``cpu_bf16_hardware``), else fp32. The loss, the KL and every
-    evaluation stay fp32 either way."""
+def resolve_precision(name: str, device: torch.device, spec: ModelSpec | None = None,
+                      batch_size: int = 128) -> tuple[str, str]:
+    """The precision a run of network ``spec`` (default: vaelab's default network) at
+    ``batch_size`` trains in, and why, in a few words. ``auto``: on CUDA, bf16 where the GPU
+    computes it; on a CPU with bf16 instructions (``cpu_bf16_hardware``) and a network of at
+    least ``MIN_MFLOP`` per image, bf16 where it trains this network at least ``MIN_GAIN``
+    times as fast as fp32, as measured here (``vaelab.precision``); fp32 elsewhere. The
+    loss, the KL and every evaluation stay fp32 either way."""
     if name != "auto":
-        return name
+        return name, "asked for by name"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_bf16_hardware() else "fp32"
-
-
-def precision_reason(name: str, device: torch.device) -> str:
-    """Why ``pick_precision(name, device)`` chose what it did, in a few words."""
-    if name != "auto":
-        return "asked for by name"
-    if device.type == "cuda":
-        return "auto: CUDA " + ("computes" if torch.cuda.is_bf16_supported() else "lacks") \
+        bf16 = torch.cuda.is_bf16_supported()
+        return ("bf16" if bf16 else "fp32"), "auto: CUDA " + ("computes" if bf16 else "lacks") \
             + " bf16"
     isa = cpu_bf16_hardware() if device.type == "cpu" else None
-    return f"auto: this CPU has {isa}" if isa else "auto: this CPU has no bf16 instructions"
+    if not isa:
+        return "fp32", "auto: this CPU has no bf16 instructions"
+    spec = spec or TrainConfig().model_spec()
+    mflop = forward_mflops(spec)
+    if mflop < MIN_MFLOP:
+        return "fp32", (f"auto: this CPU has {isa}, but this network is too small for bf16 "
+                        f"to pay ({mflop:.1f} < {MIN_MFLOP:g} MFLOP per image)")
+    gain = bf16_speedup(spec, batch_size)
+    chosen = "bf16" if gain >= MIN_GAIN else "fp32"
+    return chosen, (f"auto: this CPU has {isa}; bf16 measured {gain:.2f}x as fast as fp32 "
+                    f"for this network ({'>=' if chosen == 'bf16' else '<'} {MIN_GAIN:g}x)")
+
+
+def pick_precision(name: str, device: torch.device, spec: ModelSpec | None = None,
+                   batch_size: int = 128) -> str:
+    """The precision of ``resolve_precision``."""
+    return resolve_precision(name, device, spec, batch_size)[0]
+
+
+def precision_reason(name: str, device: torch.device, spec: ModelSpec | None = None,
+                     batch_size: int = 128) -> str:
+    """Why ``pick_precision`` chose what it did, in a few words."""
+    return resolve_precision(name, device, spec, batch_size)[1]
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -485,8 +504,8 @@ class Trainer:
                 return saved["precision"], "kept from the run's start"
             if self.device.type == "cpu":
                 return "fp32", "kept from the run's start (auto was fp32 on every CPU then)"
-        return (pick_precision(cfg.precision, self.device),
-                precision_reason(cfg.precision, self.device))
+        return resolve_precision(cfg.precision, self.device, cfg.model_spec(),
+                                 max(1, cfg.batch_size // self.world_size))
 
     # ---- state --------------------------------------------------------------------------
     def _reset_sums(self) -> None:
