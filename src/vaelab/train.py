@@ -504,8 +504,16 @@ class Trainer:
                 return saved["precision"], "kept from the run's start"
             if self.device.type == "cpu":
                 return "fp32", "kept from the run's start (auto was fp32 on every CPU then)"
-        return resolve_precision(cfg.precision, self.device, cfg.model_spec(),
-                                 max(1, cfg.batch_size // self.world_size))
+        batch = max(1, cfg.batch_size // self.world_size)
+        if not (self.distributed and self.device.type == "cpu"):
+            return resolve_precision(cfg.precision, self.device, cfg.model_spec(), batch)
+        import torch.distributed as dist
+
+        # a timed choice could differ between ranks: every rank takes rank 0's
+        pick = [resolve_precision(cfg.precision, self.device, cfg.model_spec(), batch)
+                if self.rank == 0 else None]
+        dist.broadcast_object_list(pick, src=0)
+        return pick[0]
 
     # ---- state --------------------------------------------------------------------------
     def _reset_sums(self) -> None:
