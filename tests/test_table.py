@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,24 @@ def test_the_plan_is_every_arch_latent_and_seed_binarized(tmp_path: Path) -> Non
     assert not (tmp_path / "t").exists()  # planning writes nothing
 
 
+def test_an_architecture_can_have_its_own_number_of_epochs(tmp_path: Path) -> None:
+    plan = plan_table(tmp_path / "t", latent_dims=[2, 5], archs=["conv", "mlp"], seeds=[0],
+                      preset="smoke", options={"epochs": 2}, arch_epochs={"mlp": 7})
+    assert {(t.values["arch"], t.config.epochs) for t in plan.sweep.trials} == {
+        ("conv", 2), ("mlp", 7)}
+    assert plan.arch_epochs == {"mlp": 7}
+    result = {"latent_dims": [2], "archs": ["conv", "mlp"], "seeds": [0],
+              "evaluation": plan.evaluation(), "selection": "none", "plan": {"preset": "smoke"},
+              "cells": [{"arch": a, "latent_dim": 2, "budget": [{"epochs": e, "images_seen": 1}],
+                         "best": {"mean": -1.0, "se": 0.1, "estimator": "quadrature",
+                                  "per_seed": []},
+                         "paper_k": {"mean": -2.0, "se": 0.1}} for a, e in (("conv", 2),
+                                                                            ("mlp", 7))]}
+    from vaelab.table import render_markdown
+
+    assert "vaelab conv 2 epoch(s); vaelab MLP 7 epoch(s)" in render_markdown(result)
+
+
 BAD = [
     (["--binarize", "none"], "binarize is always dynamic"),
     (["--latent-dim", "3"], "--latent-dims"),
@@ -117,6 +136,10 @@ BAD = [
     (["--runner", "slurm"], "--runner"),
     (["--epochs", "0"], "--epochs"),
     (["--resume"], "--resume"),
+    (["--arch-epochs", "mlp"], "ARCH=N"),
+    (["--arch-epochs", "mlp=0"], "must be >= 1"),
+    (["--arch-epochs", "resnet=5"], "not one of the table's --archs"),
+    (["--archs", "conv", "--arch-epochs", "mlp=5"], "not one of the table's --archs"),
 ]
 
 
@@ -192,7 +215,8 @@ def test_each_cell_is_the_mean_and_standard_error_of_its_per_image_values(
             assert c[role]["se_over"] == "images" and c[role]["n_images"] == TEST_IMAGES
 
 
-def test_the_json_records_the_training_budget_and_the_test_split(table: Path) -> None:
+def test_the_json_records_the_training_budget_and_the_test_split(table: Path, data: Path,
+                                                                  ) -> None:
     result = result_of(table)
     assert "no early stopping" in result["selection"]
     for c in result["cells"]:
@@ -203,6 +227,15 @@ def test_the_json_records_the_training_budget_and_the_test_split(table: Path) ->
         assert budget["test_sha256"] == recorded["test_sha256"]
     ev = result["evaluation"]
     assert (ev["is_k"], ev["paper_k"], ev["test_images"]) == (IS_K, PAPER_K, TEST_IMAGES)
+    assert result["command"] == "vaelab " + shlex.join(table_args(data, table))
+    cost = result["compute_seconds"]  # every run's training and every estimate of it
+    runs = [json.loads((table / c["runs"][0] / "summary.json").read_text())["train_seconds"]
+            for c in result["cells"]]
+    assert cost["train"] == pytest.approx(sum(runs))
+    estimates = [s["seconds"] for c in result["cells"] for role in ("best", "paper_k")
+                 for s in c[role]["per_seed"]]
+    assert cost["evaluate"] == pytest.approx(sum(estimates)) and cost["evaluate"] > 0
+    assert cost["total"] == pytest.approx(cost["train"] + cost["evaluate"])
 
 
 def test_mean_and_standard_error_of_known_values() -> None:
@@ -240,6 +273,7 @@ def test_a_second_invocation_trains_nothing_and_computes_nothing(
     assert (result["trained"], result["computed"]) == (0, 0)
     assert _stamps(table) == before  # no run file, checkpoint or cache rewritten
     assert result["cells"] == cells
+    assert result["compute_seconds"]["total"] > result["seconds"]  # the numbers' cost, kept
 
 
 def test_a_new_is_k_computes_only_the_sampled_cells_it_changes(

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
@@ -65,6 +66,14 @@ def _whole_number(text: str, least: int) -> int:
 def _positive_int(text: str) -> int:
     """argparse type: a whole number >= 1."""
     return _whole_number(text, 1)
+
+
+def _arch_epochs(text: str) -> tuple[str, int]:
+    """argparse type: ARCH=N, an architecture and its number of epochs (>= 1)."""
+    arch, sep, n = text.partition("=")
+    if not sep or not arch:
+        raise argparse.ArgumentTypeError(f"expected ARCH=N (e.g. mlp=200), got {text!r:.40}")
+    return arch, _whole_number(n, 1)
 
 
 def _count(text: str) -> int:
@@ -684,13 +693,15 @@ def cmd_table(args: argparse.Namespace) -> int:
     plan = plan_table(args.out, latent_dims=args.latent_dims, archs=args.archs,
                       seeds=list(range(seeds)), preset=args.preset or "seed",
                       options=_train_overrides(args), is_k=args.is_k, paper_k=args.paper_k,
-                      test_images=args.test_images, tolerance=args.tolerance)
+                      test_images=args.test_images, tolerance=args.tolerance,
+                      arch_epochs=dict(args.arch_epochs or []))
     console = _console()
     result = run_table(plan, runner=args.runner, force=args.force, address=args.address,
                        num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
                        gpus_per_trial=args.gpus_per_trial, max_retries=args.max_retries,
                        console=None if args.quiet else console,
-                       progress=not args.quiet and sys.stdout.isatty())
+                       progress=not args.quiet and sys.stdout.isatty(),
+                       command="vaelab " + shlex.join(getattr(args, "argv", [])))
     for line in (args.out / MARKDOWN_FILE).read_text().splitlines():
         console.print(line, soft_wrap=True, markup=False)
     console.print(f"{len(plan.sweep.trials)} runs ({result['trained']} trained now, "
@@ -744,6 +755,10 @@ def add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(DEFAULT_ARCHS),
                    metavar="ARCH", help="architectures, the table's rows: conv and/or mlp "
                    f"(default: {' '.join(DEFAULT_ARCHS)}%(default).0s)")
+    p.add_argument("--arch-epochs", type=_arch_epochs, nargs="+", default=None,
+                   metavar="ARCH=N", help="an architecture's own number of epochs, e.g. "
+                   "mlp=200 (the small MLP takes many more epochs than the conv network in "
+                   "the same time); the others train --epochs or the preset's")
     p.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
                    help="runs per cell, seeds 0 to N-1 (default: 1 on a CPU, 3 where CUDA is "
                    "available)")
@@ -908,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.redirect_stderr(usage):
             args = parser.parse_args(argv)
+        args.argv = argv  # what was typed, for the records that name their command
     except SystemExit:
         # argparse prints its usage, then "PROG: error: ..."; one line is enough (--help has
         # the rest). Exit code 2 as argparse gives it.

@@ -35,7 +35,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ class TablePlan:
     paper_k: int = PAPER_K
     test_images: int = 0  # 0: the whole test split
     tolerance: float = DEFAULT_TOLERANCE
+    arch_epochs: dict[str, int] = field(default_factory=dict)  # an architecture's own budget
     cells: list[Cell] = field(default_factory=list)
 
     @property
@@ -126,10 +127,13 @@ def plan_table(
     paper_k: int = PAPER_K,
     test_images: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
+    arch_epochs: dict[str, int] | None = None,
 ) -> TablePlan:
     """The table's grid over ``preset`` and the train ``options`` (every run dynamically
-    binarized, a VAE), each config validated, and its evaluation settings checked. Raises
-    ``ConfigError`` (one line) before anything is written or trained."""
+    binarized, a VAE), each config validated, and its evaluation settings checked.
+    ``arch_epochs`` gives an architecture its own number of epochs (the small MLP takes many
+    more than the conv network in the same time); the others train ``options``' or the
+    preset's. Raises ``ConfigError`` (one line) before anything is written or trained."""
     from vaelab.models import ARCHS
 
     given = {k: v for k, v in (options or {}).items() if v is not None}
@@ -154,6 +158,12 @@ def plan_table(
         if a not in ARCHS:
             raise ConfigError(f"--archs: unknown architecture {a!r:.40}: choose from "
                               f"{', '.join(ARCHS)}")
+    arch_epochs = dict(arch_epochs or {})
+    for a, n in arch_epochs.items():
+        if a not in archs:
+            raise ConfigError(f"--arch-epochs {a!r:.40}: not one of the table's --archs "
+                              f"({', '.join(archs)})")
+        _whole(n, f"--arch-epochs {a}", 1)
     _whole(is_k, "--is-k", 1)
     _whole(paper_k, "--paper-k", 1)
     _whole(test_images, "--test-images", 0)
@@ -164,8 +174,11 @@ def plan_table(
                        grid={"arch": list(archs), "latent_dim": list(latent_dims),
                              "seed": list(seeds)},
                        options={**given, "binarize": "dynamic", "model": "vae"})
+    sweep.trials = [replace(t, config=replace(t.config, epochs=arch_epochs[t.values["arch"]]))
+                    if t.values["arch"] in arch_epochs else t for t in sweep.trials]
     plan = TablePlan(sweep, list(latent_dims), list(archs), list(seeds), is_k=is_k,
-                     paper_k=paper_k, test_images=test_images, tolerance=float(tolerance))
+                     paper_k=paper_k, test_images=test_images, tolerance=float(tolerance),
+                     arch_epochs=arch_epochs)
     for arch in archs:
         for d in latent_dims:
             trials = [t for t in sweep.trials
@@ -418,15 +431,28 @@ def _cell_result(plan: TablePlan, cell: Cell, failures: dict[str, str],
     return out
 
 
+def compute_seconds(result: dict[str, Any]) -> dict[str, float]:
+    """The seconds the table's numbers took: every run's training and every estimate of it,
+    as their records give them (a run or estimate done by an earlier invocation counts)."""
+    train = sum(b.get("train_seconds") or 0.0 for c in result["cells"] for b in c["budget"])
+    done = {(s["run"], s.get("estimator"), s.get("K"), s.get("tolerance")): s.get("seconds") or 0.0
+            for c in result["cells"] for role in ("best", "paper_k")
+            for s in c.get(role, {}).get("per_seed", [])}  # one estimate may fill two rows
+    evaluate = sum(done.values())
+    return {"train": train, "evaluate": evaluate, "total": train + evaluate}
+
+
 def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
               address: str | None = None, num_cpus: int | None = None,
               cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
               max_retries: int | None = None, console: Any = None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, command: str | None = None) -> dict[str, Any]:
     """Train the plan's runs (``train_cells``), evaluate each (``evaluate_run``, cached), then
     write ``table.json`` and ``table.md`` into ``plan.out``. Returns what ``table.json``
-    holds. A run that fails to train leaves its cells empty; the table is written, then
-    ``VaelabError`` names the failures."""
+    holds, with ``command`` (the command line, for the record) and ``compute_seconds`` (each
+    run's training and each estimate's time, whenever they were done: a re-run that trains and
+    computes nothing keeps the table's own cost). A run that fails to train leaves its cells
+    empty; the table is written, then ``VaelabError`` names the failures."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r:.40}")
     if max_retries is not None and max_retries < 0:
@@ -448,6 +474,7 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
         result: dict[str, Any] = {
             "format": TABLE_FORMAT, "status": "running", "plan": plan.sweep.to_dict(),
             "latent_dims": plan.latent_dims, "archs": plan.archs, "seeds": plan.seeds,
+            "arch_epochs": plan.arch_epochs,
             "evaluation": plan.evaluation(), "selection": SELECTION,
             "published": published_dict(), "cells": []}
         atomic_write_json(out / TABLE_FILE, result)
@@ -472,7 +499,8 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
         result.update(status="failed" if failures else "done",
                       cells=[_cell_result(plan, c, failures, evaluated) for c in plan.cells],
                       trained=len(trained), trained_runs=trained, computed=computed,
-                      seconds=time.perf_counter() - t0, machine=machine())
+                      seconds=time.perf_counter() - t0, machine=machine(), command=command)
+        result["compute_seconds"] = compute_seconds(result)
         atomic_write_json(out / TABLE_FILE, result)
         atomic_write_text(out / MARKDOWN_FILE, render_markdown(result))
     if failures:
@@ -552,7 +580,11 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
     ev = result["evaluation"]
     seeds = result["seeds"]
     budget = [b for c in result["cells"] for b in c["budget"]]
-    epochs = sorted({b["epochs"] for b in budget})
+    per_arch = {a: sorted({b["epochs"] for c in result["cells"] if c["arch"] == a
+                           for b in c["budget"]}) for a in result["archs"]}
+    epochs = ("; ".join(f"{ARCH_LABELS.get(a, a)} {', '.join(map(str, e))} epoch(s)"
+                        for a, e in per_arch.items() if e) if len(per_arch) > 1 else
+              f"{', '.join(map(str, sorted({b['epochs'] for b in budget})))} epoch(s)")
     seen = sorted({b["images_seen"] for b in budget if b["images_seen"] is not None})
     images = ev["test_images"]
     lines += [
@@ -567,7 +599,7 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
         "understates log p(x): compare the K = "
         f"{ev['paper_k']} row with the papers' rows.",
         f"Training: dynamically binarized MNIST, preset {result['plan']['preset']}, "
-        f"{', '.join(map(str, epochs))} epoch(s), "
+        f"{epochs}, "
         + (f"{', '.join(f'{s:,}' for s in seen)} training images seen per run"
            if seen else "training images not recorded")
         + f", seed(s) {', '.join(map(str, seeds))}. Selection: {result['selection']}.",
