@@ -744,7 +744,7 @@ def add_table(sub: argparse._SubParsersAction) -> None:
         "with their citations) and OUT/table.md.",
         epilog="Example (a first look, minutes on a CPU): `vaelab table --out tables/try "
         "--preset quick --latent-dims 2 5 --is-k 500 --test-images 500`. The README's table: "
-        "`vaelab table --out tables/binarized --epochs 100`.")
+        "`vaelab table --out tables/binarized --arch-epochs mlp=200 --precision fp32`.")
     p.add_argument("--out", required=True, type=Path, help="table folder to write")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="base settings of every run (default: seed)")
