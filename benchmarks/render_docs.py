@@ -23,8 +23,14 @@ def _load(path: str) -> dict:
     return json.loads((ROOT / path).read_text())
 
 
+def _cpu(m: dict) -> str:
+    """"Intel(R) Xeon(R) Processor (GenuineIntel family 6 model 207)": the name, and where
+    the JSON has them, the vendor, family and model (a virtual machine's name can be generic)."""
+    return m.get("cpu", "?") + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
+
+
 def _machine(m: dict) -> str:
-    return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}"
+    return f"{_cpu(m)} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}"
 
 
 def exact_results() -> str:
@@ -196,7 +202,7 @@ _H100_RUNS = "benchmarks/h100-runs.json"
 def _bench_machine(r: dict) -> str:
     m = r["machine"]
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
-    return (f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores, {m.get('torch_threads', '?')} "
+    return (f"{_cpu(m)} ({m.get('cores', '?')} cores, {m.get('torch_threads', '?')} "
             f"torch threads){gpu}, device `{r['device']}`, torch {m.get('torch', '?')}, "
             f"Python {m.get('python', '?')}")
 

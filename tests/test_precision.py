@@ -112,6 +112,24 @@ def test_the_probe_is_fp32_time_over_bf16_time(
         assert bf16_speedup(spec, 16) == ratio
 
 
+def test_the_machine_record_names_the_cpus_vendor_family_and_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A virtual machine's model name can be as generic as "Intel(R) Xeon(R) Processor": the
+    bench's record adds the first processor's vendor, family and model."""
+    from vaelab import bench
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+                    "model\t\t: 207\nmodel name\t: Intel(R) Xeon(R) Processor\n\n"
+                    "processor\t: 1\nmodel\t\t: 1\n")
+    monkeypatch.setattr(bench, "CPUINFO", info)
+    m = machine()
+    assert (m["cpu"], m["cpu_id"]) == ("Intel(R) Xeon(R) Processor",
+                                       "GenuineIntel family 6 model 207")
+    monkeypatch.setattr(bench, "CPUINFO", tmp_path / "absent")
+    assert "cpu_id" not in machine()
+
+
 def test_the_detection_reads_torchs_own_queries(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.cpu
     for amx, avx, want in [(True, True, "AMX"), (False, True, "AVX512-BF16"),

@@ -36,6 +36,7 @@ from vaelab.models import build_model
 from vaelab.train import Trainer, cpu_bf16_hardware, versions
 
 STUDY_NEG_ELBO = {"vae": 144.59, "cvae": 129.16}
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def _vaelab_trainer(model: str, ds: Dataset, run_dir: Path, **overrides: Any) -> Trainer:
@@ -319,11 +320,18 @@ def machine() -> dict[str, Any]:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cpu_bf16": cpu_bf16_hardware() or "none", **versions()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
+    try:  # the first processor's name, vendor, family and model (a VM's name may be generic)
+        fields: dict[str, str] = {}
+        for line in CPUINFO.read_text().splitlines():
+            if not line.strip():
                 break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if fields.get("model name"):
+            info["cpu"] = fields["model name"]
+        if fields.get("cpu family") and fields.get("model"):
+            info["cpu_id"] = (f"{fields.get('vendor_id', '?')} family {fields['cpu family']} "
+                              f"model {fields['model']}")
     except OSError:
         pass
     if torch.cuda.is_available():
