@@ -706,6 +706,10 @@ def literature_table() -> str:
     todo = (f" The {' and '.join(ARCH_LABELS[a] for a in missing)} row is not measured yet: "
             f"`{_TABLE_COMMAND}` trains and evaluates the whole grid, reusing these runs."
             if missing else "")
+    if r.get("untrained"):
+        todo += (f" The cells marked — are not measured yet ({len(r['untrained'])} runs not "
+                 f"trained): `{_TABLE_COMMAND}` trains and evaluates them, reusing the runs "
+                 "measured here.")
     return (render_markdown(r, heading=False).rstrip("\n") + "\n\n"
             f"Measured with `{r.get('command') or _TABLE_COMMAND}`, then `cp "
             f"OUT/table.json {_LITERATURE}` and `python benchmarks/render_docs.py`, on "

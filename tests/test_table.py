@@ -395,3 +395,27 @@ def test_other_settings_in_a_table_folder_are_refused_and_leave_its_table_alone(
     code, err = cli(table_args(data, out, "--epochs", "2"), capsys)
     assert code == 2 and len(err) == 1 and "other settings (epochs)" in err[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_no_train_tabulates_the_finished_runs_and_leaves_the_rest_empty(
+    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "t"
+    shutil.copytree(table, out)
+    missing = "arch=mlp,latent_dim=3,seed=0"
+    shutil.rmtree(out / missing)
+    before = {c["runs"][0]: c for c in result_of(table)["cells"]}
+    code, err = cli(table_args(data, out, "--no-train"), capsys)
+    assert (code, err) == (0, [])
+    result = result_of(out)
+    assert result["status"] == "partial" and result["untrained"] == [missing]
+    assert result["trained"] == 0 and not (out / missing).exists()  # nothing trained
+    for c in result["cells"]:
+        if c["runs"] == [missing]:
+            assert c["best"]["mean"] is None and c["paper_k"]["mean"] is None
+        else:
+            assert c["best"]["mean"] == before[c["runs"][0]]["best"]["mean"]
+    assert f"not trained yet (1 of 4 runs: {missing})" in (out / "table.md").read_text()
+    code, err = cli(table_args(data, out), capsys)  # without it: the missing run trained
+    assert (code, err) == (0, [])
+    assert result_of(out)["status"] == "done" and result_of(out)["trained"] == 1

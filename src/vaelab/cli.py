@@ -701,7 +701,8 @@ def cmd_table(args: argparse.Namespace) -> int:
                        gpus_per_trial=args.gpus_per_trial, max_retries=args.max_retries,
                        console=None if args.quiet else console,
                        progress=not args.quiet and sys.stdout.isatty(),
-                       command="vaelab " + shlex.join(getattr(args, "argv", [])))
+                       command="vaelab " + shlex.join(getattr(args, "argv", [])),
+                       train=not args.no_train)
     for line in (args.out / MARKDOWN_FILE).read_text().splitlines():
         console.print(line, soft_wrap=True, markup=False)
     console.print(f"{len(plan.sweep.trials)} runs ({result['trained']} trained now, "
@@ -789,6 +790,9 @@ def add_table(sub: argparse._SubParsersAction) -> None:
                    help="with Ray: times a run whose worker died is retried (default 3)")
     p.add_argument("--force", action="store_true",
                    help="train again a run whose folder holds a run of other settings")
+    p.add_argument("--no-train", action="store_true",
+                   help="tabulate what is there: train nothing, evaluate the finished runs, "
+                   "and leave the other cells empty (table.json's status: partial)")
     for flag in ("--resume", "--tensorboard", "--detect-anomaly"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     # the grid's and the protocol's own: parsed only to be refused with a line that says why

@@ -446,13 +446,16 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
               address: str | None = None, num_cpus: int | None = None,
               cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
               max_retries: int | None = None, console: Any = None,
-              progress: bool = False, command: str | None = None) -> dict[str, Any]:
+              progress: bool = False, command: str | None = None,
+              train: bool = True) -> dict[str, Any]:
     """Train the plan's runs (``train_cells``), evaluate each (``evaluate_run``, cached), then
     write ``table.json`` and ``table.md`` into ``plan.out``. Returns what ``table.json``
     holds, with ``command`` (the command line, for the record) and ``compute_seconds`` (each
     run's training and each estimate's time, whenever they were done: a re-run that trains and
     computes nothing keeps the table's own cost). A run that fails to train leaves its cells
-    empty; the table is written, then ``VaelabError`` names the failures."""
+    empty; the table is written, then ``VaelabError`` names the failures. ``train=False``
+    tabulates what is there: nothing is trained, the finished runs are evaluated, and the
+    others' cells stay empty (``status`` "partial", ``untrained`` names them)."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r:.40}")
     if max_retries is not None and max_retries < 0:
@@ -465,7 +468,7 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
     _prepare_table_dir(out)
     states = refuse_other_settings(out, plan.sweep.trials, force=force)  # before any write
     todo = [t for t in plan.sweep.trials if states[t.name] != "done"]
-    if todo:
+    if todo and train:
         check_data(todo)
     t0 = time.perf_counter()
     log = None if console is None else console.print
@@ -478,10 +481,13 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
             "evaluation": plan.evaluation(), "selection": SELECTION,
             "published": published_dict(), "cells": []}
         atomic_write_json(out / TABLE_FILE, result)
-        trained, failures = train_cells(
-            plan, runner=runner, force=force, address=address, num_cpus=num_cpus,
-            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-            max_retries=max_retries, console=console, progress=progress)
+        trained: list[str] = []
+        failures: dict[str, str] = {}
+        if train:
+            trained, failures = train_cells(
+                plan, runner=runner, force=force, address=address, num_cpus=num_cpus,
+                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                max_retries=max_retries, console=console, progress=progress)
         evaluated: dict[str, dict[str, dict[str, Any]]] = {}
         computed = 0
         for cell in plan.cells:
@@ -496,7 +502,10 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
                 computed += now
         from vaelab.bench import machine
 
-        result.update(status="failed" if failures else "done",
+        untrained = [t.name for t in plan.sweep.trials
+                     if not (out / t.name / "summary.json").exists() and t.name not in failures]
+        result.update(status="failed" if failures else "partial" if untrained else "done",
+                      untrained=untrained,
                       cells=[_cell_result(plan, c, failures, evaluated) for c in plan.cells],
                       trained=len(trained), trained_runs=trained, computed=computed,
                       seconds=time.perf_counter() - t0, machine=machine(), command=command)
@@ -603,5 +612,14 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
         + (f"{', '.join(f'{s:,}' for s in seen)} training images seen per run"
            if seen else "training images not recorded")
         + f", seed(s) {', '.join(map(str, seeds))}. Selection: {result['selection']}.",
-        "", *_citation_lines()]
+        *_untrained_line(result), "", *_citation_lines()]
     return "\n".join(lines) + "\n"
+
+
+def _untrained_line(result: dict[str, Any]) -> list[str]:
+    untrained = result.get("untrained") or []
+    if not untrained:
+        return []
+    total = sum(len(c["runs"]) for c in result["cells"])
+    return [f"— : not trained yet ({len(untrained)} of {total} runs: "
+            f"{', '.join(untrained)}); the table command without --no-train trains them."]
