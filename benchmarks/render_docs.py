@@ -30,7 +30,9 @@ def _cpu(m: dict) -> str:
 
 
 def _machine(m: dict) -> str:
-    return f"{_cpu(m)} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}"
+    cpu, cores = m.get("cpu", "?"), f"{m.get('cores', '?')} cores"
+    where = f"{m['cpu_id']}, {cores}" if m.get("cpu_id") else cores
+    return f"{cpu} ({where}), torch {m.get('torch', '?')}"
 
 
 def exact_results() -> str:
@@ -711,7 +713,10 @@ def literature_table() -> str:
                  f"trained): `{_TABLE_COMMAND}` trains and evaluates them, reusing the runs "
                  "measured here.")
     return (render_markdown(r, heading=False).rstrip("\n") + "\n\n"
-            f"Measured with `{r.get('command') or _TABLE_COMMAND}`, then `cp "
+            + (f"Tabulated with `{r['command']}` from runs trained and evaluated with the "
+               "same settings" if "--no-train" in (r.get("command") or "") else
+               f"Measured with `{r.get('command') or _TABLE_COMMAND}`")
+            + ", then `cp "
             f"OUT/table.json {_LITERATURE}` and `python benchmarks/render_docs.py`, on "
             f"{_machine(r.get('machine', {}))}, in {spent}.{todo}")
 
