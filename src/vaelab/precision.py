@@ -2,8 +2,8 @@
 
 bf16 instructions are not enough to make bf16 the faster choice. ``vaelab bench --fp32-too``
 found bf16 faster than fp32 for the seed network on an AMD EPYC with AVX512-BF16
-(``benchmarks/bench-pythae-cpu.json``) and slower on an Intel Xeon whose hypervisor exposes
-AVX512-BF16 but not AMX (``benchmarks/bench-xeon-avx512bf16-cpu.json``). So where the CPU has
+(``benchmarks/bench-pythae-cpu.json``) and slower on an Intel Xeon on which torch sees
+AVX512-BF16 and no AMX (``benchmarks/bench-xeon-avx512bf16-cpu.json``). So where the CPU has
 bf16 instructions, ``--precision auto`` leaves a network of under ``MIN_MFLOP`` million
 FLOPs per image forward at fp32 (too little arithmetic for bf16 to pay for its casts, and
 too little for a timing to tell apart from overhead). For a larger one it times a few
