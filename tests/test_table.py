@@ -24,6 +24,7 @@ import torch
 
 from helpers import cli
 from synthetic import noisy_blobs, write_synthetic
+from vaelab import evaluate as evaluate_module
 from vaelab import literature
 from vaelab.checkpoint import load_run
 from vaelab.cli import main
@@ -419,3 +420,56 @@ def test_no_train_tabulates_the_finished_runs_and_leaves_the_rest_empty(
     code, err = cli(table_args(data, out), capsys)  # without it: the missing run trained
     assert (code, err) == (0, [])
     assert result_of(out)["status"] == "done" and result_of(out)["trained"] == 1
+
+
+def test_no_estimate_tabulates_the_cached_estimates_and_computes_none(
+    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "t"
+    shutil.copytree(table, out)
+    run = "arch=conv,latent_dim=3,seed=0"
+    cache = json.loads((out / run / EVAL_FILE).read_text())
+    gone = next(k for k in cache["entries"] if f"K={IS_K}," in k)
+    del cache["entries"][gone]
+    (out / run / EVAL_FILE).write_text(json.dumps(cache))
+    before = (out / run / EVAL_FILE).read_bytes()
+    code, err = cli(table_args(data, out, "--no-estimate"), capsys)
+    assert (code, err) == (0, [])
+    result = result_of(out)
+    assert result["status"] == "partial" and result["computed"] == 0
+    assert result["unestimated"] == [f"{run}: IS, K = {IS_K}"]
+    assert cell(result, "conv", 3)["best"]["mean"] is None
+    assert cell(result, "conv", 3)["paper_k"]["mean"] is not None
+    assert (out / run / EVAL_FILE).read_bytes() == before  # nothing computed or written
+    assert f"not estimated yet ({run}: IS, K = {IS_K})" in (out / "table.md").read_text()
+    code, err = cli(table_args(data, out), capsys)  # without it: the estimate computed
+    assert (code, err) == (0, [])
+    result = result_of(out)
+    assert (result["status"], result["computed"], result["unestimated"]) == ("done", 1, [])
+    assert cell(result, "conv", 3)["best"]["mean"] == cell(result_of(table), "conv", 3)[
+        "best"]["mean"]
+
+
+def test_an_exact_value_left_over_tolerance_by_a_smaller_budget_is_computed_again(
+    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "t"
+    shutil.copytree(table, out)
+    run = "arch=conv,latent_dim=2,seed=0"
+    path = out / run / EVAL_FILE
+    cache = json.loads(path.read_text())
+    key = next(k for k in cache["entries"] if k.startswith("quadrature"))
+    exact = cache["entries"][key]
+    assert exact["own_nodes_per_image"] == evaluate_module.OWN_NODES_PER_IMAGE
+    for budget, computed in ((evaluate_module.OWN_NODES_PER_IMAGE, 0), (None, 1)):
+        entry = {**exact, "over_tolerance": 3, "mean": -1.0}
+        if budget is None:
+            del entry["own_nodes_per_image"]  # as an older vaelab cached it
+        cache["entries"][key] = entry
+        path.write_text(json.dumps(cache))
+        code, err = cli(table_args(data, out, "--no-train"), capsys)
+        assert (code, err) == (0, [])
+        got = cell(result_of(out), "conv", 2)["best"]
+        assert result_of(out)["computed"] == computed
+        assert (got["mean"] == -1.0) == (computed == 0)
+    assert got["mean"] == cell(result_of(table), "conv", 2)["best"]["mean"]

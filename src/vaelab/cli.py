@@ -702,7 +702,7 @@ def cmd_table(args: argparse.Namespace) -> int:
                        console=None if args.quiet else console,
                        progress=not args.quiet and sys.stdout.isatty(),
                        command="vaelab " + shlex.join(getattr(args, "argv", [])),
-                       train=not args.no_train)
+                       train=not args.no_train, estimate=not args.no_estimate)
     for line in (args.out / MARKDOWN_FILE).read_text().splitlines():
         console.print(line, soft_wrap=True, markup=False)
     console.print(f"{len(plan.sweep.trials)} runs ({result['trained']} trained now, "
@@ -793,6 +793,10 @@ def add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-train", action="store_true",
                    help="tabulate what is there: train nothing, evaluate the finished runs, "
                    "and leave the other cells empty (table.json's status: partial)")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="compute no estimate: tabulate those cached in the run folders and "
+                   "leave the other cells empty, e.g. train on a CPU now and estimate on a GPU "
+                   "later (table.json's status: partial)")
     for flag in ("--resume", "--tensorboard", "--detect-anomaly"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     # the grid's and the protocol's own: parsed only to be refused with a line that says why

@@ -263,21 +263,45 @@ def cached_entries(path: Path) -> dict[str, Any]:
     return _read_cache(path, sha256_file(path / "model.safetensors"))["entries"]
 
 
+def _cached(entries: dict[str, Any], est: Estimator, images: int) -> bool:
+    """Whether ``entries`` holds a usable ``est``: an exact value that left images above its
+    tolerance is computed again once step 2 of the quadrature has a larger budget per image
+    than it had (``vaelab.evaluate.OWN_NODES_PER_IMAGE``)."""
+    entry = entries.get(est.key(images))
+    if entry is None:
+        return False
+    if est.method != "quadrature" or not entry.get("over_tolerance"):
+        return True
+    from vaelab.evaluate import OWN_NODES_PER_IMAGE
+
+    return entry.get("own_nodes_per_image", 0) >= OWN_NODES_PER_IMAGE
+
+
 def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 0,
                  device: str = "auto", log: Any = None, progress: bool = False,
-                 ) -> tuple[dict[str, dict[str, Any]], int]:
+                 compute: bool = True) -> tuple[dict[str, dict[str, Any]], int]:
     """Every estimator in ``wanted`` of finished run ``path`` on its binarized test split
     (the first ``test_images``, 0: all), from the cache where it holds one, else computed on
     ``device`` (auto: CUDA where there is one) and cached, each as soon as it is done
     (``EVAL_FILE``, written atomically under the run's lock). Returns ({key: entry}, how many
-    were computed now); an entry holds ``per_image`` log p(x) and its summary."""
+    were computed now); an entry holds ``per_image`` log p(x) and its summary. With
+    ``compute`` False nothing is computed: only the cached estimates are returned."""
     wanted = list(wanted)
     weights = sha256_file(path / "model.safetensors")
     cache = _read_cache(path, weights)
-    missing = [e for e in dict.fromkeys(wanted) if e.key(test_images) not in cache["entries"]]
+    missing = [e for e in dict.fromkeys(wanted)
+               if not _cached(cache["entries"], e, test_images)]
+    if not compute:
+        return {e.key(test_images): cache["entries"][e.key(test_images)] for e in wanted
+                if e not in missing}, 0
     if missing:
         from vaelab.checkpoint import load_run
-        from vaelab.evaluate import dataset_for_run, exact_log_px_per_image, log_px_per_image
+        from vaelab.evaluate import (
+            OWN_NODES_PER_IMAGE,
+            dataset_for_run,
+            exact_log_px_per_image,
+            log_px_per_image,
+        )
         from vaelab.train import pick_device
 
         where = pick_device(device)
@@ -300,7 +324,7 @@ def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 
                 extra = {"error_estimate_mean": float(exact.error.mean()),
                          "error_max": float(exact.error.max()),
                          "over_tolerance": int((exact.error > est.tolerance).sum()),
-                         "nodes": exact.nodes}
+                         "nodes": exact.nodes, "own_nodes_per_image": OWN_NODES_PER_IMAGE}
             else:
                 lp, _ = log_px_per_image(model, split, num_samples=est.k,
                                          likelihood=likelihood, seed=EVAL_SEED,
@@ -447,7 +471,7 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
               cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
               max_retries: int | None = None, console: Any = None,
               progress: bool = False, command: str | None = None,
-              train: bool = True) -> dict[str, Any]:
+              train: bool = True, estimate: bool = True) -> dict[str, Any]:
     """Train the plan's runs (``train_cells``), evaluate each (``evaluate_run``, cached), then
     write ``table.json`` and ``table.md`` into ``plan.out``. Returns what ``table.json``
     holds, with ``command`` (the command line, for the record) and ``compute_seconds`` (each
@@ -455,7 +479,10 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
     computes nothing keeps the table's own cost). A run that fails to train leaves its cells
     empty; the table is written, then ``VaelabError`` names the failures. ``train=False``
     tabulates what is there: nothing is trained, the finished runs are evaluated, and the
-    others' cells stay empty (``status`` "partial", ``untrained`` names them)."""
+    others' cells stay empty (``status`` "partial", ``untrained`` names them).
+    ``estimate=False`` computes no estimate: the cached ones are tabulated and the others'
+    cells stay empty (``unestimated`` names them), e.g. to train on a CPU and estimate on a
+    GPU."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r:.40}")
     if max_retries is not None and max_retries < 0:
@@ -489,7 +516,7 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                 max_retries=max_retries, console=console, progress=progress)
         evaluated: dict[str, dict[str, dict[str, Any]]] = {}
-        computed = 0
+        computed, unestimated = 0, []
         for cell in plan.cells:
             wanted = list(estimators(cell, plan).values())
             for t in cell.trials:
@@ -498,14 +525,17 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
                     continue
                 evaluated[t.name], now = evaluate_run(
                     path, wanted, test_images=plan.test_images, device=t.config.device,
-                    log=log, progress=progress)
+                    log=log, progress=progress, compute=estimate)
                 computed += now
+                unestimated += [f"{t.name}: {e.label()}" for e in dict.fromkeys(wanted)
+                                if e.key(plan.test_images) not in evaluated[t.name]]
         from vaelab.bench import machine
 
         untrained = [t.name for t in plan.sweep.trials
                      if not (out / t.name / "summary.json").exists() and t.name not in failures]
-        result.update(status="failed" if failures else "partial" if untrained else "done",
-                      untrained=untrained,
+        result.update(status="failed" if failures else
+                      "partial" if untrained or unestimated else "done",
+                      untrained=untrained, unestimated=unestimated,
                       cells=[_cell_result(plan, c, failures, evaluated) for c in plan.cells],
                       trained=len(trained), trained_runs=trained, computed=computed,
                       seconds=time.perf_counter() - t0, machine=machine(), command=command)
@@ -617,9 +647,13 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
 
 
 def _untrained_line(result: dict[str, Any]) -> list[str]:
-    untrained = result.get("untrained") or []
-    if not untrained:
-        return []
-    total = sum(len(c["runs"]) for c in result["cells"])
-    return [f"— : not trained yet ({len(untrained)} of {total} runs: "
-            f"{', '.join(untrained)}); the table command without --no-train trains them."]
+    untrained, lines = result.get("untrained") or [], []
+    if untrained:
+        total = sum(len(c["runs"]) for c in result["cells"])
+        lines.append(f"— : not trained yet ({len(untrained)} of {total} runs: "
+                     f"{', '.join(untrained)}); the table command without --no-train trains "
+                     "them.")
+    if result.get("unestimated"):
+        lines.append(f"— : not estimated yet ({', '.join(result['unestimated'])}); the table "
+                     "command without --no-estimate computes them.")
+    return lines
