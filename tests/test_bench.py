@@ -166,7 +166,9 @@ def test_training_flops_are_counted_from_the_network():
 
     from vaelab.bench import roofline, training_flops_per_image
 
+    before = torch.random.get_rng_state()
     flops = training_flops_per_image("vae", batch_size=8)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator untouched
     net = build_model(resolve_config("seed", model="vae").model_spec())
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(torch.rand(8, 1, 28, 28))

@@ -110,14 +110,16 @@ def test_an_architecture_can_have_its_own_number_of_epochs(tmp_path: Path) -> No
     assert plan.arch_epochs == {"mlp": 7}
     result = {"latent_dims": [2], "archs": ["conv", "mlp"], "seeds": [0],
               "evaluation": plan.evaluation(), "selection": "none", "plan": {"preset": "smoke"},
-              "cells": [{"arch": a, "latent_dim": 2, "budget": [{"epochs": e, "images_seen": 1}],
+              "cells": [{"arch": a, "latent_dim": 2,
+                         "budget": [{"epochs": e, "images_seen": 1000 * e}],
                          "best": {"mean": -1.0, "se": 0.1, "estimator": "quadrature",
                                   "per_seed": []},
                          "paper_k": {"mean": -2.0, "se": 0.1}} for a, e in (("conv", 2),
                                                                             ("mlp", 7))]}
     from vaelab.table import render_markdown
 
-    assert "vaelab conv 2 epoch(s); vaelab MLP 7 epoch(s)" in render_markdown(result)
+    assert ("vaelab conv 2 epoch(s), 2,000 training images seen per run; vaelab MLP 7 "
+            "epoch(s), 7,000 training images seen per run") in render_markdown(result)
 
 
 BAD = [
@@ -141,6 +143,7 @@ BAD = [
     (["--arch-epochs", "mlp=0"], "must be >= 1"),
     (["--arch-epochs", "resnet=5"], "not one of the table's --archs"),
     (["--archs", "conv", "--arch-epochs", "mlp=5"], "not one of the table's --archs"),
+    (["--arch-epochs", "mlp=5", "mlp=7"], "gives 'mlp' twice"),
 ]
 
 

@@ -150,13 +150,14 @@ def training_flops_per_image(model: str, *, batch_size: int = 128) -> float:
 
     from vaelab.objectives import elbo_terms, training_loss
 
-    torch.manual_seed(0)
-    net = build_model(resolve_config("seed", model=model).model_spec())
-    x = torch.rand(batch_size, 1, 28, 28)
-    y = torch.arange(batch_size) % 10
-    with FlopCounterMode(display=False) as counter:
-        out = net(x, y if net.conditional else None)
-        training_loss(elbo_terms(x, out.mu, out.logvar, out.logits), 1.0).backward()
+    with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+        torch.manual_seed(0)
+        net = build_model(resolve_config("seed", model=model).model_spec())
+        x = torch.rand(batch_size, 1, 28, 28)
+        y = torch.arange(batch_size) % 10
+        with FlopCounterMode(display=False) as counter:
+            out = net(x, y if net.conditional else None)
+            training_loss(elbo_terms(x, out.mu, out.logvar, out.logits), 1.0).backward()
     return counter.get_total_flops() / batch_size
 
 

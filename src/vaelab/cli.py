@@ -685,6 +685,10 @@ def cmd_table(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             plural = {"arch": "--archs", "latent_dim": "--latent-dims", "seed": "--seeds"}[key]
             raise VaelabError(f"{flag} is the table's grid: give {plural}")
+    given = [arch for arch, _ in args.arch_epochs or []]
+    twice = next((a for i, a in enumerate(given) if a in given[:i]), None)
+    if twice is not None:
+        raise VaelabError(f"--arch-epochs gives {twice!r:.40} twice: give each architecture once")
     seeds = args.seeds
     if seeds is None:
         import torch

@@ -618,13 +618,6 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
     lines += published_rows(dims)
     ev = result["evaluation"]
     seeds = result["seeds"]
-    budget = [b for c in result["cells"] for b in c["budget"]]
-    per_arch = {a: sorted({b["epochs"] for c in result["cells"] if c["arch"] == a
-                           for b in c["budget"]}) for a in result["archs"]}
-    epochs = ("; ".join(f"{ARCH_LABELS.get(a, a)} {', '.join(map(str, e))} epoch(s)"
-                        for a, e in per_arch.items() if e) if len(per_arch) > 1 else
-              f"{', '.join(map(str, sorted({b['epochs'] for b in budget})))} epoch(s)")
-    seen = sorted({b["images_seen"] for b in budget if b["images_seen"] is not None})
     images = ev["test_images"]
     lines += [
         "",
@@ -638,12 +631,26 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
         "understates log p(x): compare the K = "
         f"{ev['paper_k']} row with the papers' rows.",
         f"Training: dynamically binarized MNIST, preset {result['plan']['preset']}, "
-        f"{epochs}, "
-        + (f"{', '.join(f'{s:,}' for s in seen)} training images seen per run"
-           if seen else "training images not recorded")
-        + f", seed(s) {', '.join(map(str, seeds))}. Selection: {result['selection']}.",
+        f"{_budget_words(result)}, seed(s) {', '.join(map(str, seeds))}. "
+        f"Selection: {result['selection']}.",
         *_untrained_line(result), "", *_citation_lines()]
     return "\n".join(lines) + "\n"
+
+
+def _budget_words(result: dict[str, Any]) -> str:
+    """Each architecture's epochs and training images seen per run, e.g. "vaelab conv 30
+    epoch(s), 1,650,000 training images seen per run; vaelab MLP 200 epoch(s), ..."."""
+    parts = []
+    for arch in result["archs"]:
+        budget = [b for c in result["cells"] if c["arch"] == arch for b in c["budget"]]
+        epochs = sorted({b["epochs"] for b in budget})
+        seen = sorted({b["images_seen"] for b in budget if b["images_seen"] is not None})
+        words = f"{', '.join(map(str, epochs))} epoch(s), " + (
+            f"{', '.join(f'{n:,}' for n in seen)} training images seen per run" if seen
+            else "training images not recorded")
+        parts.append(f"{ARCH_LABELS.get(arch, f'vaelab {arch}')} {words}"
+                     if len(result["archs"]) > 1 else words)
+    return "; ".join(parts)
 
 
 def _untrained_line(result: dict[str, Any]) -> list[str]:
