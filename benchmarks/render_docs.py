@@ -712,6 +712,10 @@ def literature_table() -> str:
         todo += (f" The cells marked — are not measured yet ({len(r['untrained'])} runs not "
                  f"trained): `{_TABLE_COMMAND}` trains and evaluates them, reusing the runs "
                  "measured here.")
+    if r.get("unestimated"):
+        todo += (f" {len(r['unestimated'])} estimates of trained runs are not computed yet "
+                 f"(the table's --no-estimate): `{_TABLE_COMMAND}` computes them, reusing the "
+                 "runs and every cached estimate.")
     return (render_markdown(r, heading=False).rstrip("\n") + "\n\n"
             + (f"Tabulated with `{r['command']}` from runs trained and evaluated with the "
                "same settings" if "--no-train" in (r.get("command") or "") else
