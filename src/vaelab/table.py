@@ -647,7 +647,8 @@ def _budget_words(result: dict[str, Any]) -> str:
         seen = sorted({b["images_seen"] for b in budget if b["images_seen"] is not None})
         words = f"{', '.join(map(str, epochs))} epoch(s), " + (
             f"{', '.join(f'{n:,}' for n in seen)} training images seen per run" if seen
-            else "training images not recorded")
+            else "training images not recorded" if any(b.get("steps") for b in budget)
+            else "not trained yet")
         parts.append(f"{ARCH_LABELS.get(arch, f'vaelab {arch}')} {words}"
                      if len(result["archs"]) > 1 else words)
     return "; ".join(parts)
