@@ -24,7 +24,6 @@ import torch
 
 from helpers import cli
 from synthetic import noisy_blobs, write_synthetic
-from vaelab import evaluate as evaluate_module
 from vaelab import literature
 from vaelab.checkpoint import load_run
 from vaelab.cli import main
@@ -451,28 +450,3 @@ def test_no_estimate_tabulates_the_cached_estimates_and_computes_none(
     assert (result["status"], result["computed"], result["unestimated"]) == ("done", 1, [])
     assert cell(result, "conv", 3)["best"]["mean"] == cell(result_of(table), "conv", 3)[
         "best"]["mean"]
-
-
-def test_an_exact_value_left_over_tolerance_by_a_smaller_budget_is_computed_again(
-    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-) -> None:
-    out = tmp_path / "t"
-    shutil.copytree(table, out)
-    run = "arch=conv,latent_dim=2,seed=0"
-    path = out / run / EVAL_FILE
-    cache = json.loads(path.read_text())
-    key = next(k for k in cache["entries"] if k.startswith("quadrature"))
-    exact = cache["entries"][key]
-    assert exact["own_nodes_per_image"] == evaluate_module.OWN_NODES_PER_IMAGE
-    for budget, computed in ((evaluate_module.OWN_NODES_PER_IMAGE, 0), (None, 1)):
-        entry = {**exact, "over_tolerance": 3, "mean": -1.0}
-        if budget is None:
-            del entry["own_nodes_per_image"]  # as an older vaelab cached it
-        cache["entries"][key] = entry
-        path.write_text(json.dumps(cache))
-        code, err = cli(table_args(data, out, "--no-train"), capsys)
-        assert (code, err) == (0, [])
-        got = cell(result_of(out), "conv", 2)["best"]
-        assert result_of(out)["computed"] == computed
-        assert (got["mean"] == -1.0) == (computed == 0)
-    assert got["mean"] == cell(result_of(table), "conv", 2)["best"]["mean"]

@@ -414,11 +414,6 @@ def _own_rules_pass(
     return out
 
 
-# Step 2's budget for each image left to it: in 2-D a first and a second own rule (16 and 32
-# intervals a side: 545 + 2,113 nodes) with room for a third (8,321) for some.
-OWN_NODES_PER_IMAGE = 8192
-
-
 @torch.inference_mode()
 def exact_log_px_per_image(
     model: ConvVAE,
@@ -433,7 +428,6 @@ def exact_log_px_per_image(
     image_chunk: int = 2048,
     node_budget: int = 32768,
     max_rounds: int = 3,
-    own_nodes_per_image: int = OWN_NODES_PER_IMAGE,
     batch_size: int = 1000,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -455,10 +449,8 @@ def exact_log_px_per_image(
     2. Images still above tolerance get a rule of their own over their posterior's mean +- 6
        sd (q's sd where larger), with a spacing of q's sd (16 to 128 intervals per axis),
        twice as fine each further round (``max_rounds``), smallest first while this step has
-       decoded fewer than ``max_shared_nodes / 4`` nodes or ``own_nodes_per_image`` per image
-       that needs one, whichever is more (a trained binarized-MNIST decoder can leave a few
-       thousand of 10,000 images to this step). An image that is still above tolerance keeps
-       its best estimate and its error (``ExactLogPx.summary`` counts them).
+       decoded fewer than ``max_shared_nodes / 4`` nodes. An image that is still above tolerance
+       keeps its best estimate and its error (``ExactLogPx.summary`` counts them).
 
     Memory is bounded by ``node_chunk`` x ``image_chunk`` (shared rule) and ``node_budget``
     (own rules) floats.
@@ -467,10 +459,6 @@ def exact_log_px_per_image(
         raise ConfigError(f"the tolerance must be a number > 0 (nats per image), got {tolerance}")
     if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
         raise ConfigError(f"the node spacing must be > 0, got {spacing}")
-    if isinstance(own_nodes_per_image, bool) or not isinstance(own_nodes_per_image, int) \
-            or own_nodes_per_image < 0:
-        raise ConfigError(f"own_nodes_per_image must be a whole number >= 0, "
-                          f"got {own_nodes_per_image!r:.40}")
     d = _check_exact_latent(model)
     model.eval()
     device = _device_of(model, device)
@@ -497,11 +485,9 @@ def exact_log_px_per_image(
                            likelihood=likelihood, shared_nodes=shared_nodes,
                            max_shared_nodes=max_shared_nodes, spacing=spacing,
                            node_chunk=node_chunk, image_chunk=image_chunk, advance=advance)
-        over = int((est.err > tolerance).sum())
         refined = _own_rules(decode, est, x, labels if model.conditional else None,
                              tolerance=tolerance, likelihood=likelihood, max_rounds=max_rounds,
-                             node_budget=node_budget,
-                             max_nodes=max(max_shared_nodes // 4, own_nodes_per_image * over),
+                             node_budget=node_budget, max_nodes=max_shared_nodes // 4,
                              advance=advance)
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return ExactLogPx(

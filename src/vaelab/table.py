@@ -263,20 +263,6 @@ def cached_entries(path: Path) -> dict[str, Any]:
     return _read_cache(path, sha256_file(path / "model.safetensors"))["entries"]
 
 
-def _cached(entries: dict[str, Any], est: Estimator, images: int) -> bool:
-    """Whether ``entries`` holds a usable ``est``: an exact value that left images above its
-    tolerance is computed again once step 2 of the quadrature has a larger budget per image
-    than it had (``vaelab.evaluate.OWN_NODES_PER_IMAGE``)."""
-    entry = entries.get(est.key(images))
-    if entry is None:
-        return False
-    if est.method != "quadrature" or not entry.get("over_tolerance"):
-        return True
-    from vaelab.evaluate import OWN_NODES_PER_IMAGE
-
-    return entry.get("own_nodes_per_image", 0) >= OWN_NODES_PER_IMAGE
-
-
 def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 0,
                  device: str = "auto", log: Any = None, progress: bool = False,
                  compute: bool = True) -> tuple[dict[str, dict[str, Any]], int]:
@@ -289,19 +275,13 @@ def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 
     wanted = list(wanted)
     weights = sha256_file(path / "model.safetensors")
     cache = _read_cache(path, weights)
-    missing = [e for e in dict.fromkeys(wanted)
-               if not _cached(cache["entries"], e, test_images)]
+    missing = [e for e in dict.fromkeys(wanted) if e.key(test_images) not in cache["entries"]]
     if not compute:
         return {e.key(test_images): cache["entries"][e.key(test_images)] for e in wanted
                 if e not in missing}, 0
     if missing:
         from vaelab.checkpoint import load_run
-        from vaelab.evaluate import (
-            OWN_NODES_PER_IMAGE,
-            dataset_for_run,
-            exact_log_px_per_image,
-            log_px_per_image,
-        )
+        from vaelab.evaluate import dataset_for_run, exact_log_px_per_image, log_px_per_image
         from vaelab.train import pick_device
 
         where = pick_device(device)
@@ -324,7 +304,7 @@ def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 
                 extra = {"error_estimate_mean": float(exact.error.mean()),
                          "error_max": float(exact.error.max()),
                          "over_tolerance": int((exact.error > est.tolerance).sum()),
-                         "nodes": exact.nodes, "own_nodes_per_image": OWN_NODES_PER_IMAGE}
+                         "nodes": exact.nodes}
             else:
                 lp, _ = log_px_per_image(model, split, num_samples=est.k,
                                          likelihood=likelihood, seed=EVAL_SEED,
