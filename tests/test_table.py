@@ -450,3 +450,24 @@ def test_no_estimate_tabulates_the_cached_estimates_and_computes_none(
     assert (result["status"], result["computed"], result["unestimated"]) == ("done", 1, [])
     assert cell(result, "conv", 3)["best"]["mean"] == cell(result_of(table), "conv", 3)[
         "best"]["mean"]
+
+
+def test_images_left_over_tolerance_are_counted_with_their_error_bound(tmp_path: Path) -> None:
+    from vaelab.table import render_markdown
+
+    plan = plan_table(tmp_path / "t", latent_dims=[2], archs=["conv"], preset="smoke")
+    exact = {"run": "arch=conv,latent_dim=2,seed=0", "n": 10000, "over_tolerance": 1704,
+             "error_estimate_mean": 0.0966, "error_max": 6.67}
+    result = {"latent_dims": [2], "archs": ["conv"], "seeds": [0],
+              "evaluation": plan.evaluation(), "selection": "none", "plan": {"preset": "smoke"},
+              "cells": [{"arch": "conv", "latent_dim": 2, "budget": [{"epochs": 2,
+                                                                      "images_seen": 100}],
+                         "best": {"mean": -127.6, "se": 0.42, "estimator": "quadrature",
+                                  "per_seed": [exact]},
+                         "paper_k": {"mean": -130.0, "se": 0.4}}]}
+    md = render_markdown(result)
+    assert ("images still above it when the work budget ran out: arch=conv,latent_dim=2,seed=0: "
+            "1,704 of 10,000, error estimate 0.10 nats per image on average (a bound on the "
+            "quadrature's error in the cell's mean) and 6.7 at most") in md
+    result["cells"][0]["best"]["per_seed"] = [{**exact, "over_tolerance": 0}]
+    assert "work budget ran out" not in render_markdown(result)

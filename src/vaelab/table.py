@@ -574,11 +574,14 @@ def _citation_lines() -> list[str]:
 def _over_tolerance(result: dict[str, Any]) -> str:
     exact = [s for c in result["cells"] if c["best"]["estimator"] == "quadrature"
              for s in c["best"]["per_seed"]]
-    over = sum(s.get("over_tolerance", 0) for s in exact)
-    if not exact or not over:
+    left = [s for s in exact if s.get("over_tolerance")]
+    if not left:
         return ""
-    return (f"; {over:,} of {sum(s['n'] for s in exact):,} images were still above it when "
-            "the work budget ran out, with their estimated errors in table.json")
+    return ("; images still above it when the work budget ran out: " + ", ".join(
+        f"{s['run']}: {s['over_tolerance']:,} of {s['n']:,}, error estimate "
+        f"{s['error_estimate_mean']:.2f} nats per image on average (a bound on the "
+        f"quadrature's error in the cell's mean) and {s['error_max']:.1f} at most"
+        for s in left))
 
 
 def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
