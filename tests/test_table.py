@@ -467,7 +467,7 @@ def test_images_left_over_tolerance_are_counted_with_their_error_bound(tmp_path:
                          "paper_k": {"mean": -130.0, "se": 0.4}}]}
     md = render_markdown(result)
     assert ("images still above it when the work budget ran out: arch=conv,latent_dim=2,seed=0: "
-            "1,704 of 10,000, error estimate 0.10 nats per image on average (a bound on the "
-            "quadrature's error in the cell's mean) and 6.7 at most") in md
+            "1,704 of 10,000, error estimate 0.10 nats per image on average and 6.7 at most (by "
+            "these estimates the cell's mean is within 0.10 of the exact value)") in md
     result["cells"][0]["best"]["per_seed"] = [{**exact, "over_tolerance": 0}]
     assert "work budget ran out" not in render_markdown(result)

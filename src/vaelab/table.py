@@ -579,9 +579,9 @@ def _over_tolerance(result: dict[str, Any]) -> str:
         return ""
     return ("; images still above it when the work budget ran out: " + ", ".join(
         f"{s['run']}: {s['over_tolerance']:,} of {s['n']:,}, error estimate "
-        f"{s['error_estimate_mean']:.2f} nats per image on average (a bound on the "
-        f"quadrature's error in the cell's mean) and {s['error_max']:.1f} at most"
-        for s in left))
+        f"{s['error_estimate_mean']:.2f} nats per image on average and {s['error_max']:.1f} at "
+        f"most (by these estimates the cell's mean is within {s['error_estimate_mean']:.2f} of "
+        "the exact value)" for s in left))
 
 
 def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
