@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vaelab.config import resolve_config
-from vaelab.train import train, train_concurrently
+from vaelab.training import train, train_concurrently
 
 
 def main(mode: str, options: list[str]) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from vaelab.config import resolve_config
-from vaelab.train import train_concurrently
+from vaelab.training import train_concurrently
 
 
 def main(precision: str, parallel: int) -> None:

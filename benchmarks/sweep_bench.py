@@ -8,7 +8,7 @@ another (what reproduce did on a CPU before the sweep).
 
 The runs are those ``--ablations`` adds to the two main ones: the VAE and the CVAE at seeds 1
 and 2, and each without KL warm-up (constant beta = 1), on the ``seed`` preset. *One after
-another*: ``vaelab.train.train`` in this process, run after run, torch using every core (as
+another*: ``vaelab.training.train`` in this process, run after run, torch using every core (as
 ``train_concurrently`` does off CUDA), and the same with one torch thread (each sweep trial's
 share, which tells the sweep's parallelism from a machine's thread contention). *Sweep*:
 ``vaelab.sweep.train_trials`` on a local Ray with one trial per core, one torch thread each.
@@ -41,7 +41,7 @@ from vaelab.config import TrainConfig, resolve_config
 from vaelab.io import atomic_write_json
 from vaelab.report import _annealing_pair
 from vaelab.sweep import Trial, choose_resources, train_trials
-from vaelab.train import train
+from vaelab.training import train
 
 # one process using every core; the same with one thread (what each sweep trial has); the sweep
 MODES = ("one_after_another", "one_after_another_1_thread", "sweep")

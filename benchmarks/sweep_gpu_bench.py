@@ -7,7 +7,7 @@
 The runs are the VAE on the ``seed`` preset at seeds 0..N-1 (``--seeds N``, default 8). Modes,
 each timed from the first run's start to the last one's end, into fresh folders:
 
-- ``one_at_a_time``: ``vaelab.train.train``, run after run, in this process;
+- ``one_at_a_time``: ``vaelab.training.train``, run after run, in this process;
 - ``train_concurrently``: two at a time in this process, each in its own CUDA stream (what
   ``vaelab reproduce`` does on a GPU);
 - ``sweep_K``: ``vaelab.sweep.train_trials`` on a local Ray, each trial asking 1/K of the GPU,
@@ -35,7 +35,7 @@ from vaelab.bench import machine
 from vaelab.config import TrainConfig, resolve_config
 from vaelab.io import atomic_write_json
 from vaelab.sweep import Trial, choose_resources, train_trials
-from vaelab.train import train, train_concurrently
+from vaelab.training import train, train_concurrently
 
 
 class GpuMemory:

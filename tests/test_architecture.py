@@ -73,7 +73,7 @@ def test_old_specs_without_the_encoder_knobs_still_load() -> None:
 
 def test_cli_architecture_flags_reach_the_run(tmp_path: Path, monkeypatch) -> None:
     data = synthetic_dataset(uniform_noise, 64, 16, 16, seed=0)
-    monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
+    monkeypatch.setattr("vaelab.training.loop.load_dataset", lambda *a, **k: data)
     run = tmp_path / "run"
     code = main(["train", "--preset", "smoke", "--model", "cvae", "--device", "cpu", "--quiet",
                  "--channels", "4", "6", "--enc-hidden", "12", "--dec-hidden", "10",

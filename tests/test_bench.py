@@ -21,7 +21,7 @@ from vaelab.config import resolve_config
 from vaelab.errors import ConfigError
 from vaelab.models import ModelSpec, build_model
 from vaelab.objectives import elbo_terms, training_loss
-from vaelab.train import Trainer
+from vaelab.training import Trainer
 
 
 @pytest.fixture(scope="module")

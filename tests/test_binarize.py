@@ -39,7 +39,7 @@ from vaelab.data import (
 )
 from vaelab.errors import DataError
 from vaelab.evaluate import dataset_for_run, evaluate_elbo
-from vaelab.train import Trainer, train
+from vaelab.training import Trainer, TrainingStep, train
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ def test_sigint_mid_epoch_then_resume_equals_the_uninterrupted_run(
 
     def step(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
         real_step(self, x, y)
-        if self.step == 10:
+        if self.global_step == 10:
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(Trainer, "train_step", step)
@@ -168,13 +168,13 @@ def test_each_batch_is_drawn_afresh_as_bernoulli_of_the_intensity(
     images' mean (within 4 standard errors); and an image met in epoch 1 and epoch 2 is drawn
     anew (most of its grey pixels differ)."""
     seen: list[torch.Tensor] = []
-    real_body = Trainer._step_body
+    real_body = TrainingStep.body
 
-    def body(self: Trainer, x: torch.Tensor, *rest: Any) -> None:
+    def body(self: TrainingStep, x: torch.Tensor, *rest: Any) -> None:
         seen.append(x.clone())
         real_body(self, x, *rest)
 
-    monkeypatch.setattr(Trainer, "_step_body", body)
+    monkeypatch.setattr(TrainingStep, "body", body)
     args = train_args(data, tmp_path / "run")
     args[args.index("--epochs") + 1] = "2"
     assert main(args) == 0

@@ -518,12 +518,12 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_allocated(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch, extra: list[str]
 ) -> None:
-    import vaelab.train
+    import vaelab.training
 
     def no_build(*args: object) -> None:
         raise AssertionError("the model was built before its size was checked")
 
-    monkeypatch.setattr(vaelab.train, "build_model", no_build)
+    monkeypatch.setattr(vaelab.training.loop, "build_model", no_build)
     out = tmp_path / "run"
     code, err, stdout = cli(train_args(data, out, *extra), capsys)
     assert_refused(code, err, stdout, "the model cannot fit", "more than this machine's",

@@ -18,7 +18,7 @@ import torch
 
 from synthetic import noisy_blobs, write_synthetic
 from vaelab.config import resolve_config
-from vaelab.train import Trainer, train
+from vaelab.training import Trainer, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -53,9 +53,9 @@ def close_runs(a: list[dict[str, Any]], b: list[dict[str, Any]], rel: float) -> 
 def test_graphed_steps_compute_what_eager_steps_compute(data: Path, tmp_path: Path) -> None:
     graphed, w_graph = run(config(data, cuda_graphs=True), tmp_path / "graph")
     eager, w_eager = run(config(data, cuda_graphs=False), tmp_path / "eager")
-    assert graphed._graph is not None, "the training step was never captured"
-    assert eager._graph is None
-    assert graphed.step == eager.step == 3 * 8
+    assert graphed.stepper.graph is not None, "the training step was never captured"
+    assert eager.stepper.graph is None
+    assert graphed.global_step == eager.global_step == 3 * 8
     close_runs(graphed.metrics, eager.metrics, rel=1e-3)
     for k in w_eager:
         torch.testing.assert_close(w_graph[k], w_eager[k], rtol=1e-3, atol=1e-4)
@@ -72,17 +72,17 @@ def test_graphed_run_interrupted_mid_epoch_resumes_to_the_same_result(
 
     def step(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
         real_step(self, x, y)
-        if self.step == 13:  # epoch 2, after the graph was captured
+        if self.global_step == 13:  # epoch 2, after the graph was captured
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(Trainer, "train_step", step)
-    from vaelab.train import Interrupted
+    from vaelab.training import Interrupted
 
     with pytest.raises(Interrupted):
         run(cfg, tmp_path / "run")
     monkeypatch.setattr(Trainer, "train_step", real_step)
     resumed, w = run(cfg, tmp_path / "run", resume=True)
-    assert resumed._graph is not None
+    assert resumed.stepper.graph is not None
     close_runs(resumed.metrics, ref_metrics, rel=1e-3)
     for k in w_ref:
         torch.testing.assert_close(w[k], w_ref[k], rtol=1e-3, atol=1e-4)
@@ -98,7 +98,7 @@ def test_binarized_iwae_steps_stay_in_the_captured_graph_and_resume(
     kw = dict(binarize="dynamic", objective="iwae", k=3, checkpoint_every=3)
     graphed, w_graph = run(config(data, cuda_graphs=True, **kw), tmp_path / "graph")
     eager, w_eager = run(config(data, cuda_graphs=False, **kw), tmp_path / "eager")
-    assert graphed._graph is not None and eager._graph is None
+    assert graphed.stepper.graph is not None and eager.stepper.graph is None
     assert graphed._graph_inputs[2].shape == (3, 64, 2)
     close_runs(graphed.metrics, eager.metrics, rel=1e-3)
     for k in w_eager:
@@ -108,11 +108,11 @@ def test_binarized_iwae_steps_stay_in_the_captured_graph_and_resume(
 
     def step(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
         real_step(self, x, y)
-        if self.step == 13:
+        if self.global_step == 13:
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(Trainer, "train_step", step)
-    from vaelab.train import Interrupted
+    from vaelab.training import Interrupted
 
     with pytest.raises(Interrupted):
         run(config(data, cuda_graphs=True, **kw), tmp_path / "run")
@@ -149,23 +149,23 @@ def test_a_nan_inside_the_captured_graph_is_caught_naming_its_step(
     from vaelab.errors import NumericalError
 
     trainer = Trainer(config(data, cuda_graphs=True), tmp_path / "run", progress=False)
-    real_body = trainer._step_body
+    real_body = trainer.stepper.body
 
     def body(x: torch.Tensor, *rest: Any) -> None:
         # from step 5 on every image is NaN; the captured graph reads the flag from the device
-        poison = torch.where(trainer._step_dev >= 5, float("nan"), 0.0)
+        poison = torch.where(trainer.stepper.step_index >= 5, float("nan"), 0.0)
         real_body(x + poison, *rest)
 
-    trainer._step_body = body  # type: ignore[method-assign]
+    trainer.stepper.body = body  # type: ignore[method-assign]
     with pytest.raises(NumericalError, match=r"epoch 1, step 5\b"):
         trainer.fit()
-    assert trainer._graph is not None
+    assert trainer.stepper.graph is not None
 
 
 def test_runs_trained_side_by_side_compute_what_they_compute_alone(
     data: Path, tmp_path: Path,
 ) -> None:
-    from vaelab.train import train_concurrently
+    from vaelab.training import train_concurrently
 
     jobs = [(config(data, model="vae"), tmp_path / "vae", {}),
             (config(data, model="cvae", seed=1), tmp_path / "cvae", {})]
@@ -182,11 +182,11 @@ def test_a_failed_background_checkpoint_write_stops_the_run_with_its_error(
 ) -> None:
     """On CUDA checkpoints are written by a background thread: a failed write is raised by
     the run at its next wait, and the checkpoints written before it stay."""
-    import vaelab.train
+    import vaelab.training
     from vaelab.checkpoint import list_checkpoints
     from vaelab.errors import VaelabError
 
-    real = vaelab.train.save_checkpoint
+    real = vaelab.training.state.save_checkpoint
     steps: list[int] = []
 
     def failing(*args: Any, **kwargs: Any) -> Path:
@@ -195,7 +195,7 @@ def test_a_failed_background_checkpoint_write_stops_the_run_with_its_error(
             raise VaelabError("cannot write checkpoint (disk full, in a test)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vaelab.train, "save_checkpoint", failing)
+    monkeypatch.setattr(vaelab.training.state, "save_checkpoint", failing)
     with pytest.raises(VaelabError, match="disk full, in a test"):
         train(config(data), tmp_path / "run", progress=False)
     assert steps[:2] == [8, 16]
@@ -203,12 +203,27 @@ def test_a_failed_background_checkpoint_write_stops_the_run_with_its_error(
 
 
 def test_fp32_on_cuda_is_ieee_fp32_not_tf32(data: Path, tmp_path: Path) -> None:
-    """PyTorch runs cuDNN's fp32 convolutions in TF32 unless told not to; vaelab's device
-    choice turns that off, so an fp32 convolution matches float64 as on the CPU."""
-    Trainer(config(data), tmp_path / "run", progress=False)
-    assert torch.backends.cudnn.allow_tf32 is False
+    """PyTorch runs cuDNN's fp32 convolutions in TF32 unless told not to; a run turns that off
+    while it trains, so an fp32 convolution matches float64 as on the CPU, and puts the
+    process's own setting back when it ends."""
+    from vaelab.backends import cuda_settings
+
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    seen: list[bool] = []
+    trainer = Trainer(config(data), tmp_path / "run", progress=False)
+    real_step = trainer.train_step
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        seen.append(torch.backends.cudnn.allow_tf32)
+        real_step(x, y)
+
+    trainer.train_step = step  # type: ignore[method-assign]
+    trainer.fit()
+    assert seen and not any(seen)
+    assert torch.backends.cudnn.allow_tf32 is True
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 32, 14, 14, generator=gen), torch.randn(32, 32, 3, 3, generator=gen)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
-    out = torch.nn.functional.conv2d(x.cuda(), w.cuda(), padding=1).cpu().double()
+    with cuda_settings("cuda"):
+        out = torch.nn.functional.conv2d(x.cuda(), w.cuda(), padding=1).cpu().double()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5  # TF32 lands near 3e-4

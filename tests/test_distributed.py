@@ -94,7 +94,7 @@ import torch
 from safetensors.torch import save_file
 
 from vaelab.config import resolve_config
-from vaelab.train import Trainer
+from vaelab.training import Trainer
 
 data, out, ranks = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 torch.set_num_threads(1)

@@ -32,7 +32,7 @@ from vaelab.cli import main  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402
 from vaelab.data import load_dataset  # noqa: E402
 from vaelab.explore import MAX_BATCH, MAX_BODY, create_app  # noqa: E402
-from vaelab.train import train  # noqa: E402
+from vaelab.training import train  # noqa: E402
 
 N_TEST = 120
 

@@ -24,7 +24,7 @@ import uvicorn  # noqa: F401
 
 from synthetic import ring_blobs, write_synthetic  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402
-from vaelab.train import train  # noqa: E402
+from vaelab.training import train  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from synthetic import uniform_noise, write_synthetic  # noqa: E402
 from vaelab.config import resolve_config  # noqa: E402
 from vaelab.explore import create_app  # noqa: E402
-from vaelab.train import train  # noqa: E402
+from vaelab.training import train  # noqa: E402
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -23,7 +23,7 @@ from synthetic import uniform_noise, write_synthetic
 from vaelab.config import resolve_config
 from vaelab.explore import REQUEST_TIMEOUT, create_app
 from vaelab.explore.server import KEEP_ALIVE, MAX_HEADER, server_config
-from vaelab.train import train
+from vaelab.training import train
 
 BODY = b'{"z": [0.5, -1.0]}'
 

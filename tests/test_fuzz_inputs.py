@@ -29,13 +29,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import vaelab.cli
-import vaelab.train
+import vaelab.training
 from vaelab.checkpoint import ROW_REQUIRED, read_config, read_metrics
 from vaelab.cli import main
 from vaelab.config import SEED_MAX, TrainConfig, resolve_config
 from vaelab.errors import VaelabError
 from vaelab.objectives import make_beta_schedule
-from vaelab.train import resumed_config
+from vaelab.training import resumed_config
 
 FUZZ = settings(max_examples=2000, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -180,8 +180,8 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def pick_device(name: str) -> None:
         raise Accepted(name)
 
-    monkeypatch.setattr(vaelab.train, "train", train)
-    monkeypatch.setattr(vaelab.train, "pick_device", pick_device)
+    monkeypatch.setattr(vaelab.training, "train", train)
+    monkeypatch.setattr(vaelab.training, "pick_device", pick_device)
     yield
 
 

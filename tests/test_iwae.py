@@ -28,7 +28,7 @@ from vaelab.objectives import (
     log_normal,
     log_standard_normal,
 )
-from vaelab.train import Trainer
+from vaelab.training import Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from vaelab.checkpoint import load_run
 from vaelab.config import TrainConfig, resolve_config
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.models import AFFINE, ModelSpec, build_model
-from vaelab.train import Trainer
+from vaelab.training import Trainer
 
 ARCH = dict(dec_mlp_layers=2, dec_refine=2, enc_refine=1, enc_mlp_layers=2)
 

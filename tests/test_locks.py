@@ -17,7 +17,7 @@ from synthetic import noisy_blobs, write_synthetic
 from vaelab.cli import main
 from vaelab.config import resolve_config
 from vaelab.locks import HOLDER_FILE, LOCK_FILE, FolderInUse, FolderLock
-from vaelab.train import Trainer
+from vaelab.training import Trainer
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")
 
@@ -132,7 +132,7 @@ def test_a_folder_whose_holder_file_is_being_written_counts_as_empty(tmp_path: P
     """Another process may see the holder file's atomic-write temp for an instant (torchrun's
     second rank did, and refused a new folder as "holding other files"): it is the lock's."""
     from vaelab.locks import is_lock_file
-    from vaelab.train import check_run_dir
+    from vaelab.training import check_run_dir
 
     out = tmp_path / "run"
     out.mkdir()

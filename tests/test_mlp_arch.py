@@ -89,7 +89,7 @@ def test_an_old_run_folder_without_the_fields_still_loads(tmp_path: Path, monkey
     """A finished conv run whose config.json and model.json lack ``arch`` and ``mlp_hidden``
     (as every run before them): load_run gives the conv model with the same weights."""
     data = synthetic_dataset(noisy_blobs, 64, 16, 16, seed=0)
-    monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
+    monkeypatch.setattr("vaelab.training.loop.load_dataset", lambda *a, **k: data)
     run = tmp_path / "run"
     code = main(["train", "--preset", "smoke", "--device", "cpu", "--quiet", "--out", str(run)])
     assert code == 0
@@ -112,7 +112,7 @@ def test_cli_trains_an_mlp_run(tmp_path: Path, monkeypatch) -> None:
     """`vaelab train --arch mlp --mlp-hidden 32 16`: config.json and the saved model say mlp,
     the weights are the MLP's, the test -ELBO is finite and below the untrained start."""
     data = synthetic_dataset(noisy_blobs, 256, 16, 32, seed=0)
-    monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
+    monkeypatch.setattr("vaelab.training.loop.load_dataset", lambda *a, **k: data)
     run = tmp_path / "run"
     code = main(["train", "--preset", "smoke", "--device", "cpu", "--quiet", "--arch", "mlp",
                  "--mlp-hidden", "32", "16", "--epochs", "2", "--out", str(run)])

@@ -23,7 +23,7 @@ from vaelab.config import resolve_config
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.models import ConvCVAE, ConvVAE, ModelSpec, build_model
 from vaelab.objectives import bernoulli_log_likelihood, elbo_terms, training_loss
-from vaelab.train import Interrupted, Trainer, train
+from vaelab.training import Interrupted, Trainer, train
 
 SMALL = dict(channels=(8, 16), enc_hidden=64, dec_hidden=64)
 

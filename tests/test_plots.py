@@ -400,7 +400,7 @@ def test_draw_all_draws_every_applicable_figure(cvae, split, tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     from vaelab.config import resolve_config
-    from vaelab.train import train
+    from vaelab.training import train
 
     root = tmp_path_factory.mktemp("plotrun")
     data = write_synthetic(root / "idx", uniform_noise, 160, 40, seed=1)

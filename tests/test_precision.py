@@ -14,11 +14,11 @@ import torch
 from helpers import assert_same_run, one_thread
 from synthetic import noisy_blobs, synthetic_dataset
 from vaelab import precision as precision_module
-from vaelab import train as train_module
 from vaelab.bench import machine
 from vaelab.config import resolve_config
 from vaelab.precision import MIN_GAIN, MIN_MFLOP, bf16_speedup, forward_mflops
-from vaelab.train import Trainer, cpu_bf16_hardware, pick_precision, precision_reason
+from vaelab.training import Trainer, cpu_bf16_hardware, pick_precision, precision_reason
+from vaelab.training import hardware as train_module
 
 CPU = torch.device("cpu")
 

@@ -175,13 +175,13 @@ def test_sigint_mid_epoch_saves_exits_130_and_resume_equals(
 ) -> None:
     """Ctrl-C at step 10 (mid-epoch, not a checkpoint step) in-process, through the CLI."""
     run = tmp_path / "run"
-    from vaelab.train import Trainer
+    from vaelab.training import Trainer
 
     real_step = Trainer.train_step
 
     def step(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
         real_step(self, x, y)
-        if self.step == 10:
+        if self.global_step == 10:
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(Trainer, "train_step", step)
@@ -251,7 +251,7 @@ def test_resume_logs_the_refusal_and_starts_over_when_no_checkpoint_is_good(
     finished: Path, reference: Path, one_thread: None
 ) -> None:
     from vaelab.config import TrainConfig
-    from vaelab.train import train
+    from vaelab.training import train
 
     for ckpt in list_checkpoints(finished):
         truncate(ckpt / "model.safetensors")
@@ -519,7 +519,7 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: int, file_mode: i
 def test_the_printed_resume_command_survives_copy_and_paste() -> None:
     import shlex
 
-    from vaelab.train import resume_command
+    from vaelab.training import resume_command
 
     out = Path("/tmp/my runs/it's here")
     assert shlex.split(resume_command(out))[-1] == str(out)
@@ -577,7 +577,7 @@ def test_a_run_that_saved_nothing_is_started_over_by_a_plain_rerun_or_resume(
             assert "startingitover" in out
         else:
             log: list[str] = []
-            from vaelab.train import train
+            from vaelab.training import train
 
             train(None, run, resume=True, progress=False, log=log.append)
             assert log[0] == f"{run} holds no checkpoint: the run starts from its first step"
@@ -664,7 +664,7 @@ def test_a_finished_run_trained_on_to_more_epochs_equals_an_uninterrupted_longer
     args = train_args(data, longer)
     args[args.index("--epochs") + 1] = "5"
     assert cli(args, capsys) == (0, [])
-    from vaelab.train import Trainer
+    from vaelab.training import Trainer
 
     # while the extension runs, the run is unfinished: the 3-epoch final files are gone
     trainer = Trainer(None, finished, resume=True, progress=False, changes={"epochs": 5})
@@ -729,7 +729,7 @@ def test_the_api_refuses_a_resume_whose_config_differs_from_the_run(finished: Pa
 
     from vaelab.checkpoint import read_config
     from vaelab.errors import ConfigError
-    from vaelab.train import Trainer
+    from vaelab.training import Trainer
 
     _, saved = read_config(finished)
     with pytest.raises(ConfigError, match=r"--lr 0\.5 \(run has 0\.001\), --seed 3 \(run has 0\)"):

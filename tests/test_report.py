@@ -305,7 +305,7 @@ def test_a_run_written_before_a_setting_existed_is_reused(study, data_dir, tmp_p
 
 def test_train_concurrently_off_cuda_trains_one_run_after_the_other(data_dir, tmp_path) -> None:
     """Without CUDA the runs train in order, each exactly as ``train`` alone would."""
-    from vaelab.train import train, train_concurrently
+    from vaelab.training import train, train_concurrently
 
     cfgs = [resolve_config("smoke", model=k, dataset=f"idx:{data_dir}", device="cpu")
             for k in ("vae", "cvae")]

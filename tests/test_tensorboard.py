@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # the [tes
 from synthetic import block_digits, synthetic_dataset
 from vaelab.cli import main
 from vaelab.config import resolve_config
-from vaelab.train import Trainer
+from vaelab.training import Trainer
 
 
 def read_events(run: Path) -> EventAccumulator:
@@ -47,7 +47,7 @@ def test_tensorboard_events_hold_scalars_and_images(tmp_path: Path, kind: str) -
 
 def test_cli_tensorboard_flag_writes_events(tmp_path: Path, monkeypatch) -> None:
     data = synthetic_dataset(block_digits, 128, 16, 32, seed=0)
-    monkeypatch.setattr("vaelab.train.load_dataset", lambda *a, **k: data)
+    monkeypatch.setattr("vaelab.training.loop.load_dataset", lambda *a, **k: data)
     code = main(["train", "--preset", "smoke", "--epochs", "1", "--device", "cpu", "--quiet",
                  "--tensorboard", "--out", str(tmp_path / "run")])
     assert code == 0

@@ -17,7 +17,7 @@ from synthetic import noisy_blobs, synthetic_dataset
 from vaelab.config import TrainConfig, resolve_config
 from vaelab.errors import ConfigError
 from vaelab.models import ModelSpec, build_model
-from vaelab.train import Trainer, decay_groups, make_adam
+from vaelab.training import Trainer, decay_groups, make_adam
 
 
 def _model() -> torch.nn.Module:

@@ -33,7 +33,7 @@ from vaelab.errors import ConfigError
 from vaelab.evaluate import evaluate_elbo
 from vaelab.io import atomic_write_text
 from vaelab.models import build_model
-from vaelab.train import Trainer, cpu_bf16_hardware, versions
+from vaelab.training import Trainer, cpu_bf16_hardware, versions
 
 STUDY_NEG_ELBO = {"vae": 144.59, "cvae": 129.16}
 CPUINFO = Path("/proc/cpuinfo")
@@ -372,7 +372,7 @@ def run_bench(*, models: tuple[str, ...] = ("vae", "cvae"), rounds: int = 3, ste
     and pythae train in fp32, as they are written); ``pythae`` and ``fp32_too`` as in
     ``throughput``."""
     from vaelab.bench_pythae import pythae_missing
-    from vaelab.train import pick_device
+    from vaelab.training import pick_device
 
     for name, value in (("rounds", rounds), ("steps", steps), ("rss_limit", rss_limit)):
         if value < 1:

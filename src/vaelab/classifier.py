@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -158,7 +157,9 @@ def train_classifier(
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     seed = check_seed(seed)
-    with FolderLock(out) as lock:  # one writer per folder
+    # seeded weights and dropout, inside a fork: the process's random state stays as it was
+    cuda = list(range(torch.cuda.device_count())) if str(device) != "cpu" else []
+    with FolderLock(out) as lock, torch.random.fork_rng(devices=cuda):  # one writer per folder
         meta = _train_classifier(dataset, Path(out), epochs=epochs, seed=seed,
                                  batch_size=batch_size, lr=lr, limit=limit, spec=spec,
                                  device=device, force=force, log=log or (lambda s: None))
@@ -176,10 +177,10 @@ def _train_classifier(
         data = load_dataset(dataset, val_size=0, limit=limit)
     else:
         data = dataset
-    from vaelab.train import pick_device
+    from vaelab.training import learning_rate, pick_device, set_learning_rate
 
     device = pick_device(str(device))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # inside train_classifier's fork of the RNG
     spec = spec or ClassifierSpec(num_classes=data.num_classes)
     model = DigitCNN(spec).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -193,8 +194,7 @@ def _train_classifier(
         count = 0
         for i, (x, y) in enumerate(batcher.epoch(epoch)):
             step = epoch * len(batcher) + i  # cosine decay of the learning rate to 0
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            set_learning_rate(optimizer, learning_rate("cosine", lr, step, total_steps))
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

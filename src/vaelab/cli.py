@@ -206,7 +206,7 @@ def train_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vaelab.train import dist_env, train
+    from vaelab.training import dist_env, train
 
     console = _console()
     config, changes = train_request(args)
@@ -949,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VaelabError as e:
-        from vaelab.train import Interrupted
+        from vaelab.training import Interrupted
 
         if isinstance(e, Interrupted):
             print(f"vaelab: {e}. Resume with: {e.resume_command}", file=sys.stderr)

@@ -9,7 +9,7 @@ FLOPs per image forward at fp32 (too little arithmetic for bf16 to pay for its c
 too little for a timing to tell apart from overhead). For a larger one it times a few
 training steps (forward, the ELBO, backward) of the run's own network in each precision,
 alternating, on synthetic images, and takes bf16 only when it is at least ``MIN_GAIN`` times
-as fast (``vaelab.train.resolve_precision``).
+as fast (``vaelab.training.resolve_precision``).
 
 The probe builds its own copy of the network inside ``torch.random.fork_rng``, with its own
 generator for the inputs: the process's random state, and so the run's weights, are the same

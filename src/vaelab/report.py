@@ -241,7 +241,7 @@ def ensure_runs(
     process (``train_concurrently``); elsewhere, with ``sweep`` and Ray installed, they train
     at once as the tasks of a local Ray, one per core (``vaelab.sweep.train_trials``), else one
     after the other. A run of another config is replaced only with ``force``."""
-    from vaelab.train import dist_env, train_concurrently
+    from vaelab.training import dist_env, train_concurrently
 
     todo = []
     for path, config in jobs:
@@ -466,7 +466,7 @@ def run_study(
     KL warm-up (constant beta = 1) and one run per extra seed of ``seeds`` for both models, and
     reports mean ± std over seeds. ``precision`` is the training precision of the runs it
     trains (``auto``: bf16 on CUDA, and on a CPU with AMX or AVX512-BF16 that trains the
-    network faster in it, else fp32: ``vaelab.train.resolve_precision``). A folder
+    network faster in it, else fp32: ``vaelab.training.resolve_precision``). A folder
     that is not empty and not a vaelab report is refused unless ``force``; ``force`` also
     retrains runs whose saved settings differ.
     """
@@ -480,7 +480,7 @@ def run_study(
         full_evaluation,
     )
     from vaelab.io import console as output_console
-    from vaelab.train import pick_device, versions
+    from vaelab.training import pick_device, versions
 
     preset = report_preset(preset, quick)
     quick = preset == "quick"

@@ -3,7 +3,7 @@
 ``plan_sweep`` turns a preset, train options and a grid (``{"seed": ["0", "1"], ...}``) into
 trials, every value parsed and every config validated before anything starts. ``run_sweep``
 runs the trials that are not finished, each as one Ray task (``run_trial``) that calls the
-ordinary ``vaelab.train.Trainer`` into ``OUT/NAME`` (``NAME`` from the trial's grid values, e.g.
+ordinary ``vaelab.training.Trainer`` into ``OUT/NAME`` (``NAME`` from the trial's grid values, e.g.
 ``latent_dim=2,seed=0``), so ``evaluate``, ``plot`` and ``explore`` work on every trial. The
 sweep folder::
 
@@ -346,7 +346,7 @@ def run_trial(config: dict[str, Any], out: str, *, threads: int = 1, force: bool
     threads (the worker is this sweep's: setting them is the point). Returns what was done."""
     import torch
 
-    from vaelab.train import Trainer
+    from vaelab.training import Trainer
 
     torch.set_num_threads(max(1, int(threads)))
     cfg = TrainConfig.from_dict(config).validate()

@@ -282,7 +282,7 @@ def evaluate_run(path: Path, wanted: Iterable[Estimator], *, test_images: int = 
     if missing:
         from vaelab.checkpoint import load_run
         from vaelab.evaluate import dataset_for_run, exact_log_px_per_image, log_px_per_image
-        from vaelab.train import pick_device
+        from vaelab.training import pick_device
 
         where = pick_device(device)
         run = load_run(path, device=where)

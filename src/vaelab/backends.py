@@ -1,0 +1,61 @@
+"""torch's process-wide backend switches, set only for the length of a run and then restored.
+
+PyTorch runs cuDNN's fp32 convolutions in TF32 unless told not to (its matrix products it
+leaves at fp32). vaelab's fp32 training and every evaluation are to be fp32 as on the CPU, and
+bf16 is asked for by name (``--precision``), so a run on CUDA turns TF32 off, and a training
+run with fixed shapes lets cuDNN pick its fastest kernels once (``cudnn.benchmark``). A
+library call must not leave those switches changed behind it: ``cuda_settings`` sets them on
+entry and puts the process's own values back when the outermost scope ends. Scopes nest and
+may be entered from several threads at once (``train_concurrently``): the first entry saves,
+the last exit restores.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_lock = threading.Lock()
+_depth = 0
+_saved: dict[str, bool] = {}
+
+
+def _flags() -> dict[str, bool]:
+    return {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.benchmark": torch.backends.cudnn.benchmark}
+
+
+def _set(flags: dict[str, bool]) -> None:
+    # the long-standing flags only: torch refuses to read them back once its newer
+    # per-operator settings (fp32_precision) have been mixed in
+    torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = flags["matmul.allow_tf32"]
+    torch.backends.cudnn.benchmark = flags["cudnn.benchmark"]
+
+
+@contextmanager
+def cuda_settings(device: torch.device | str, *, benchmark: bool = False) -> Iterator[None]:
+    """Within: on CUDA, convolutions and matrix products in IEEE fp32 (TF32 off), and with
+    ``benchmark`` cuDNN's kernel search on; on any other device, nothing changes. The
+    process's values come back when the outermost scope ends."""
+    global _depth
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    with _lock:
+        if _depth == 0:
+            _saved.update(_flags())
+        _depth += 1
+        _set({"cudnn.allow_tf32": False, "matmul.allow_tf32": False,
+              "cudnn.benchmark": benchmark or torch.backends.cudnn.benchmark})
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _set(_saved)
