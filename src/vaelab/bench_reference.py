@@ -73,8 +73,21 @@ def train_reference(
     """Train in the tutorial style; returns images/s and per-step losses read with ``.item()``.
 
     ``on_epoch_end(epoch, elapsed_s)`` may return True to stop (time-to-quality measurements).
+    The tutorial seeds torch's generator and its DataLoader shuffles from it: that happens
+    inside a fork of the process's random state, which is left as it was.
     """
-    torch.manual_seed(seed)
+    cuda = list(range(torch.cuda.device_count())) if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return _tutorial_loop(model, split, epochs=epochs, batch_size=batch_size, lr=lr,
+                              warmup_epochs=warmup_epochs, max_steps=max_steps,
+                              on_epoch_end=on_epoch_end, device=device)
+
+
+def _tutorial_loop(model: ConvVAE, split: Split, *, epochs: int, batch_size: int, lr: float,
+                   warmup_epochs: float, max_steps: int | None,
+                   on_epoch_end: Callable[[int, float], bool] | None,
+                   device: str | torch.device) -> dict:
     loader = DataLoader(MNISTTensors(split), batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = len(loader)
