@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from vaelab.config import TrainConfig
+from vaelab.config import TrainConfig, check_fits
 from vaelab.errors import ConfigError
 from vaelab.models import ModelSpec
 from vaelab.precision import MIN_GAIN, MIN_MFLOP, bf16_speedup, forward_mflops
@@ -21,6 +21,20 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(name)
+
+
+def run_device(cfg: TrainConfig, local_rank: int | None = None) -> torch.device:
+    """The device a run trains on: ``pick_device``, under torchrun on CUDA the rank's own GPU
+    (``local_rank``, made the process's current device), and on CUDA checked to hold the run
+    (the memory ``config.check_fits`` asks)."""
+    device = pick_device(cfg.device)
+    if local_rank is not None and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        check_fits(cfg, props.total_memory, where=props.name)
+    return device
 
 
 def cpu_bf16_hardware() -> str | None:

@@ -18,7 +18,7 @@ import torch
 
 from vaelab.backends import cuda_settings
 from vaelab.checkpoint import list_checkpoints, save_final
-from vaelab.config import TrainConfig, check_fits
+from vaelab.config import TrainConfig
 from vaelab.data import (
     Batcher,
     Dataset,
@@ -27,7 +27,7 @@ from vaelab.data import (
     check_binarized,
     load_dataset,
 )
-from vaelab.errors import ConfigError, NumericalError, VaelabError
+from vaelab.errors import NumericalError, VaelabError
 from vaelab.evaluate import evaluate_elbo
 from vaelab.io import atomic_write_json
 from vaelab.locks import FolderLock
@@ -35,10 +35,11 @@ from vaelab.models import ConvVAE, build_model
 from vaelab.objectives import BetaSchedule, make_beta_schedule
 from vaelab.training import distributed as ddp
 from vaelab.training import state
-from vaelab.training.hardware import pick_device, run_precision
+from vaelab.training.hardware import run_device, run_precision
 from vaelab.training.logs import TensorBoardLog, bar_status, epoch_line, progress_bar
 from vaelab.training.optim import decay_groups, learning_rate, make_adam, set_learning_rate
 from vaelab.training.run_dir import (
+    check_request,
     open_run,
     prepare_run_dir,
     resume_command,
@@ -95,13 +96,7 @@ class Trainer:
         (``config.RESUME_SAFE``, or ``epochs`` where the schedules allow), else ConfigError
         listing them all. ``force`` replaces a run in ``out`` (not with ``resume``)."""
         self.out = Path(out)
-        if resume and force:
-            raise ConfigError("--resume continues the run in --out and --force replaces it: "
-                              "give one or the other")
-        if config is None and not resume:
-            raise ConfigError("a new run needs a config (only a resume reads the saved one)")
-        if config is not None:
-            config.validate()
+        check_request(config, resume=resume, force=force)
         self.rank, self.world_size, local_rank = ddp.dist_env()
         self.progress = progress and self.rank == 0
         self.detect_anomaly = detect_anomaly
@@ -144,13 +139,7 @@ class Trainer:
         self.distributed = self.world_size > 1
         self._owns_process_group = self.distributed and ddp.join_process_group(
             cfg, self.world_size)
-        self.device = pick_device(cfg.device)
-        if self.distributed and self.device.type == "cuda":
-            self.device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(self.device)
-        if self.device.type == "cuda":  # the machine's memory was checked by validate()
-            props = torch.cuda.get_device_properties(self.device)
-            check_fits(cfg, props.total_memory, where=props.name)
+        self.device = run_device(cfg, local_rank if self.distributed else None)
         saved = self.saved_raw.get("resolved") if self.saved_raw is not None else None
         self.precision, why = run_precision(cfg, self.device, saved, resumed=resume,
                                             rank=self.rank, world_size=self.world_size)

@@ -158,6 +158,18 @@ def record_resume(out: Path, raw: dict[str, Any], config: TrainConfig,
     atomic_write_json(out / "config.json", raw)
 
 
+def check_request(config: TrainConfig | None, *, resume: bool, force: bool) -> None:
+    """Refuse a request no run folder can answer: ``--resume`` with ``--force``, a new run
+    without a config, or an invalid config."""
+    if resume and force:
+        raise ConfigError("--resume continues the run in --out and --force replaces it: "
+                          "give one or the other")
+    if config is None and not resume:
+        raise ConfigError("a new run needs a config (only a resume reads the saved one)")
+    if config is not None:
+        config.validate()
+
+
 def open_run(out: Path, config: TrainConfig | None, *, resume: bool, force: bool,
              changes: dict[str, Any] | None, writer: bool,
              log: Any) -> tuple[TrainConfig, dict[str, Any] | None, dict[str, tuple[Any, Any]]]:
