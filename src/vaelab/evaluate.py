@@ -42,6 +42,27 @@ def _labels(model: ConvVAE, y: torch.Tensor) -> torch.Tensor | None:
     return y if model.conditional else None
 
 
+def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device``, or where ``model``'s parameters are when it is None."""
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _pixels(images: Tensor, device: torch.device) -> Tensor:
+    """uint8 images on ``device`` as float32 in [0, 1] (same shape)."""
+    return images.to(device).float().div_(255)
+
+
+def _batches(
+    split: Split, batch_size: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The split in order, as float images [B, 1, H, W] in [0, 1] and int64 labels [B]."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    for i in range(0, len(split), batch_size):
+        x = _pixels(split.images[i : i + batch_size], device).unsqueeze(1)
+        yield x, split.labels[i : i + batch_size].to(device, torch.int64)
+
+
 @torch.inference_mode()
 def evaluate_elbo(
     model: ConvVAE,
@@ -58,16 +79,12 @@ def evaluate_elbo(
     ``n`` (images). The model is put in eval mode and left there.
     """
     model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = _device_of(model, device)
     gen = torch.Generator(device=device).manual_seed(check_seed(seed))
-    images = split.images.to(device)
-    labels = split.labels.to(device)
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     kl_dim = torch.zeros(model.latent_dim, device=device, dtype=torch.float64)
-    n = images.shape[0]
-    for i in range(0, n, batch_size):
-        x = images[i : i + batch_size].unsqueeze(1).float().div_(255)
-        y = labels[i : i + batch_size]
+    n = len(split)
+    for x, y in _batches(split, batch_size, device):
         out = model(x, _labels(model, y), generator=gen)
         t = elbo_terms(x, out.mu, out.logvar, out.logits.float(), likelihood)
         sums += torch.stack([t.recon.sum(), t.kl.sum(), t.neg_elbo.sum()]).double()
@@ -82,21 +99,6 @@ def evaluate_elbo(
 # --------------------------------------------------------------------------------------------
 # Beyond the ELBO: log p(x), active units, latent geometry, CVAE samples judged by a classifier
 # --------------------------------------------------------------------------------------------
-def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def _batches(
-    split: Split, batch_size: int, device: torch.device
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """The split in order, as float images [B, 1, H, W] in [0, 1] and int64 labels [B]."""
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    for i in range(0, len(split), batch_size):
-        x = split.images[i : i + batch_size].to(device).unsqueeze(1).float().div_(255)
-        yield x, split.labels[i : i + batch_size].to(device, torch.int64)
-
-
 @torch.inference_mode()
 def encode_split(
     model: ConvVAE, split: Split, *, batch_size: int = 1000,
@@ -464,7 +466,7 @@ def exact_log_px_per_image(
     device = _device_of(model, device)
     n = len(split)
     mu, logvar = encode_split(model, split, batch_size=batch_size, device=device)
-    x = split.images.to(device).flatten(1).float().div_(255)
+    x = _pixels(split.images, device).flatten(1)
     labels = split.labels.to(device, torch.int64)
     q_sd = torch.exp(0.5 * logvar.double())
     est = _Estimates(n, d, q_sd)
@@ -727,7 +729,7 @@ def posterior_pictures(
     p_sd = torch.diagonal(p_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
     lo = torch.minimum(p_mean - 4 * p_sd, mu.cpu() - 4 * q_sd.cpu())
     hi = torch.maximum(p_mean + 4 * p_sd, mu.cpu() + 4 * q_sd.cpu())
-    x = part.images[chosen].to(device).flatten(1).float().div_(255)
+    x = _pixels(part.images[chosen], device).flatten(1)
     labels = part.labels[chosen].to(device, torch.int64)
     joint: list[Tensor] = []
     sums = _own_rules_pass(
@@ -939,7 +941,7 @@ def cvae_class_accuracy(
     model.eval()
     classifier.eval()
     device = _device_of(model, device)
-    cdev = next(classifier.parameters()).device
+    cdev = _device_of(classifier, None)
     num_classes = _num_classes(model)
     gen = torch.Generator().manual_seed(check_seed(seed))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
