@@ -342,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from vaelab.checkpoint import load_run
-    from vaelab.evaluate import dataset_for_run, evaluate_elbo
+    from vaelab.evaluate import dataset_for_run, evaluate_elbo, first_test_images
 
     if args.samples < 0:
         raise VaelabError(f"--samples must be >= 0, got {_quoted(str(args.samples))[1:-1]}")
@@ -352,6 +352,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = run.config["config"]
     ds = dataset_for_run(run)
     ev = evaluate_elbo(run.model, ds.test, likelihood=cfg["likelihood"], seed=args.seed)
+    ev["images"] = first_test_images(ev["n"])
     bar = not args.json and sys.stdout.isatty()
     if args.full:
         from vaelab.evaluate import full_evaluation
@@ -368,11 +369,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ev["log_px"] = log_px_estimate(run.model, ds.test, num_samples=args.samples,
                                        likelihood=cfg["likelihood"], seed=args.seed,
                                        progress=bar)
+        ev["log_px"]["images"] = first_test_images(ev["log_px"]["n"])
     from vaelab.evaluate import EXACT_MAX_LATENT, exact_log_px
 
     if run.model.latent_dim <= EXACT_MAX_LATENT and args.tolerance > 0:
         ev["exact_log_px"] = exact_log_px(run.model, ds.test, likelihood=cfg["likelihood"],
                                           tolerance=args.tolerance, progress=bar)
+        ev["exact_log_px"]["images"] = first_test_images(ev["exact_log_px"]["n"])
         ev["exact_log_px"]["gap"] = ev["exact_log_px"]["log_px"] + ev["neg_elbo"]
     if args.json:
         print(json.dumps(ev, indent=2))
