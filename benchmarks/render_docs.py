@@ -35,10 +35,18 @@ def _machine(m: dict) -> str:
     return f"{cpu} ({where}), torch {m.get('torch', '?')}"
 
 
+def _evaluations(r: dict) -> dict:
+    """A report's evaluations, each read with the present keys (``normalise_evaluation``: the
+    committed reports predate some of them)."""
+    from vaelab.evaluate import normalise_evaluation
+
+    return {name: normalise_evaluation(ev) for name, ev in r["evaluations"].items()}
+
+
 def exact_results() -> str:
     """The main results table: ELBO terms, exact log p(x), and IS against it."""
     r = _load("results/reproduce-cpu.json")
-    ev = r["evaluations"]
+    ev = _evaluations(r)
     k = r["settings"]["num_samples"]
     lines = ["| model | recon | KL | -ELBO | -log p(x), exact | est. error | gap | "
              f"-log p(x), IS with q (K = {k}) | with a Student-t | exact, same images | "
@@ -51,7 +59,7 @@ def exact_results() -> str:
             f"| {kind.upper()} | {e['elbo']['recon']:.2f} | {e['elbo']['kl']:.2f} | "
             f"**{e['elbo']['neg_elbo']:.2f}** | **{ex['neg_log_px']:.2f}** | "
             f"{ex['error_estimate']:.3f} | {ex['gap']:.2f} | {lq['neg_log_px']:.2f} | "
-            f"{lt['neg_log_px']:.2f} | {-lq['exact_log_px']:.2f} | "
+            f"{lt['neg_log_px']:.2f} | {-lq['exact_log_px_same_images']:.2f} | "
             f"{-lq['bias']:+.2f}, {-lt['bias']:+.2f} |")
     n_ex, n_is = ev["vae"]["exact_log_px"]["n"], ev["vae"]["log_px"]["n"]
     t = r["timings"]

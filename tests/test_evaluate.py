@@ -6,6 +6,7 @@ quadrature, stub encoders with known geometry, and a stub classifier.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from vaelab.classifier import load_classifier, read_classifier_meta, train_class
 from vaelab.data import Dataset, Split
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.evaluate import (
+    SAME_IMAGES_KEYS,
     active_units,
     aggregate_posterior,
     closest_digit_pairs,
@@ -26,6 +28,7 @@ from vaelab.evaluate import (
     knn_accuracy,
     knn_from,
     log_px_estimate,
+    normalise_evaluation,
 )
 from vaelab.models import ConvCVAE, ConvVAE, ModelSpec
 from vaelab.objectives import log_likelihood, log_standard_normal
@@ -117,8 +120,8 @@ def test_log_px_matches_quadrature_with_a_good_proposal(line_model_and_data) -> 
         assert est["log_px"] == pytest.approx(exact, abs=0.02)
         assert est["neg_log_px"] == pytest.approx(-est["log_px"])
         assert est["gap"] >= 0
-        assert est["gap"] == pytest.approx(est["log_px"] - est["elbo"])
-        assert est["elbo"] <= exact + 0.02  # the ELBO is a lower bound
+        assert est["gap"] == pytest.approx(est["log_px"] - est["elbo_same_images"])
+        assert est["elbo_same_images"] <= exact + 0.02  # the ELBO is a lower bound
         assert est["gap"] < 0.05  # q is the (moment-matched) posterior: a tight bound
 
 
@@ -133,10 +136,10 @@ def test_log_px_is_never_below_the_elbo_and_tightens_with_k(line_model_and_data)
                 for s in range(3 if k < 2000 else 1)]
         estimates[k] = np.mean([r["log_px"] for r in runs])
         for r in runs:
-            assert r["gap"] >= 0 and r["log_px"] >= r["elbo"]  # Jensen, image by image
+            assert r["gap"] >= 0 and r["log_px"] >= r["elbo_same_images"]  # Jensen, by image
             if k == 1:
                 assert r["gap"] == pytest.approx(0, abs=1e-4)  # one sample: log w both ways
-    elbo = runs[0]["elbo"]
+    elbo = runs[0]["elbo_same_images"]
     assert elbo < exact - 1.0  # a poor proposal: a loose bound
     assert estimates[1] < estimates[10] < estimates[2000] <= exact + 0.05
     assert estimates[2000] == pytest.approx(exact, abs=0.25)
@@ -341,3 +344,64 @@ def test_classifier_accepts_a_dataset_object(tmp_path: Path) -> None:
     ds = Dataset("synthetic", split, split.subset(0), split)
     meta = train_classifier(ds, tmp_path / "c", epochs=1, device="cpu")
     assert meta["dataset"] == "synthetic" and meta["train_images"] == 20
+
+
+def test_an_estimate_names_the_elbo_of_its_own_images_and_still_answers_to_the_old_names(
+    line_model_and_data,
+) -> None:
+    """The importance-sampled estimate's ELBO is of its own images and samples, not the whole
+    split's ``elbo``: ``neg_elbo_same_images``; the old names stay, the same numbers, for
+    readers not yet moved."""
+    model, split = line_model_and_data
+    est = log_px_estimate(model, split, num_samples=20, chunk=20, seed=0)
+    assert est["neg_elbo_same_images"] == pytest.approx(-est["elbo_same_images"])
+    assert (est["elbo"], est["neg_elbo"]) == (est["elbo_same_images"],
+                                              est["neg_elbo_same_images"])
+    t = log_px_estimate(model, split, num_samples=20, chunk=20, seed=0, proposal="student-t")
+    assert t["elbo_same_images"] is None and t["neg_elbo_same_images"] is None
+    assert t["elbo"] is None and t["neg_elbo"] is None and t["gap"] is None
+
+
+def test_an_evaluation_written_with_the_old_keys_reads_with_the_new_ones() -> None:
+    """A report's evaluation from before the keys said their images (results/*.json): the
+    importance-sampled estimates' ELBO and exact value of the same images under their new
+    names, and each estimate's images from its n; the old keys and the input untouched."""
+    old = {"model": "vae",
+           "elbo": {"recon": 120.0, "kl": 16.0, "neg_elbo": 136.0, "kl_per_dim": [8.0, 8.0],
+                    "n": 10000},
+           "exact_log_px": {"method": "quadrature", "log_px": -131.0, "neg_log_px": 131.0,
+                            "gap": 5.0, "n": 10000},
+           "log_px": {"log_px": -133.5, "neg_log_px": 133.5, "elbo": -135.8, "neg_elbo": 135.8,
+                      "gap": 2.3, "exact_log_px": -131.4, "bias": -2.1, "num_samples": 1000,
+                      "proposal": "q", "n": 1000},
+           "log_px_student_t": {"log_px": -132.4, "neg_log_px": 132.4, "elbo": None,
+                                "neg_elbo": None, "gap": None, "exact_log_px": -131.4,
+                                "bias": -1.0, "num_samples": 1000, "proposal": "student-t",
+                                "n": 1000},
+           "active_units": {"count": 2}}
+    before = repr(old)
+    ev = normalise_evaluation(old)
+    assert repr(old) == before
+    assert ev["elbo"]["neg_elbo"] == 136.0 and ev["elbo"]["images"] == "test[:10000]"
+    assert ev["exact_log_px"]["images"] == "test[:10000]"
+    lp, lt = ev["log_px"], ev["log_px_student_t"]
+    assert lp["neg_elbo_same_images"] == 135.8 and lp["elbo_same_images"] == -135.8
+    assert lp["exact_log_px_same_images"] == -131.4 and lp["images"] == "test[:1000]"
+    assert lt["neg_elbo_same_images"] is None and lt["exact_log_px_same_images"] == -131.4
+    for new, oldname in SAME_IMAGES_KEYS.items():
+        assert lp[oldname] == lp[new]
+    assert ev["active_units"] == old["active_units"]
+    assert normalise_evaluation(ev) == ev  # a present evaluation reads as it is
+
+
+def test_the_committed_reports_read_with_the_new_keys() -> None:
+    """Every evaluation in results/reproduce-*.json reads with the new keys, equal to the old."""
+    for path in sorted((Path(__file__).resolve().parent.parent / "results").glob(
+            "reproduce-*.json")):
+        for name, raw in json.loads(path.read_text())["evaluations"].items():
+            ev = normalise_evaluation(raw)
+            for key in ("log_px", "log_px_student_t"):
+                if raw.get(key):
+                    assert ev[key]["neg_elbo_same_images"] == raw[key]["neg_elbo"], (path, name)
+                    assert ev[key]["images"] == f"test[:{raw[key]['n']}]"
+            assert ev["elbo"] == {**raw["elbo"], "images": f"test[:{raw['elbo']['n']}]"}

@@ -42,7 +42,7 @@ from vaelab.checkpoint import (
     save_final,
 )
 from vaelab.cli import main
-from vaelab.errors import CheckpointError
+from vaelab.errors import CheckpointError, SpecMismatch
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import LOCK_FILES
 from vaelab.models import ModelSpec, build_model
@@ -279,13 +279,15 @@ def test_wrong_kind_or_shape_checkpoint_is_refused_saying_what_it_holds(
     assert str(ckpt) in str(e.value)
     with pytest.raises(CheckpointError, match=r"latent 2.*but a vae \(latent 3"):
         read_checkpoint(ckpt, wider)
-    # a mix-up of runs is not hidden by falling back to an older checkpoint
-    with pytest.raises(CheckpointError, match="holds a vae"):
+    # a mix-up of runs is not hidden by falling back to an older checkpoint: it is its own
+    # type (still a CheckpointError), so no caller need read the message to tell it apart
+    assert issubclass(SpecMismatch, CheckpointError)
+    with pytest.raises(SpecMismatch, match="holds a vae"):
         latest_checkpoint(finished, cvae)
     # a CVAE checkpoint given to a VAE
     other = tmp_path / "cvae-run"
     save_checkpoint(other, build_model(cvae), cvae, {"epoch": 0}, step=1, epoch=0)
-    with pytest.raises(CheckpointError, match=r"holds a cvae .* but a vae .* was expected"):
+    with pytest.raises(SpecMismatch, match=r"holds a cvae .* but a vae .* was expected"):
         latest_checkpoint(other, vae)
 
 

@@ -131,7 +131,11 @@ def test_the_table_sets_ours_beside_the_study(study) -> None:
     assert exact["error_estimate"] <= exact["tolerance"]
     assert exact["gap"] == pytest.approx(exact["log_px"] + cvae["elbo"]["neg_elbo"])
     lp = cvae["log_px"]
-    assert lp["bias"] == pytest.approx(lp["log_px"] - lp["exact_log_px"])
+    assert lp["bias"] == pytest.approx(lp["log_px"] - lp["exact_log_px_same_images"])
+    # each estimate says its images: the IS ones the first logpx_images, the others all
+    assert exact["images"] == cvae["elbo"]["images"] == f"test[:{exact['n']}]"
+    assert lp["images"] == f"test[:{lp['n']}]"
+    assert lp["neg_elbo_same_images"] == pytest.approx(-lp["elbo_same_images"])
     for key in ("recon", "kl", "neg_elbo"):
         r = rows[key]
         assert r["reduction_pct"] == pytest.approx(100 * (r["vae"] - r["cvae"]) / r["vae"])
@@ -359,6 +363,9 @@ def test_cli_evaluate_samples_and_full(study, capsys) -> None:
     assert main(["evaluate", run, "--samples", "4", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["log_px"]["num_samples"] == 4 and ev["log_px"]["gap"] >= 0
+    # the whole test split, for the ELBO and the importance-sampled estimate alike
+    assert ev["images"] == ev["log_px"]["images"] == f"test[:{ev['n']}]"
+    assert ev["log_px"]["n"] == ev["n"]
     assert "active_units" not in ev
     assert main(["evaluate", run, "--samples", "0", "--json"]) == 0
     assert "log_px" not in json.loads(capsys.readouterr().out)

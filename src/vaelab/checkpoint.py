@@ -33,7 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from vaelab.config import TrainConfig
-from vaelab.errors import CheckpointError, VaelabError
+from vaelab.errors import CheckpointError, SpecMismatch, VaelabError
 from vaelab.io import (
     _fsync_dir,
     atomic_write_bytes,
@@ -63,8 +63,8 @@ def check_spec(found: ModelSpec, expected: ModelSpec | None, where: Path) -> Non
     if expected is not None and found != expected:
         a, b = found.to_dict(), expected.to_dict()
         differ = "; ".join(f"{k} {a[k]}, not {b[k]}" for k in a if a[k] != b[k])
-        raise CheckpointError(f"{where} holds {_describe(found)}, but {_describe(expected)} "
-                              f"was expected ({differ})")
+        raise SpecMismatch(f"{where} holds {_describe(found)}, but {_describe(expected)} "
+                           f"was expected ({differ})")
 
 
 def load_weights(model: torch.nn.Module, data: bytes, where: Path) -> None:
@@ -202,9 +202,9 @@ def latest_checkpoint(
     for path in list_checkpoints(run_dir):
         try:
             return read_checkpoint(path, expected), refused
+        except SpecMismatch:
+            raise
         except CheckpointError as e:
-            if "was expected" in str(e):
-                raise
             refused.append(str(e))
     return None, refused
 

@@ -342,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from vaelab.checkpoint import load_run
-    from vaelab.evaluate import dataset_for_run, evaluate_elbo
+    from vaelab.evaluate import dataset_for_run, evaluate_elbo, first_test_images
 
     if args.samples < 0:
         raise VaelabError(f"--samples must be >= 0, got {_quoted(str(args.samples))[1:-1]}")
@@ -352,6 +352,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = run.config["config"]
     ds = dataset_for_run(run)
     ev = evaluate_elbo(run.model, ds.test, likelihood=cfg["likelihood"], seed=args.seed)
+    ev["images"] = first_test_images(ev["n"])
     bar = not args.json and sys.stdout.isatty()
     if args.full:
         from vaelab.evaluate import full_evaluation
@@ -368,11 +369,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ev["log_px"] = log_px_estimate(run.model, ds.test, num_samples=args.samples,
                                        likelihood=cfg["likelihood"], seed=args.seed,
                                        progress=bar)
+        ev["log_px"]["images"] = first_test_images(ev["log_px"]["n"])
     from vaelab.evaluate import EXACT_MAX_LATENT, exact_log_px
 
     if run.model.latent_dim <= EXACT_MAX_LATENT and args.tolerance > 0:
         ev["exact_log_px"] = exact_log_px(run.model, ds.test, likelihood=cfg["likelihood"],
                                           tolerance=args.tolerance, progress=bar)
+        ev["exact_log_px"]["images"] = first_test_images(ev["exact_log_px"]["n"])
         ev["exact_log_px"]["gap"] = ev["exact_log_px"]["log_px"] + ev["neg_elbo"]
     if args.json:
         print(json.dumps(ev, indent=2))
@@ -472,6 +475,8 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 
 def add_classifier(sub: argparse._SubParsersAction) -> None:
+    from vaelab.config import DEVICES
+
     p = sub.add_parser("classifier", help="train the CNN digit classifier that judges CVAE "
                        "samples",
                        description="A small CNN (conv 32 - pool - conv 64 - pool - fc 128, "
@@ -489,7 +494,7 @@ def add_classifier(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2^63 - 1")
     t.add_argument("--limit", type=_positive_int, default=None,
                    help="use only the first N images of each split")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    t.add_argument("--device", choices=DEVICES, default="auto",
                    help="where to train")
     t.add_argument("--force", action="store_true", help="replace a classifier already in --out")
     t.add_argument("--quiet", action="store_true", help="no epoch lines")
@@ -863,6 +868,8 @@ DEFAULT_BENCH_OUT = Path("bench.md")  # the current folder: never the repository
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
+    from vaelab.config import DEVICES
+
     p = sub.add_parser(
         "bench", help="benchmark training and evaluation against the plain tutorial recipe",
         description="Measure, in one run and alternating the contenders, the training "
@@ -878,7 +885,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", choices=["vae", "cvae"], default=["vae", "cvae"])
     p.add_argument("--rounds", type=_positive_int, default=3, help="alternating rounds")
     p.add_argument("--steps", type=_positive_int, default=40, help="training steps per round")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="vaelab's precision in the throughput rounds (auto: as `vaelab train "
                    "--precision auto` chooses, bf16 on a CPU with AMX or AVX512-BF16 where it "

@@ -19,5 +19,13 @@ class CheckpointError(VaelabError):
     """A checkpoint or run folder is missing, incomplete, altered or of the wrong kind."""
 
 
+class SpecMismatch(CheckpointError):
+    """A checkpoint or run holds a model other than the one expected (kind or shape).
+
+    Unlike a damaged checkpoint, which a resume may skip for an older one, this is a mix-up
+    of runs: callers let it through rather than fall back.
+    """
+
+
 class NumericalError(VaelabError):
     """Training produced a NaN or Inf loss."""

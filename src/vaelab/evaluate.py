@@ -42,6 +42,27 @@ def _labels(model: ConvVAE, y: torch.Tensor) -> torch.Tensor | None:
     return y if model.conditional else None
 
 
+def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device``, or where ``model``'s parameters are when it is None."""
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _pixels(images: Tensor, device: torch.device) -> Tensor:
+    """uint8 images on ``device`` as float32 in [0, 1] (same shape)."""
+    return images.to(device).float().div_(255)
+
+
+def _batches(
+    split: Split, batch_size: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The split in order, as float images [B, 1, H, W] in [0, 1] and int64 labels [B]."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    for i in range(0, len(split), batch_size):
+        x = _pixels(split.images[i : i + batch_size], device).unsqueeze(1)
+        yield x, split.labels[i : i + batch_size].to(device, torch.int64)
+
+
 @torch.inference_mode()
 def evaluate_elbo(
     model: ConvVAE,
@@ -58,16 +79,12 @@ def evaluate_elbo(
     ``n`` (images). The model is put in eval mode and left there.
     """
     model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = _device_of(model, device)
     gen = torch.Generator(device=device).manual_seed(check_seed(seed))
-    images = split.images.to(device)
-    labels = split.labels.to(device)
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     kl_dim = torch.zeros(model.latent_dim, device=device, dtype=torch.float64)
-    n = images.shape[0]
-    for i in range(0, n, batch_size):
-        x = images[i : i + batch_size].unsqueeze(1).float().div_(255)
-        y = labels[i : i + batch_size]
+    n = len(split)
+    for x, y in _batches(split, batch_size, device):
         out = model(x, _labels(model, y), generator=gen)
         t = elbo_terms(x, out.mu, out.logvar, out.logits.float(), likelihood)
         sums += torch.stack([t.recon.sum(), t.kl.sum(), t.neg_elbo.sum()]).double()
@@ -82,21 +99,6 @@ def evaluate_elbo(
 # --------------------------------------------------------------------------------------------
 # Beyond the ELBO: log p(x), active units, latent geometry, CVAE samples judged by a classifier
 # --------------------------------------------------------------------------------------------
-def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def _batches(
-    split: Split, batch_size: int, device: torch.device
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """The split in order, as float images [B, 1, H, W] in [0, 1] and int64 labels [B]."""
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    for i in range(0, len(split), batch_size):
-        x = split.images[i : i + batch_size].to(device).unsqueeze(1).float().div_(255)
-        yield x, split.labels[i : i + batch_size].to(device, torch.int64)
-
-
 @torch.inference_mode()
 def encode_split(
     model: ConvVAE, split: Split, *, batch_size: int = 1000,
@@ -191,11 +193,13 @@ def log_px_estimate(
     (1/K) sum_k log w_k, so ``gap`` = log p(x) - ELBO = log mean w - mean log w >= 0 for every
     image (Jensen): the estimate is never below the ELBO, and the gap is what the bound loses.
 
-    Returns means in nats per image: ``log_px``, ``neg_log_px``, ``elbo``, ``neg_elbo``, ``gap``,
-    the standard error of log p(x) over images (``log_px_sem``), ``num_samples``, ``proposal``
-    and ``n``. With another ``proposal`` than q (``objectives.sample_proposal``) there is no
-    ELBO from the same samples: ``elbo``, ``neg_elbo`` and ``gap`` are None.
-    ``log_px_per_image`` gives the per-image values.
+    Returns means in nats per image: ``log_px``, ``neg_log_px``, the ELBO of the same images
+    and samples (``elbo_same_images``, ``neg_elbo_same_images``), ``gap``, the standard error
+    of log p(x) over images (``log_px_sem``), ``num_samples``, ``proposal`` and ``n`` (images).
+    With another ``proposal`` than q (``objectives.sample_proposal``) there is no ELBO from the
+    same samples: the ELBO keys and ``gap`` are None. The ELBO is also under its old names,
+    ``elbo`` and ``neg_elbo`` (``SAME_IMAGES_KEYS``). ``log_px_per_image`` gives the per-image
+    values.
     """
     lp, el = log_px_per_image(model, split, num_samples=num_samples, chunk=chunk,
                               likelihood=likelihood, batch_size=batch_size, seed=seed,
@@ -203,10 +207,66 @@ def log_px_estimate(
     n = len(split)
     sem = float(lp.std() / math.sqrt(n)) if n > 1 else 0.0
     out = {"log_px": float(lp.mean()), "neg_log_px": -float(lp.mean()), "log_px_sem": sem,
-           "elbo": None, "neg_elbo": None, "gap": None, "num_samples": num_samples,
-           "proposal": proposal, "n": n}
+           "elbo_same_images": None, "neg_elbo_same_images": None, "gap": None,
+           "num_samples": num_samples, "proposal": proposal, "n": n}
     if el is not None:
-        out.update(elbo=float(el.mean()), neg_elbo=-float(el.mean()), gap=float((lp - el).mean()))
+        out.update(elbo_same_images=float(el.mean()), neg_elbo_same_images=-float(el.mean()),
+                   gap=float((lp - el).mean()))
+    return with_old_keys(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Result keys: which estimator, on which images
+# --------------------------------------------------------------------------------------------
+# An evaluation's estimates (``full_evaluation``), each a dict with ``n``, the number of
+# images it covers, and ``images``, which ones (``first_test_images``): ``elbo`` (one z per
+# image) and ``exact_log_px`` on the whole test split, the importance-sampled ``log_px`` and
+# ``log_px_student_t`` on its first ``n`` images (``logpx_images``)
+ESTIMATES = ("elbo", "exact_log_px", "log_px", "log_px_student_t")
+IMPORTANCE_SAMPLED = ("log_px", "log_px_student_t")
+# in an importance-sampled estimate, the numbers of the same images by another estimator:
+# {key: its old name}. Files written before held them under the old names only (``neg_elbo``
+# beside the whole split's ``elbo.neg_elbo``); ``normalise_evaluation`` reads those. The old
+# names are still written too, for readers not yet moved to the new ones (report.py's table
+# of importance-sampled log p(x)); drop ``with_old_keys`` once none reads them.
+SAME_IMAGES_KEYS = {"elbo_same_images": "elbo", "neg_elbo_same_images": "neg_elbo",
+                    "exact_log_px_same_images": "exact_log_px"}
+
+
+def first_test_images(n: int) -> str:
+    """``images`` of an estimate on ``n`` images: ``"test[:n]"``, the first ``n`` of the test
+    split (an evaluation's image sets are all such prefixes, the whole split included)."""
+    return f"test[:{n}]"
+
+
+def with_old_keys(est: dict[str, Any]) -> dict[str, Any]:
+    """``est`` (an importance-sampled estimate), its ``SAME_IMAGES_KEYS`` also under their old
+    names, for readers of the old names."""
+    for new, old in SAME_IMAGES_KEYS.items():
+        if new in est:
+            est[old] = est[new]
+    return est
+
+
+def normalise_evaluation(ev: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation (``full_evaluation``'s dict, as written now or by an earlier vaelab, or
+    ``vaelab evaluate --json``'s), with the present keys: in each importance-sampled estimate
+    the ``SAME_IMAGES_KEYS`` (from their old names where a file has only those), and in each
+    estimate ``images`` (from its ``n``). A copy; ``ev`` is left as it is. Every reader of a
+    saved evaluation goes through this, so old files still read."""
+    out = dict(ev)
+    for key in ESTIMATES:
+        est = out.get(key)
+        if not isinstance(est, dict):
+            continue
+        est = dict(est)
+        if key in IMPORTANCE_SAMPLED:
+            for new, old in SAME_IMAGES_KEYS.items():
+                if new not in est and old in est:
+                    est[new] = est[old]
+        if "images" not in est and isinstance(est.get("n"), int):
+            est["images"] = first_test_images(est["n"])
+        out[key] = est
     return out
 
 
@@ -464,7 +524,7 @@ def exact_log_px_per_image(
     device = _device_of(model, device)
     n = len(split)
     mu, logvar = encode_split(model, split, batch_size=batch_size, device=device)
-    x = split.images.to(device).flatten(1).float().div_(255)
+    x = _pixels(split.images, device).flatten(1)
     labels = split.labels.to(device, torch.int64)
     q_sd = torch.exp(0.5 * logvar.double())
     est = _Estimates(n, d, q_sd)
@@ -727,7 +787,7 @@ def posterior_pictures(
     p_sd = torch.diagonal(p_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
     lo = torch.minimum(p_mean - 4 * p_sd, mu.cpu() - 4 * q_sd.cpu())
     hi = torch.maximum(p_mean + 4 * p_sd, mu.cpu() + 4 * q_sd.cpu())
-    x = part.images[chosen].to(device).flatten(1).float().div_(255)
+    x = _pixels(part.images[chosen], device).flatten(1)
     labels = part.labels[chosen].to(device, torch.int64)
     joint: list[Tensor] = []
     sums = _own_rules_pass(
@@ -939,7 +999,7 @@ def cvae_class_accuracy(
     model.eval()
     classifier.eval()
     device = _device_of(model, device)
-    cdev = next(classifier.parameters()).device
+    cdev = _device_of(classifier, None)
     num_classes = _num_classes(model)
     gen = torch.Generator().manual_seed(check_seed(seed))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -988,13 +1048,15 @@ def full_evaluation(
     log p(x) to the first N test images (it costs ``num_samples`` decoder passes per image;
     None or 0: the whole test set), once with q(z|x) as the proposal (``log_px``) and once with
     a Student-t around it (``log_px_student_t``); with the exact value known, each also holds
-    the exact value on those same images and the estimate's ``bias`` against it. ``exact``:
-    those per-image values, computed already (``exact_log_px_per_image`` of ``dataset.test``).
+    the exact value on those same images (``exact_log_px_same_images``) and the estimate's
+    ``bias`` against it. ``exact``: those per-image values, computed already
+    (``exact_log_px_per_image`` of ``dataset.test``).
 
     ``elbo`` (recon, KL, -ELBO, one z per image), ``log_px`` (importance sampled with
     ``num_samples`` draws per image; None if 0), ``active_units``, ``knn`` (test codes against
     the training codes), ``aggregate_posterior``, ``closest_pairs`` and, for a CVAE given a
-    ``classifier``, ``cvae_class_accuracy``. ``dataset`` defaults to the run's own.
+    ``classifier``, ``cvae_class_accuracy``. ``dataset`` defaults to the run's own. Each
+    estimate (``ESTIMATES``) says its images: ``n`` and ``images`` (``first_test_images``).
     """
     cfg = run.config["config"]
     dataset = dataset if dataset is not None else dataset_for_run(run)
@@ -1002,6 +1064,7 @@ def full_evaluation(
     likelihood = cfg.get("likelihood", "bernoulli")
     out: dict[str, Any] = {"model": model.spec.kind, "run": str(run.path), "seed": cfg.get("seed")}
     out["elbo"] = evaluate_elbo(model, dataset.test, likelihood=likelihood, seed=seed)
+    out["elbo"]["images"] = first_test_images(out["elbo"]["n"])
     per_image = None
     if exact is not None and len(exact.log_px) != len(dataset.test):
         raise ConfigError(f"the exact log p(x) given covers {len(exact.log_px)} images, the "
@@ -1013,6 +1076,7 @@ def full_evaluation(
                                            tolerance=tolerance, progress=progress)
     if per_image is not None:
         out["exact_log_px"] = per_image.summary()
+        out["exact_log_px"]["images"] = first_test_images(out["exact_log_px"]["n"])
         out["exact_log_px"]["gap"] = out["exact_log_px"]["log_px"] + out["elbo"]["neg_elbo"]
     logpx_split = dataset.test.subset(logpx_images) if logpx_images else dataset.test
     for key, proposal in (("log_px", "q"), ("log_px_student_t", "student-t")):
@@ -1020,10 +1084,13 @@ def full_evaluation(
             model, logpx_split, num_samples=num_samples, likelihood=likelihood, seed=seed,
             progress=progress, proposal=proposal,
         ) if num_samples > 0 else None
+        if est is not None:
+            est["images"] = first_test_images(est["n"])
         if est is not None and per_image is not None:
             same = per_image.log_px[: est["n"]]
-            est["exact_log_px"] = float(same.mean())
+            est["exact_log_px_same_images"] = float(same.mean())
             est["bias"] = est["log_px"] - float(same.mean())
+            with_old_keys(est)
         out[key] = est
     test_mu, test_lv = encode_split(model, dataset.test)
     train_mu, _ = encode_split(model, dataset.train)
