@@ -12,9 +12,11 @@ the last exit restores.
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 
@@ -59,3 +61,20 @@ def cuda_settings(device: torch.device | str, *, benchmark: bool = False) -> Ite
             _depth -= 1
             if _depth == 0:
                 _set(_saved)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fp32_on_model_device(fn: F) -> F:
+    """Run ``fn(model, ...)`` inside ``cuda_settings`` of the model's device: an evaluation on
+    CUDA computes in IEEE fp32 whatever the process's TF32 switches say, and leaves them as
+    they were."""
+
+    @functools.wraps(fn)
+    def scoped(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        param = next(model.parameters(), None)
+        with cuda_settings(param.device if param is not None else "cpu"):
+            return fn(model, *args, **kwargs)
+
+    return scoped  # type: ignore[return-value]

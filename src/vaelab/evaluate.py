@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from vaelab.backends import fp32_on_model_device
 from vaelab.config import check_seed
 from vaelab.data import Dataset, Split, dataset_for_config
 from vaelab.errors import ConfigError
@@ -64,6 +65,7 @@ def _batches(
 
 
 @torch.inference_mode()
+@fp32_on_model_device
 def evaluate_elbo(
     model: ConvVAE,
     split: Split,
@@ -100,6 +102,7 @@ def evaluate_elbo(
 # Beyond the ELBO: log p(x), active units, latent geometry, CVAE samples judged by a classifier
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
+@fp32_on_model_device
 def encode_split(
     model: ConvVAE, split: Split, *, batch_size: int = 1000,
     device: str | torch.device | None = None,
@@ -122,6 +125,7 @@ def encode_split(
 
 
 @torch.inference_mode()
+@fp32_on_model_device
 def log_px_per_image(
     model: ConvVAE,
     split: Split,
@@ -171,6 +175,7 @@ def log_px_per_image(
     return lp, (torch.cat(elbo_all) if proposal == "q" else None)
 
 
+@fp32_on_model_device
 def log_px_estimate(
     model: ConvVAE,
     split: Split,
@@ -475,6 +480,7 @@ def _own_rules_pass(
 
 
 @torch.inference_mode()
+@fp32_on_model_device
 def exact_log_px_per_image(
     model: ConvVAE,
     split: Split,
@@ -659,6 +665,7 @@ def _support(mean: Tensor, cov: Tensor, mu: Tensor, q_sd: Tensor, spacing: float
     return torch.stack([lo, hi], 1)
 
 
+@fp32_on_model_device
 def exact_log_px(model: ConvVAE, split: Split, **options: Any) -> dict[str, Any]:
     """``exact_log_px_per_image(model, split, **options).summary()``: means over the split."""
     t0 = time.perf_counter()
@@ -671,6 +678,7 @@ def exact_log_px(model: ConvVAE, split: Split, **options: Any) -> dict[str, Any]
 # The true posterior p(z|x) of a few digits, beside q(z|x)
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
+@fp32_on_model_device
 def gauss_hermite_elbo(
     model: ConvVAE, split: Split, *, order: int = 8, likelihood: str = "bernoulli",
     batch_size: int = 100, device: str | torch.device | None = None,
@@ -735,6 +743,7 @@ def pick_by_gap(gap: Tensor, labels: Tensor, per_row: int) -> tuple[list[int], l
 
 
 @torch.inference_mode()
+@fp32_on_model_device
 def true_posteriors(
     model: ConvVAE, split: Split, *, candidates: int = 300, per_row: int = 5,
     intervals: int = 64, likelihood: str = "bernoulli", progress: bool = False,
@@ -765,6 +774,7 @@ def true_posteriors(
 
 
 @torch.inference_mode()
+@fp32_on_model_device
 def posterior_pictures(
     model: ConvVAE, split: Split, chosen: list[int], coarse: ExactLogPx | None = None, *,
     intervals: int = 64, likelihood: str = "bernoulli",
@@ -832,6 +842,7 @@ def active_units_from(mu: Tensor, threshold: float = 0.01) -> dict[str, Any]:
             "latent_dim": int(mu.shape[1]), "threshold": threshold}
 
 
+@fp32_on_model_device
 def active_units(
     model: ConvVAE, split: Split, threshold: float = 0.01, *, batch_size: int = 1000
 ) -> dict[str, Any]:
@@ -875,6 +886,7 @@ def knn_from(
             "per_class": per_class, "n_train": int(train_z.shape[0]), "n_test": int(len(pred))}
 
 
+@fp32_on_model_device
 def knn_accuracy(
     model: ConvVAE, train_split: Split, test_split: Split, k: int = 5, *,
     batch_size: int = 1000, chunk: int = 500,
@@ -926,6 +938,7 @@ def aggregate_posterior_from(mu: Tensor, logvar: Tensor) -> dict[str, Any]:
     }
 
 
+@fp32_on_model_device
 def aggregate_posterior(
     model: ConvVAE, split: Split, *, batch_size: int = 1000
 ) -> dict[str, Any]:
@@ -962,6 +975,7 @@ def closest_pairs_from(
     }
 
 
+@fp32_on_model_device
 def closest_digit_pairs(
     model: ConvVAE, split: Split, top: int = 3, *, batch_size: int = 1000
 ) -> dict[str, Any]:
@@ -976,6 +990,7 @@ def closest_digit_pairs(
 
 
 @torch.inference_mode()
+@fp32_on_model_device
 def cvae_class_accuracy(
     model: ConvVAE,
     classifier: nn.Module,
