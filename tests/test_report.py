@@ -461,7 +461,7 @@ def test_the_presets_of_a_study_and_their_report_settings() -> None:
     assert report_preset("quick", True) == "quick" and report_preset("smoke", False) == "smoke"
     with pytest.raises(ConfigError, match="--quick is --preset quick: give one of them"):
         report_preset("smoke", True)
-    with pytest.raises(ConfigError, match="unknown preset 'fast': choose one of seed, quick"):
+    with pytest.raises(ConfigError, match="unknown preset 'fast': choose one of study, quick"):
         report_preset("fast", False)
     assert set(REPORT_RECIPES) == {"seed", "quick", "smoke"}
     common = dict(runs=[], ablations=False, seeds=[0], dataset="mnist")
