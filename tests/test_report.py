@@ -478,9 +478,9 @@ def test_the_presets_of_a_study_and_their_report_settings() -> None:
 def test_reproduce_quick_with_another_preset_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["reproduce", "--quick", "--preset", "seed", "--out", str(tmp_path / "r")]) == 2
+    assert main(["reproduce", "--quick", "--preset", "study", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["vaelab: error: --quick is --preset quick: give one of them, not --preset seed"]
+    assert err == ["vaelab: error: --quick is --preset quick: give one of them, not --preset study"]
     assert not (tmp_path / "r").exists()
 
 
