@@ -123,7 +123,7 @@ class TrainConfig:
         """Raise ``ConfigError`` naming the first value of a wrong type or out of range, and,
         with ``check_memory``, a model too large to train in this machine's memory (before
         anything is allocated: ``check_fits``); return self."""
-        self.rename_old_names()  # one set after construction
+        self.rename_old_names()  # an old name set after construction (cfg.preset = "seed")
         self.check_types()
         self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
         self.mlp_hidden = tuple(int(h) for h in self.mlp_hidden)  # type: ignore[assignment]
