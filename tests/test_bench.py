@@ -169,7 +169,7 @@ def test_training_flops_are_counted_from_the_network():
     before = torch.random.get_rng_state()
     flops = training_flops_per_image("vae", batch_size=8)
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator untouched
-    net = build_model(resolve_config("seed", model="vae").model_spec())
+    net = build_model(resolve_config("study", model="vae").model_spec())
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(torch.rand(8, 1, 28, 28))
     forward = counter.get_total_flops() / 8
@@ -226,7 +226,7 @@ def test_pythae_trains_vaelabs_network_and_counts_its_images(full_batches_dir, k
     from vaelab.data import load_dataset
 
     ds = load_dataset(f"idx:{full_batches_dir}", val_size=32)
-    spec = resolve_config("seed", model=kind).model_spec()
+    spec = resolve_config("study", model=kind).model_spec()
     torch.manual_seed(0)
     net = build_model(spec)
     torch.manual_seed(0)
@@ -275,7 +275,7 @@ def test_pythae_leaves_the_global_generators_as_they_were(full_batches_dir):
     from vaelab.data import load_dataset
 
     ds = load_dataset(f"idx:{full_batches_dir}", val_size=32)
-    net = build_model(resolve_config("seed", model="vae").model_spec())
+    net = build_model(resolve_config("study", model="vae").model_spec())
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)

@@ -240,7 +240,7 @@ def test_linear_epoch_schedule_is_the_study_form() -> None:
 
 
 def test_linear_per_step_schedule() -> None:
-    s = make_beta_schedule("linear", steps_per_epoch=5, warmup_epochs=10)  # W = 50 steps
+    s = make_beta_schedule("linear-step", steps_per_epoch=5, warmup_epochs=10)  # W = 50 steps
     for t, want in [(0, 0.0), (1, 0.02), (25, 0.5), (49, 0.98), (50, 1.0), (500, 1.0)]:
         assert s.value(t) == pytest.approx(want)
     assert s.beta == 0.0
@@ -270,7 +270,7 @@ def test_cyclical_schedule() -> None:
         CyclicalBeta(10, ratio=0.0)
 
 
-@pytest.mark.parametrize("name", ["linear", "linear-epoch", "constant", "cyclical"])
+@pytest.mark.parametrize("name", ["linear-step", "linear-epoch", "constant", "cyclical"])
 def test_schedule_restored_from_state_dict_continues_exactly(name: str) -> None:
     kw = dict(steps_per_epoch=4, warmup_epochs=3, total_epochs=6, cycles=2, beta=0.7)
     a = make_beta_schedule(name, **kw)

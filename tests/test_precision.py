@@ -73,7 +73,7 @@ def test_a_network_too_small_to_gain_stays_fp32_untimed(monkeypatch: pytest.Monk
 
 def test_the_flop_count_is_the_mlps_matrix_products() -> None:
     """784-256-128-(2 x 5) and back: 2 FLOPs per multiply-add of each linear layer."""
-    spec = resolve_config("seed", arch="mlp", latent_dim=5).model_spec()
+    spec = resolve_config("study", arch="mlp", latent_dim=5).model_spec()
     widths = [(784, 256), (256, 128), (128, 10), (5, 128), (128, 256), (256, 784)]
     assert forward_mflops(spec) == pytest.approx(sum(2 * a * b for a, b in widths) / 1e6)
 

@@ -624,11 +624,11 @@ def test_resume_refuses_options_that_differ_from_the_run_listing_them_all(
     run's value, and nothing in the folder changes."""
     before = tree(finished)
     code, err = cli(["train", "--resume", "--out", str(finished), "--epochs", "20", "--lr",
-                     "0.5", "--model", "cvae", "--latent-dim", "7", "--preset", "seed"], capsys)
+                     "0.5", "--model", "cvae", "--latent-dim", "7", "--preset", "study"], capsys)
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"vaelab: error: --resume: these options differ from {finished}'s "
                              "config: --model cvae (run has vae), --latent-dim 7 (run has 2), "
-                             "--lr 0.5 (run has 0.001), --preset seed (run has smoke). ")
+                             "--lr 0.5 (run has 0.001), --preset study (run has smoke). ")
     assert "--epochs" not in err[0].split(". ")[0]
     assert tree(finished) == before
 

@@ -468,7 +468,7 @@ def test_the_presets_of_a_study_and_their_report_settings() -> None:
     assert report_preset("quick", True) == "quick" and report_preset("smoke", False) == "smoke"
     with pytest.raises(ConfigError, match="--quick is --preset quick: give one of them"):
         report_preset("smoke", True)
-    with pytest.raises(ConfigError, match="unknown preset 'fast': choose one of seed, quick"):
+    with pytest.raises(ConfigError, match="unknown preset 'fast': choose one of study, quick"):
         report_preset("fast", False)
     assert set(REPORT_RECIPES) == {"seed", "quick", "smoke"}
     common = dict(runs=[], ablations=False, seeds=[0], dataset="mnist")
@@ -485,9 +485,9 @@ def test_the_presets_of_a_study_and_their_report_settings() -> None:
 def test_reproduce_quick_with_another_preset_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["reproduce", "--quick", "--preset", "seed", "--out", str(tmp_path / "r")]) == 2
+    assert main(["reproduce", "--quick", "--preset", "study", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["vaelab: error: --quick is --preset quick: give one of them, not --preset seed"]
+    assert err == ["vaelab: error: --quick is --preset quick: give one of them, not --preset study"]
     assert not (tmp_path / "r").exists()
 
 

@@ -91,6 +91,25 @@ def _seed(text: str) -> int:
     return value
 
 
+def _renamed_choices(names: Sequence[str], aliases: dict[str, str]) -> dict[str, Any]:
+    """argparse's ``choices`` (the names and their old ones, ``aliases``) and ``metavar`` (the
+    names only: --help lists those)."""
+    return {"choices": [*names, *aliases], "metavar": "{" + ",".join(names) + "}"}
+
+
+def _rename_old_names(args: argparse.Namespace) -> None:
+    """An old name given (``--preset seed``, ``--beta-schedule linear``): one line on stderr,
+    and the command goes on with the new name (``vaelab.config.RENAMED_VALUES``)."""
+    from vaelab.config import RENAMED_VALUES
+    from vaelab.objectives import renamed_notice
+
+    for name, what, aliases in RENAMED_VALUES:
+        old = getattr(args, name, None)
+        if isinstance(old, str) and old in aliases:
+            print(f"vaelab: {renamed_notice(what, old, aliases[old])}", file=sys.stderr)
+            setattr(args, name, aliases[old])
+
+
 class _PresetDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: the preset's)" for options whose value comes from ``--preset``."""
 
@@ -202,7 +221,7 @@ def train_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]
     overrides = _train_overrides(args)
     if args.resume:
         return None, {**overrides, "preset": args.preset}
-    return resolve_config(args.preset or "seed", **overrides), None
+    return resolve_config(args.preset or "study", **overrides), None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -222,14 +241,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from vaelab.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS
+    from vaelab.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESET_ALIASES, PRESETS
     from vaelab.data import BINARIZATIONS
     from vaelab.models import ACTIVATIONS, ARCHS, LABEL_CONDITIONINGS
-    from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
+    from vaelab.objectives import BETA_SCHEDULE_ALIASES, BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
 
     p = sub.add_parser(
         "train", help="train a VAE or CVAE into a run folder",
-        description="Train a convolutional VAE or CVAE. The `seed` preset is the study's "
+        description="Train a convolutional VAE or CVAE. The `study` preset is the study's "
         "table (latent 2, batch 128, Adam lr 1e-3, 30 epochs, 10-epoch KL warm-up) with "
         "vaelab's architecture and a cosine decay of the learning rate (--lr-schedule "
         "constant keeps the study's constant lr; the README names the flags nearest its "
@@ -241,9 +260,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--model", choices=["vae", "cvae"], default=None,
                    help="model kind (default: vae)")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="base settings (default: seed, the study's; quick: a first look on "
-                   "10,000 images; smoke: a few hundred images, for tests)")
+    p.add_argument("--preset", default=None, **_renamed_choices(sorted(PRESETS), PRESET_ALIASES),
+                   help="base settings (default: study, the study's; quick: a first look on "
+                   "10,000 images; smoke: a few hundred images, for tests; seed: the old name "
+                   "of study)")
     p.add_argument("--dataset", default=None, help="mnist or idx:DIR (default: mnist)")
     p.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size")
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs")
@@ -255,9 +275,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "are not decayed (0: off)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="learning-rate schedule over the run")
-    p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=None,
-                   help="KL weight: linear warm-up per step, per epoch (the study's), "
-                   "constant (beta-VAE) or cyclical")
+    p.add_argument("--beta-schedule", default=None,
+                   **_renamed_choices(BETA_SCHEDULES, BETA_SCHEDULE_ALIASES),
+                   help="KL weight: linear warm-up per step (linear-step), per epoch "
+                   "(linear-epoch, the study's), constant (beta-VAE) or cyclical; linear: the "
+                   "old name of linear-step")
     p.add_argument("--warmup-epochs", type=_real, default=None, help="KL warm-up length")
     p.add_argument("--beta", type=_real, default=None, help="final / constant KL weight")
     p.add_argument("--cycles", type=_positive_int, default=None, help="cycles (cyclical)")
@@ -504,7 +526,9 @@ def add_classifier(sub: argparse._SubParsersAction) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from vaelab.report import reproduce
 
-    reproduce(args.out, runs=args.runs, quick=args.quick, preset=args.preset,
+    # the study's preset is the report's default: None, as report.py names it otherwise
+    preset = None if args.preset == "study" and not args.quick else args.preset
+    reproduce(args.out, runs=args.runs, quick=args.quick, preset=preset,
               ablations=args.ablations,
               seeds=args.seeds, num_samples=args.samples, force=args.force,
               logpx_images=args.logpx_images, precision=args.precision,
@@ -515,12 +539,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
-    from vaelab.config import PRECISIONS, PRESETS
+    from vaelab.config import PRECISIONS, PRESET_ALIASES, PRESETS
 
     p = sub.add_parser(
         "reproduce", help="reproduce the whole study in one command: train, evaluate, report",
         description="Reproduce the VAE vs CVAE study into one folder. Trains the VAE and the "
-        "CVAE with the `seed` preset (latent 2, 30 epochs, 10-epoch KL warm-up; --quick: "
+        "CVAE with the `study` preset (latent 2, 30 epochs, 10-epoch KL warm-up; --quick: "
         "the `quick` preset, a first look) into "
         "OUT/runs/{vae,cvae}, unless finished runs are given with --runs (their kind is read "
         "from their config); trains the CNN digit classifier into OUT/classifier; evaluates "
@@ -550,10 +574,10 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    "CVAE samples per class; recognisable "
                    "digits and latent clusters in about two minutes on a 2-core CPU, numbers "
                    "that are not the study's (the report says so)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the preset of the runs it trains (default seed, the study's; quick: "
+    p.add_argument("--preset", **_renamed_choices(sorted(PRESETS), PRESET_ALIASES), default=None,
+                   help="the preset of the runs it trains (default study, the study's; quick: "
                    "--quick; smoke: a few hundred images for one epoch through a tiny "
-                   "network, for tests; it shows nothing)")
+                   "network, for tests; it shows nothing; seed: the old name of study)")
     p.add_argument("--ablations", action="store_true",
                    help="also train without KL warm-up (constant beta = 1) and one run per "
                    "extra seed of --seeds for both models; report mean ± std over seeds (on a "
@@ -592,6 +616,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
 # vaelab sweep
 # --------------------------------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import warnings
+
     from vaelab.sweep import format_table, load_spec, parse_grid_option, plan_sweep, run_sweep
 
     for flag in ("resume", "tensorboard", "detect_anomaly"):
@@ -608,8 +634,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid[key] = values
     given = {k: v for k, v in _train_overrides(args).items() if v is not None}
     options = {**spec.get("options", {}), **given}
-    plan = plan_sweep(args.out, grid=grid, preset=args.preset or spec.get("preset", "seed"),
-                      options=options)
+    with warnings.catch_warnings(record=True) as caught:  # an old name in the spec or grid:
+        warnings.filterwarnings("always", ".* is now called ", DeprecationWarning)  # one line
+        plan = plan_sweep(args.out, grid=grid, preset=args.preset or spec.get("preset", "study"),
+                          options=options)
+    for w in caught:
+        if w.category is not DeprecationWarning:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for notice in dict.fromkeys(str(w.message) for w in caught
+                                if w.category is DeprecationWarning):
+        print(f"vaelab: {notice}", file=sys.stderr)
     console = _console()
     result = run_sweep(plan, address=args.address, num_cpus=args.num_cpus,
                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
@@ -623,7 +657,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_sweep(sub: argparse._SubParsersAction) -> None:
-    from vaelab.config import PRESETS
+    from vaelab.config import PRESET_ALIASES, PRESETS
 
     # every `vaelab train` option, as train defines it; the sweep's own below replace some
     trainers = argparse.ArgumentParser(add_help=False).add_subparsers()
@@ -644,8 +678,9 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
         epilog="Example: `vaelab sweep --out sweeps/seeds --preset quick --grid seed=0,1,2 "
         "--grid latent_dim=2,5`.")
     p.add_argument("--out", required=True, type=Path, help="sweep folder to write")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="base settings (default: the spec's, else seed)")
+    p.add_argument("--preset", default=None, **_renamed_choices(sorted(PRESETS), PRESET_ALIASES),
+                   help="base settings (default: the spec's, else study; seed: the old name "
+                   "of study)")
     p.add_argument("--model", choices=["vae", "cvae"], default=None, help="model kind")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a train option's name (as in --latent-dim: latent_dim) and its "
@@ -700,7 +735,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
         seeds = 3 if torch.cuda.is_available() and args.device != "cpu" else 1
     plan = plan_table(args.out, latent_dims=args.latent_dims, archs=args.archs,
-                      seeds=list(range(seeds)), preset=args.preset or "seed",
+                      seeds=list(range(seeds)), preset=args.preset or "study",
                       options=_train_overrides(args), is_k=args.is_k, paper_k=args.paper_k,
                       test_images=args.test_images, tolerance=args.tolerance,
                       arch_epochs=dict(args.arch_epochs or []))
@@ -720,7 +755,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def add_table(sub: argparse._SubParsersAction) -> None:
-    from vaelab.config import PRESETS
+    from vaelab.config import PRESET_ALIASES, PRESETS
     from vaelab.models import ARCHS
     from vaelab.table import (
         DEFAULT_ARCHS,
@@ -756,8 +791,9 @@ def add_table(sub: argparse._SubParsersAction) -> None:
         "--preset quick --latent-dims 2 5 --is-k 500 --test-images 500`. The README's table: "
         "`vaelab table --out tables/binarized --arch-epochs mlp=200 --precision fp32`.")
     p.add_argument("--out", required=True, type=Path, help="table folder to write")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="base settings of every run (default: seed)")
+    p.add_argument("--preset", default=None, **_renamed_choices(sorted(PRESETS), PRESET_ALIASES),
+                   help="base settings of every run (default: study; seed: the old name of "
+                   "study)")
     p.add_argument("--latent-dims", type=_positive_int, nargs="+",
                    default=list(DEFAULT_LATENT_DIMS), metavar="D",
                    help="latent sizes, the table's columns (default: "
@@ -943,6 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.redirect_stderr(usage):
             args = parser.parse_args(argv)
         args.argv = argv  # what was typed, for the records that name their command
+        _rename_old_names(args)
     except SystemExit:
         # argparse prints its usage, then "PROG: error: ..."; one line is enough (--help has
         # the rest). Exit code 2 as argparse gives it.

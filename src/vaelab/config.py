@@ -1,9 +1,10 @@
 """Typed training configuration and the presets, in one place.
 
-The ``seed`` preset is the study's table (latent 2, batch 128, Adam lr 1e-3, 30 epochs, a
-10-epoch linear KL warm-up). ``quick`` is a first look on the first 10,000 images (a small MLP,
-six epochs: digits, clusters and a CVAE that draws the class asked for, in a minute or two on a
-2-core CPU); ``smoke`` is a few hundred images for one epoch through a tiny network: the tests.
+The ``study`` preset is the study's table (latent 2, batch 128, Adam lr 1e-3, 30 epochs, a
+10-epoch linear KL warm-up; ``seed`` is its old name). ``quick`` is a first look on the first
+10,000 images (a small MLP, six epochs: digits, clusters and a CVAE that draws the class asked
+for, in a minute or two on a 2-core CPU); ``smoke`` is a few hundred images for one epoch
+through a tiny network: the tests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any
 from vaelab.data import BINARIZATIONS
 from vaelab.errors import ConfigError
 from vaelab.models import ACTIVATIONS, ARCHS, MLP_HIDDEN, MODEL_KINDS, ModelSpec
-from vaelab.objectives import BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
+from vaelab.objectives import (
+    BETA_SCHEDULE_ALIASES,
+    BETA_SCHEDULES,
+    LIKELIHOODS,
+    OBJECTIVES,
+    warn_renamed,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 # the architecture fields of TrainConfig, each also a ModelSpec field
@@ -34,6 +41,29 @@ MAX_IWAE_SAMPLES = 100_000  # K beyond this is an evaluation's, not a training s
 # checkpoints and how it evaluates, none of which changes the weights it trains. ``epochs`` may
 # change too, when the schedules do not depend on the run's length (``resume_config``).
 RESUME_SAFE = ("device", "cuda_graphs", "checkpoint_every", "eval_batch_size")
+# Old names (issue 19), old name -> its name now: still accepted, with a deprecation notice.
+PRESET_ALIASES = {"seed": "study"}
+# the config fields whose values were renamed: (field, what the notice calls it, old -> new).
+# A TrainConfig holds only the new names; a config.json written with an old one reads as the
+# new one (``TrainConfig.from_dict``), so an old run resumes and compares as the same settings.
+RENAMED_VALUES = (("preset", "preset", PRESET_ALIASES),
+                  ("beta_schedule", "beta schedule", BETA_SCHEDULE_ALIASES))
+
+
+def canonical_name(field_name: str, value: Any, *, warn: bool = True) -> Any:
+    """``value`` of config field ``field_name``, or the name an old one is now
+    (``RENAMED_VALUES``), with a ``DeprecationWarning`` when ``warn``; else as it is."""
+    for name, what, aliases in RENAMED_VALUES:
+        if name == field_name and isinstance(value, str) and value in aliases:
+            if warn:
+                warn_renamed(what, value, aliases[value])
+            return aliases[value]
+    return value
+
+
+def canonical_preset(preset: Any, *, warn: bool = True) -> Any:
+    """``preset``, or the preset an old name is now (``seed``: ``study``)."""
+    return canonical_name("preset", preset, warn=warn)
 
 
 @dataclass
@@ -64,7 +94,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW), on weight matrices and kernels only
     lr_schedule: str = "constant"
     epochs: int = 30
-    beta_schedule: str = "linear"
+    beta_schedule: str = "linear-step"  # "linear" is its old name
     warmup_epochs: float = 10.0
     beta: float = 1.0
     cycles: int = 4
@@ -80,10 +110,20 @@ class TrainConfig:
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.rename_old_names()
+
+    def rename_old_names(self, *, warn: bool = True) -> None:
+        """Replace an old name (``RENAMED_VALUES``: preset ``seed``, beta schedule ``linear``)
+        by its name now, with a ``DeprecationWarning`` when ``warn``."""
+        for name, _, _ in RENAMED_VALUES:
+            setattr(self, name, canonical_name(name, getattr(self, name), warn=warn))
+
     def validate(self, *, check_memory: bool = True) -> TrainConfig:
         """Raise ``ConfigError`` naming the first value of a wrong type or out of range, and,
         with ``check_memory``, a model too large to train in this machine's memory (before
         anything is allocated: ``check_fits``); return self."""
+        self.rename_old_names()  # an old name set after construction (cfg.preset = "seed")
         self.check_types()
         self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
         self.mlp_hidden = tuple(int(h) for h in self.mlp_hidden)  # type: ignore[assignment]
@@ -184,6 +224,9 @@ class TrainConfig:
         # (the layer absent), never TrainConfig's (vaelab's current architecture)
         spec_defaults = {f.name: f.default for f in fields(ModelSpec)}
         d = {**{k: spec_defaults[k] for k in ARCHITECTURE_KNOBS if k not in d}, **d}
+        # a config.json written before a rename (preset "seed", beta schedule "linear") reads
+        # as the new name, silently: the run is the same, only the name changed
+        d = {k: canonical_name(k, v, warn=False) for k, v in d.items()}
         cfg = cls(**d)
         cfg.check_types()
         cfg.channels = tuple(cfg.channels)  # type: ignore[assignment]
@@ -353,6 +396,8 @@ def resume_config(saved: TrainConfig, changes: Mapping[str, Any], *, run: str) -
     unknown = set(changes) - known
     if unknown:
         raise ConfigError(f"unknown config fields: {field_names(unknown)}")
+    # an old name is the same setting as its new one: no change (``canonical_name``)
+    changes = {k: canonical_name(k, v) for k, v in changes.items()}
     safe: dict[str, Any] = {}
     conflicts: list[str] = []
     for name, value in changes.items():
@@ -377,13 +422,34 @@ def resume_config(saved: TrainConfig, changes: Mapping[str, Any], *, run: str) -
     return replace(saved, **safe).validate()
 
 
+class RenamedKeys(dict):
+    """A dict whose old keys (``aliases``: old -> new) still find their value: ``in``,
+    ``[]`` and ``get`` take either name; iterating, ``keys()`` and ``len`` give the new ones."""
+
+    def __init__(self, data: Mapping[str, Any], aliases: Mapping[str, str]) -> None:
+        super().__init__(data)
+        self.aliases = dict(aliases)
+
+    def _key(self, key: Any) -> Any:
+        return self.aliases.get(key, key) if isinstance(key, str) else key
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._key(key))
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(self._key(key), default)
+
+
 # The study's table (latent 2, batch 128, Adam 1e-3, 30 epochs, 10-epoch warm-up). vaelab's own
 # choices on top: a per-step warm-up, the architecture (TrainConfig defaults) and a cosine decay
 # of the learning rate from the study's 1e-3; ``--lr-schedule constant`` undoes only the last
 # (README, "Training", names the flags nearest the study's recipe).
-PRESETS: dict[str, dict[str, Any]] = {
-    "seed": dict(
-        latent_dim=2, batch_size=128, lr=1e-3, epochs=30, beta_schedule="linear",
+PRESETS: dict[str, dict[str, Any]] = RenamedKeys({
+    "study": dict(
+        latent_dim=2, batch_size=128, lr=1e-3, epochs=30, beta_schedule="linear-step",
         warmup_epochs=10.0, lr_schedule="cosine",
     ),
     # A first look (``vaelab reproduce --quick``): an MLP (the conv network learns less per
@@ -393,20 +459,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # label at the first layer), whatever vaelab's default network becomes.
     "quick": dict(
         latent_dim=2, arch="mlp", mlp_hidden=(512, 256), batch_size=64, lr=3e-3, epochs=6,
-        beta_schedule="linear", warmup_epochs=2.0, limit=10_000, val_size=1000,
+        beta_schedule="linear-step", warmup_epochs=2.0, limit=10_000, val_size=1000,
         activation="relu", label_conditioning="input",
     ),
     "smoke": dict(
-        latent_dim=2, batch_size=64, lr=1e-3, epochs=1, beta_schedule="linear",
+        latent_dim=2, batch_size=64, lr=1e-3, epochs=1, beta_schedule="linear-step",
         warmup_epochs=0.5, limit=512, val_size=128, channels=(8, 16), enc_hidden=64,
         dec_hidden=64, dec_mlp_layers=1, dec_refine=0, enc_mlp_layers=1, enc_refine=0,
         dec_full_channels=0, activation="relu", label_conditioning="input",
     ),
-}
+}, PRESET_ALIASES)
 
 
-def resolve_config(preset: str = "seed", **overrides: Any) -> TrainConfig:
-    """The preset's values, then every override that is not None; validated."""
+def resolve_config(preset: str = "study", **overrides: Any) -> TrainConfig:
+    """The preset's values, then every override that is not None; validated. ``seed`` (the
+    old name of ``study``) and beta schedule ``linear`` (of ``linear-step``) give the same
+    config as their new names, with a ``DeprecationWarning``."""
+    preset = canonical_preset(preset)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     cfg = replace(TrainConfig(), **PRESETS[preset], preset=preset)

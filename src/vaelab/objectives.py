@@ -8,9 +8,13 @@ pixels and latent dimensions**. Nothing here knows about models or data: functio
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -604,6 +608,8 @@ class LinearWarmup(BetaSchedule):
     the study's form: beta(epoch e) = min(1, e / 10) with e = 0, 1, ...
     """
 
+    # the checkpoint's state tag of both forms (``linear-step`` and ``linear-epoch``), as
+    # checkpoints have always written it: not a schedule's name (``BETA_SCHEDULES``)
     name = "linear"
 
     def __init__(
@@ -648,16 +654,55 @@ class CyclicalBeta(BetaSchedule):
         return self.beta_max * min(1.0, phase)
 
 
-BETA_SCHEDULES = ("linear", "linear-epoch", "constant", "cyclical")
+BETA_SCHEDULES = ("linear-step", "linear-epoch", "constant", "cyclical")
+# old name -> its name now (issue 19): still accepted, with a deprecation notice
+BETA_SCHEDULE_ALIASES = {"linear": "linear-step"}
+
+
+def renamed_notice(what: str, old: str, new: str) -> str:
+    """The one line that says an old name is deprecated, e.g. "preset 'seed' is now called
+    'study'; 'seed' will be removed"."""
+    return f"{what} '{old}' is now called '{new}'; '{old}' will be removed"
+
+
+def _vaelab_file(name: str) -> str:
+    return str(Path(__file__).with_name(name))
+
+
+# frames that only pass a caller's name on: a deprecation warning names the frame above them
+_PASSING_ON = {_vaelab_file(n) for n in ("objectives.py", "config.py", "sweep.py", "table.py")}
+_PASSING_ON |= {dataclasses.__file__, "<string>"}  # TrainConfig's generated __init__, replace
+
+
+def warn_renamed(what: str, old: str, new: str) -> None:
+    """A ``DeprecationWarning`` (``renamed_notice``) for the first caller outside vaelab's
+    config, objectives, sweep and table code and the dataclass machinery."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename in _PASSING_ON:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(renamed_notice(what, old, new), DeprecationWarning, stacklevel=level)
+
+
+def canonical_beta_schedule(name: Any, *, warn: bool = True) -> Any:
+    """``name``, or the name an old one is now (``BETA_SCHEDULE_ALIASES``), with a
+    ``DeprecationWarning`` when ``warn``. Anything else is returned as it is."""
+    if isinstance(name, str) and name in BETA_SCHEDULE_ALIASES:
+        new = BETA_SCHEDULE_ALIASES[name]
+        if warn:
+            warn_renamed("beta schedule", name, new)
+        return new
+    return name
 
 
 def make_beta_schedule(
     name: str, *, steps_per_epoch: int, warmup_epochs: float = 10.0, beta: float = 1.0,
     cycles: int = 4, total_epochs: int = 30,
 ) -> BetaSchedule:
-    """Build a schedule by name: ``linear`` (per step), ``linear-epoch`` (the study's per-epoch
-    steps), ``constant`` (beta-VAE) or ``cyclical`` (``cycles`` cycles over the run)."""
-    if name == "linear":
+    """Build a schedule by name: ``linear-step`` (per step), ``linear-epoch`` (the study's
+    per-epoch steps), ``constant`` (beta-VAE) or ``cyclical`` (``cycles`` cycles over the run).
+    ``linear``, the old name of ``linear-step``, builds it too, with a DeprecationWarning."""
+    name = canonical_beta_schedule(name)
+    if name == "linear-step":
         return LinearWarmup(round(warmup_epochs * steps_per_epoch), steps_per_epoch, True, beta)
     if name == "linear-epoch":
         return LinearWarmup(round(warmup_epochs * steps_per_epoch), steps_per_epoch, False, beta)

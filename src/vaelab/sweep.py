@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaelab.config import ARCHITECTURE_KNOBS, PRESETS, TrainConfig, resolve_config
+from vaelab.config import (
+    ARCHITECTURE_KNOBS,
+    PRESETS,
+    TrainConfig,
+    canonical_preset,
+    resolve_config,
+)
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.locks import FolderInUse, FolderLock, check_output_folder, is_lock_file
@@ -195,13 +201,15 @@ def plan_sweep(
     out: str | os.PathLike,
     *,
     grid: dict[str, Sequence[Any]],
-    preset: str = "seed",
+    preset: str = "study",
     options: dict[str, Any] | None = None,
 ) -> SweepPlan:
     """Every trial of ``grid`` (the product of its value lists, in order) over ``preset`` and
-    ``options``, each config validated. Raises ``ConfigError`` (one line) for an unknown key, a
+    ``options``, each config validated (an old preset name, ``seed``, is planned as its new one,
+    ``study``, with a DeprecationWarning). Raises ``ConfigError`` (one line) for an unknown key, a
     value of the wrong type, an empty or repeated list entry, a key given both as an option and
     in the grid, or a config out of range, before anything is written."""
+    preset = canonical_preset(preset)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     if not grid:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vaelab.config import canonical_preset
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text, sha256_file
 from vaelab.literature import BURDA_NOTES, PROVENANCE, TABLE_ROWS, published_dict
@@ -121,7 +122,7 @@ def plan_table(
     latent_dims: Sequence[int] = DEFAULT_LATENT_DIMS,
     archs: Sequence[str] = DEFAULT_ARCHS,
     seeds: Sequence[int] = (0,),
-    preset: str = "seed",
+    preset: str = "study",
     options: dict[str, Any] | None = None,
     is_k: int = IS_K,
     paper_k: int = PAPER_K,
@@ -613,7 +614,8 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
         "importance sampling with q(z|x) as the proposal, K samples per image. IS at small K "
         "understates log p(x): compare the K = "
         f"{ev['paper_k']} row with the papers' rows.",
-        f"Training: dynamically binarized MNIST, preset {result['plan']['preset']}, "
+        f"Training: dynamically binarized MNIST, preset "
+        f"{canonical_preset(result['plan']['preset'], warn=False)}, "
         f"{_budget_words(result)}, seed(s) {', '.join(map(str, seeds))}. "
         f"Selection: {result['selection']}.",
         *_untrained_line(result), "", *_citation_lines()]
