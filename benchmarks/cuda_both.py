@@ -1,4 +1,4 @@
-"""Wall time of training the VAE and the CVAE (seed preset, 30 epochs each) on one GPU.
+"""Wall time of training the VAE and the CVAE (study preset, 30 epochs each) on one GPU.
 
     python benchmarks/cuda_both.py parallel2 [precision=fp32]   # side by side
     python benchmarks/cuda_both.py sequential                    # one after the other
@@ -29,7 +29,7 @@ def main(mode: str, options: list[str]) -> None:
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     t_init = time.perf_counter() - t0
-    cfgs = [resolve_config("seed", model=m, **kw) for m in ("vae", "cvae")]
+    cfgs = [resolve_config("study", model=m, **kw) for m in ("vae", "cvae")]
     t0 = time.perf_counter()
     if mode == "sequential":
         res = [train(c, root / c.model, progress=False) for c in cfgs]

@@ -234,7 +234,7 @@ def bench_cpu() -> str:
     """BENCHMARKS.md: training throughput, the ceiling and evaluation, from `vaelab bench`."""
     r = _load(_BENCH)
     lines = [f"Measured with `{r['command']}` (its JSON: `{_BENCH}`) on {_bench_machine(r)}.",
-             "", "## Training throughput (images/s, seed preset, batch 128, median of "
+             "", "## Training throughput (images/s, study preset, batch 128, median of "
              "alternating rounds)", "", "| model | vaelab | reference | ratio |",
              "|---|---:|---:|---:|"]
     for name, x in r["models"].items():
@@ -338,7 +338,7 @@ def time_to_quality() -> str:
     mflop = _load(_QUALITY[0])["models"]["vae"]["roofline"]["flops_per_image"] / 1e6
     rows += ["", f"Measured with {cmds[0]} (one thread, beside another one-thread job) and "
              f"{cmds[1]} (two threads of the otherwise idle machine), on "
-             f"{_machine(_load(_QUALITY[0])['machine'])}. vaelab is its `seed` preset "
+             f"{_machine(_load(_QUALITY[0])['machine'])}. vaelab is its `study` preset "
              f"({mflop:.0f} MFLOP per training image); the reference is the whole tutorial "
              "recipe: its loop, the study's plain network (less work per image) and a constant "
              "learning rate. vaelab reaches the target in fewer epochs but spends more work "

@@ -7,7 +7,7 @@ another (what reproduce did on a CPU before the sweep).
         --modes one_after_another sweep                                        # skip 1 thread
 
 The runs are those ``--ablations`` adds to the two main ones: the VAE and the CVAE at seeds 1
-and 2, and each without KL warm-up (constant beta = 1), on the ``seed`` preset. *One after
+and 2, and each without KL warm-up (constant beta = 1), on the ``study`` preset. *One after
 another*: ``vaelab.training.train`` in this process, run after run, torch using every core (as
 ``train_concurrently`` does off CUDA), and the same with one torch thread (each sweep trial's
 share, which tells the sweep's parallelism from a machine's thread contention). *Sweep*:
@@ -121,7 +121,7 @@ def ray_start_stop() -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--preset", default="seed")
+    p.add_argument("--preset", default="study")
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--limit", type=int, default=None, help="images per split (default: all)")

@@ -69,7 +69,7 @@ class GpuMemory:
 
 def seeds_jobs(n: int, *, epochs: int | None, limit: int | None, device: str,
                ) -> list[tuple[str, TrainConfig]]:
-    base = resolve_config("seed", model="vae", epochs=epochs, limit=limit, device=device)
+    base = resolve_config("study", model="vae", epochs=epochs, limit=limit, device=device)
     return [(f"seed{s}", replace(base, seed=s)) for s in range(n)]
 
 
