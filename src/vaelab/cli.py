@@ -241,10 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from vaelab.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESET_ALIASES, PRESETS
-    from vaelab.data import BINARIZATIONS
-    from vaelab.models import ACTIVATIONS, ARCHS, LABEL_CONDITIONINGS
-    from vaelab.objectives import BETA_SCHEDULE_ALIASES, BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
+    from vaelab.config import PRESET_ALIASES, PRESETS
 
     p = sub.add_parser(
         "train", help="train a VAE or CVAE into a run folder",
@@ -265,6 +262,20 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "10,000 images; smoke: a few hundred images, for tests; seed: the old name "
                    "of study)")
     p.add_argument("--dataset", default=None, help="mnist or idx:DIR (default: mnist)")
+    _add_training_options(p)
+    _add_machine_options(p)
+    _add_architecture_options(p)
+    _add_run_control_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """`vaelab train`'s options of the model and its training: latent size, epochs, optimiser,
+    schedules, objective, binarization, seed."""
+    from vaelab.config import LR_SCHEDULES
+    from vaelab.data import BINARIZATIONS
+    from vaelab.objectives import BETA_SCHEDULE_ALIASES, BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
+
     p.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size")
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size")
@@ -297,6 +308,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "val and test binarized once with pinned seeds (their SHA-256 in "
                    "config.json): the literature's binarized MNIST (default: none)")
     p.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2^63 - 1")
+
+
+def _add_machine_options(p: argparse.ArgumentParser) -> None:
+    """Where and how fast: device, precision, CUDA graphs, how much data, checkpoints."""
+    from vaelab.config import DEVICES, PRECISIONS
+
     p.add_argument("--device", choices=DEVICES, default=None, help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="auto (default): bf16 autocast where the hardware computes bf16 (a "
@@ -311,6 +328,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="use only the first N images of each split (quick runs)")
     p.add_argument("--checkpoint-every", type=_integer, default=None,
                    help="also checkpoint every N steps (0: epoch ends only)")
+
+
+def _add_architecture_options(p: argparse.ArgumentParser) -> None:
+    from vaelab.models import ACTIVATIONS, ARCHS, LABEL_CONDITIONINGS
+
     a = p.add_argument_group(
         "architecture", "the network (default: vaelab's, see `vaelab.config.TrainConfig`)")
     a.add_argument("--arch", choices=ARCHS, default=None,
@@ -340,6 +362,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="how a CVAE's decoder sees the label: input (the study's: a one-hot "
                    "beside z at the first layer), or film (also a per-class scale and shift "
                    "of every later layer's features)")
+
+
+def _add_run_control_options(p: argparse.ArgumentParser) -> None:
+    """Resume, replace, and what the run shows while it trains."""
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint, with its "
                    "saved config. Other options may be given only where they agree with it, "
@@ -357,7 +383,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detect-anomaly", action="store_true",
                    help="turn on autograd's anomaly mode to find where a NaN starts")
     p.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
-    p.set_defaults(func=cmd_train)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -756,15 +781,6 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def add_table(sub: argparse._SubParsersAction) -> None:
     from vaelab.config import PRESET_ALIASES, PRESETS
-    from vaelab.models import ARCHS
-    from vaelab.table import (
-        DEFAULT_ARCHS,
-        DEFAULT_LATENT_DIMS,
-        DEFAULT_TOLERANCE,
-        IS_K,
-        PAPER_K,
-        RUNNERS,
-    )
 
     trainers = argparse.ArgumentParser(add_help=False).add_subparsers()
     add_train(trainers)
@@ -794,6 +810,34 @@ def add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, **_renamed_choices(sorted(PRESETS), PRESET_ALIASES),
                    help="base settings of every run (default: study; seed: the old name of "
                    "study)")
+    _add_table_grid_options(p)
+    _add_table_ray_options(p)
+    p.add_argument("--force", action="store_true",
+                   help="train again a run whose folder holds a run of other settings")
+    p.add_argument("--no-train", action="store_true",
+                   help="tabulate what is there: train nothing, evaluate the finished runs, "
+                   "and leave the other cells empty (table.json's status: partial)")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="compute no estimate: tabulate those cached in the run folders and "
+                   "leave the other cells empty, e.g. train on a CPU now and estimate on a GPU "
+                   "later (table.json's status: partial)")
+    for flag in ("--resume", "--tensorboard", "--detect-anomaly"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    # the grid's and the protocol's own: parsed only to be refused with a line that says why
+    p.add_argument("--model", choices=["vae", "cvae"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--binarize", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--latent-dim", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=_seed, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_table)
+
+
+def _add_table_grid_options(p: argparse.ArgumentParser) -> None:
+    """`vaelab table`'s grid (latent sizes, architectures, epochs, seeds) and its estimators."""
+    from vaelab.models import ARCHS
+    from vaelab.table import DEFAULT_ARCHS, DEFAULT_LATENT_DIMS, DEFAULT_TOLERANCE, IS_K, PAPER_K
+
     p.add_argument("--latent-dims", type=_positive_int, nargs="+",
                    default=list(DEFAULT_LATENT_DIMS), metavar="D",
                    help="latent sizes, the table's columns (default: "
@@ -820,6 +864,11 @@ def add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=_real, default=DEFAULT_TOLERANCE, metavar="NATS",
                    help="error allowed in the exact log p(x) of a 1- or 2-D latent, nats "
                    "per image (> 0; default: %(default)s)")
+
+
+def _add_table_ray_options(p: argparse.ArgumentParser) -> None:
+    from vaelab.table import RUNNERS
+
     p.add_argument("--runner", choices=RUNNERS, default="auto",
                    help="train on Ray (ray), one run after another in this process (local), "
                    "or on Ray where it is installed (default: %(default)s)")
@@ -833,25 +882,6 @@ def add_table(sub: argparse._SubParsersAction) -> None:
                    help="with Ray: share of a GPU per run (default 0.5 where Ray sees one)")
     p.add_argument("--max-retries", type=int, default=None,
                    help="with Ray: times a run whose worker died is retried (default 3)")
-    p.add_argument("--force", action="store_true",
-                   help="train again a run whose folder holds a run of other settings")
-    p.add_argument("--no-train", action="store_true",
-                   help="tabulate what is there: train nothing, evaluate the finished runs, "
-                   "and leave the other cells empty (table.json's status: partial)")
-    p.add_argument("--no-estimate", action="store_true",
-                   help="compute no estimate: tabulate those cached in the run folders and "
-                   "leave the other cells empty, e.g. train on a CPU now and estimate on a GPU "
-                   "later (table.json's status: partial)")
-    for flag in ("--resume", "--tensorboard", "--detect-anomaly"):
-        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    # the grid's and the protocol's own: parsed only to be refused with a line that says why
-    p.add_argument("--model", choices=["vae", "cvae"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--binarize", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--latent-dim", type=_positive_int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=_seed, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_table)
 
 
 # --------------------------------------------------------------------------------------------
