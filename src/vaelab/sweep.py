@@ -381,7 +381,8 @@ def run_trial(config: dict[str, Any], out: str, *, threads: int = 1, force: bool
     trainer = _wait_for(start, path, lock_wait)
     if trainer is not None:
         record["trained"] = True
-        record["resumed_from_step"] = trainer.step if trainer.step or trainer.epoch else None
+        record["resumed_from_step"] = trainer.global_step if trainer.global_step or trainer.epoch \
+            else None
         trainer.fit()
         if needs_exact(cfg, tolerance):  # the model and data are at hand: no reload
             with _wait_for(lambda: FolderLock(path).acquire(), path, lock_wait):

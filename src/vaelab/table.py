@@ -447,6 +447,28 @@ def compute_seconds(result: dict[str, Any]) -> dict[str, float]:
     return {"train": train, "evaluate": evaluate, "total": train + evaluate}
 
 
+def evaluate_cells(plan: TablePlan, failures: dict[str, str], *, log: Any, progress: bool,
+                   compute: bool) -> tuple[dict[str, dict[str, dict[str, Any]]], int, list[str]]:
+    """Every finished run's estimates (``evaluate_run``): {run: {key: entry}}, how many were
+    computed now, and the estimates still missing ("run: estimator", with ``compute``
+    False)."""
+    evaluated: dict[str, dict[str, dict[str, Any]]] = {}
+    computed, unestimated = 0, []
+    for cell in plan.cells:
+        wanted = list(estimators(cell, plan).values())
+        for t in cell.trials:
+            path = plan.out / t.name
+            if t.name in failures or not (path / "summary.json").exists():
+                continue
+            evaluated[t.name], now = evaluate_run(
+                path, wanted, test_images=plan.test_images, device=t.config.device,
+                log=log, progress=progress, compute=compute)
+            computed += now
+            unestimated += [f"{t.name}: {e.label()}" for e in dict.fromkeys(wanted)
+                            if e.key(plan.test_images) not in evaluated[t.name]]
+    return evaluated, computed, unestimated
+
+
 def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
               address: str | None = None, num_cpus: int | None = None,
               cpus_per_trial: float | None = None, gpus_per_trial: float | None = None,
@@ -496,20 +518,8 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
                 plan, runner=runner, force=force, address=address, num_cpus=num_cpus,
                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                 max_retries=max_retries, console=console, progress=progress)
-        evaluated: dict[str, dict[str, dict[str, Any]]] = {}
-        computed, unestimated = 0, []
-        for cell in plan.cells:
-            wanted = list(estimators(cell, plan).values())
-            for t in cell.trials:
-                path = out / t.name
-                if t.name in failures or not (path / "summary.json").exists():
-                    continue
-                evaluated[t.name], now = evaluate_run(
-                    path, wanted, test_images=plan.test_images, device=t.config.device,
-                    log=log, progress=progress, compute=estimate)
-                computed += now
-                unestimated += [f"{t.name}: {e.label()}" for e in dict.fromkeys(wanted)
-                                if e.key(plan.test_images) not in evaluated[t.name]]
+        evaluated, computed, unestimated = evaluate_cells(
+            plan, failures, log=log, progress=progress, compute=estimate)
         from vaelab.bench import machine
 
         untrained = [t.name for t in plan.sweep.trials
