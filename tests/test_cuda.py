@@ -99,7 +99,7 @@ def test_binarized_iwae_steps_stay_in_the_captured_graph_and_resume(
     graphed, w_graph = run(config(data, cuda_graphs=True, **kw), tmp_path / "graph")
     eager, w_eager = run(config(data, cuda_graphs=False, **kw), tmp_path / "eager")
     assert graphed.stepper.graph is not None and eager.stepper.graph is None
-    assert graphed._graph_inputs[2].shape == (3, 64, 2)
+    assert graphed.stepper._graph_inputs[2].shape == (3, 64, 2)
     close_runs(graphed.metrics, eager.metrics, rel=1e-3)
     for k in w_eager:
         torch.testing.assert_close(w_graph[k], w_eager[k], rtol=1e-3, atol=1e-4)
