@@ -14,7 +14,8 @@
     index.html           the same, self-contained (images embedded), readable offline
 
 Every number is computed here; the only constants are the study's reference values
-(``STUDY``), shown beside ours. Every file goes through ``vaelab.io``'s atomic writes.
+(``STUDY``, kept in ``vaelab.literature``), shown beside ours. Every file goes through
+``vaelab.io``'s atomic writes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vaelab.config import PRESETS, TrainConfig, check_seed, resolve_config
 from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
+from vaelab.literature import STUDY
 from vaelab.locks import FolderLock, is_lock_file
 from vaelab.sweep import mean_std, recipe, saved_recipe
 
@@ -47,14 +49,6 @@ if TYPE_CHECKING:
 REPORT_FORMAT = 1
 MARKER = "vaelab-report.json"
 KINDS = ("vae", "cvae")
-
-# The study's published results, the only numbers not computed here: test-set nats per image
-# of each model, and the VAE's closest digit pairs in latent space.
-STUDY: dict[str, Any] = {
-    "vae": {"recon": 138.00, "kl": 6.59, "neg_elbo": 144.59},
-    "cvae": {"recon": 124.36, "kl": 4.80, "neg_elbo": 129.16},
-    "closest_pairs": [[4, 9], [3, 8], [1, 7]],
-}
 
 # (key in the comparison, label) of the main table's rows; lower is better for each.
 METRICS: tuple[tuple[str, str], ...] = (
