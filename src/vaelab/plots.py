@@ -22,9 +22,10 @@ import functools
 import io
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import matplotlib
@@ -64,9 +65,9 @@ __all__ = [
     "true_posterior",
 ]
 
-STYLE: dict[str, Any] = {
+STYLE: Mapping[str, Any] = MappingProxyType({
     "font.family": "sans-serif",
-    "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica", "Liberation Sans"],
+    "font.sans-serif": ("DejaVu Sans", "Arial", "Helvetica", "Liberation Sans"),
     "mathtext.fontset": "dejavusans",
     "font.size": 8,
     "axes.titlesize": 9,
@@ -104,8 +105,10 @@ STYLE: dict[str, Any] = {
     "ps.fonttype": 42,
     "svg.fonttype": "none",
     "svg.hashsalt": "vaelab",
-}
-"""The rc settings every figure is drawn and saved under."""
+})
+"""The rc settings every figure is drawn and saved under, read-only (a ``MappingProxyType``
+whose values are immutable too): each figure applies them in its own ``matplotlib.rc_context``,
+so nothing changes matplotlib's global state or another caller's figures."""
 
 SAVE_FORMATS = ("png", "pdf", "svg")
 # Fixed metadata: the same figure gives the same bytes on every save.

@@ -14,7 +14,8 @@
     index.html           the same, self-contained (images embedded), readable offline
 
 Every number is computed here; the only constants are the study's reference values
-(``STUDY``), shown beside ours. Every file goes through ``vaelab.io``'s atomic writes.
+(``STUDY``, kept in ``vaelab.literature``), shown beside ours. Every file goes through
+``vaelab.io``'s atomic writes.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import math
 import os
 import shlex
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,7 @@ from vaelab.config import PRESETS, TrainConfig, check_seed, resolve_config
 from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.io import atomic_write_json, atomic_write_text
+from vaelab.literature import STUDY
 from vaelab.locks import FolderLock, is_lock_file
 from vaelab.sweep import mean_std, recipe, saved_recipe
 
@@ -47,14 +50,6 @@ if TYPE_CHECKING:
 REPORT_FORMAT = 1
 MARKER = "vaelab-report.json"
 KINDS = ("vae", "cvae")
-
-# The study's published results, the only numbers not computed here: test-set nats per image
-# of each model, and the VAE's closest digit pairs in latent space.
-STUDY: dict[str, Any] = {
-    "vae": {"recon": 138.00, "kl": 6.59, "neg_elbo": 144.59},
-    "cvae": {"recon": 124.36, "kl": 4.80, "neg_elbo": 129.16},
-    "closest_pairs": [[4, 9], [3, 8], [1, 7]],
-}
 
 # (key in the comparison, label) of the main table's rows; lower is better for each.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -433,6 +428,63 @@ def _forget_empty_report(out: Path) -> None:
         pass
 
 
+@dataclass
+class Study:
+    """One study's options, checked and filled in from its preset's ``REPORT_RECIPES``
+    (``resolve_study``), and what its steps share: the console, the device, the given runs,
+    the data sets loaded so far and the seconds each step took."""
+
+    out: Path
+    preset: str
+    recipe: dict[str, Any]
+    tolerance: float
+    num_samples: int
+    logpx_images: int
+    seeds: list[int]
+    formats: list[str]
+    dataset: str
+    precision: str
+    ablations: bool
+    classifier_epochs: int | None
+    force: bool
+    progress: bool
+    console: Any
+    log: Callable[[str], None]
+    device: torch.device
+    given: dict[str, Run]
+    t_start: float
+    timings: dict[str, float] = field(default_factory=dict)
+    datasets: dict[tuple, Dataset] = field(default_factory=dict)
+
+    @property
+    def quick(self) -> bool:
+        return self.preset == "quick"
+
+    def data_of(self, run: Run) -> Dataset:
+        """``run``'s data set, loaded once for all the runs that share it."""
+        from vaelab.evaluate import dataset_for_run
+
+        c = run.config["config"]
+        key = (c["dataset"], c["val_size"], c.get("limit"), c.get("binarize", "none"))
+        if key not in self.datasets:
+            self.datasets[key] = dataset_for_run(run)
+        return self.datasets[key]
+
+    def test_part_of(self, run: Run) -> Dataset:
+        """The data ``run``'s evaluation sees: the recipe's first ``test_images`` (None: all)."""
+        ds = self.data_of(run)
+        n = self.recipe["test_images"]
+        return ds if n is None else replace(ds, test=ds.test.subset(n))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Put the seconds the ``with`` block took into ``timings[step]`` (when it succeeds)."""
+    t0 = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - t0
+
+
 def run_study(
     out: str | os.PathLike,
     *,
@@ -470,20 +522,41 @@ def run_study(
     that is not empty and not a vaelab report is refused unless ``force``; ``force`` also
     retrains runs whose saved settings differ.
     """
-    from vaelab import __version__
-    from vaelab.bench import machine
-    from vaelab.evaluate import (
-        EXACT_MAX_LATENT,
-        ExactLogPx,
-        dataset_for_run,
-        exact_log_px_per_image,
-        full_evaluation,
-    )
+    study = resolve_study(
+        out, runs=runs, quick=quick, preset=preset, ablations=ablations, seeds=seeds,
+        num_samples=num_samples, logpx_images=logpx_images, progress=progress, force=force,
+        dataset=dataset, precision=precision, classifier_epochs=classifier_epochs,
+        formats=formats, console=console, tolerance=tolerance)
+    with _timed(study.timings, "training"):
+        plan = plan_runs(study)
+        named = train_runs(study, plan)
+    with _timed(study.timings, "classifier"):
+        classifier, classifier_meta = study_classifier(study, named)
+    with _timed(study.timings, "evaluation"):
+        evaluations, exact = evaluate_runs(study, named, classifier, classifier_meta)
+    with _timed(study.timings, "figures"):
+        figures = draw_study_figures(study, named, exact)
+    results = study_results(study, plan, named, classifier_meta, evaluations, figures)
+    study.timings["total"] = time.perf_counter() - study.t_start
+    results["timings"] = study.timings
+    write_report(study, results)
+    return results
+
+
+def resolve_study(
+    out: str | os.PathLike, *, runs: Sequence[str | os.PathLike] | None, quick: bool,
+    preset: str | None, ablations: bool, seeds: Sequence[int], num_samples: int | None,
+    logpx_images: int | None, progress: bool, force: bool, dataset: str, precision: str,
+    classifier_epochs: int | None, formats: Sequence[str], console: Any,
+    tolerance: float | None,
+) -> Study:
+    """``run_study``'s options checked (a ConfigError names the first one that is wrong) and
+    filled in from the preset's ``REPORT_RECIPES``; the given ``runs`` loaded and sorted by
+    kind, and the report folder prepared (``prepare_report_dir``)."""
     from vaelab.io import console as output_console
-    from vaelab.training import pick_device, versions
+    from vaelab.training import pick_device
 
     preset = report_preset(preset, quick)
-    quick = preset == "quick"
     recipe = report_recipe(preset)
     tolerance = recipe["tolerance"] if tolerance is None else tolerance
     if not (math.isfinite(tolerance) and tolerance > 0):
@@ -491,7 +564,6 @@ def run_study(
 
     t_start = time.perf_counter()
     console = console or output_console()
-    log: Callable[[str], None] = console.print
     out = Path(out)
     num_samples = recipe["num_samples"] if num_samples is None else num_samples
     logpx_images = recipe["logpx_images"] if logpx_images is None else logpx_images
@@ -504,27 +576,47 @@ def run_study(
     device = pick_device("auto")
     given = load_given_runs(runs)
     prepare_report_dir(out, force)
-    timings: dict[str, float] = {}
+    return Study(
+        out=out, preset=preset, recipe=recipe, tolerance=tolerance, num_samples=num_samples,
+        logpx_images=logpx_images, seeds=seeds, formats=formats, dataset=dataset,
+        precision=precision, ablations=ablations, classifier_epochs=classifier_epochs,
+        force=force, progress=progress, console=console, log=console.print, device=device,
+        given=given, t_start=t_start)
 
-    # ---- runs ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+@dataclass
+class RunPlan:
+    """The runs of a study: ``named`` the given ones (by kind), ``jobs`` the configs of those to
+    train into ``out/runs`` (by run name, trained together, side by side on CUDA, once all are
+    known), ``seed_runs`` each model's runs over the seeds, and ``annealing`` the run names of
+    each model's two KL annealing arms (``warmup``, ``no_warmup``)."""
+
+    named: dict[str, Run]
+    jobs: dict[str, TrainConfig]
+    seed_runs: dict[str, list[str]]
+    annealing: dict[str, dict[str, str]]
+
+
+def plan_runs(study: Study) -> RunPlan:
+    """Which runs ``study`` needs: the VAE and the CVAE (given, or the preset's config at the
+    first seed), and with ``ablations`` a run per further seed and the other annealing arm."""
     named: dict[str, Run] = {}
-    jobs: dict[str, TrainConfig] = {}  # run name -> config, trained together (side by side on
-    for kind in KINDS:                 # CUDA) once all are known
-        if kind in given:
-            named[kind] = given[kind]
-            named[kind].model.to(device)
-            log(f"{kind.upper()}: using the given run {given[kind].path}")
+    jobs: dict[str, TrainConfig] = {}
+    for kind in KINDS:
+        if kind in study.given:
+            named[kind] = study.given[kind]
+            named[kind].model.to(study.device)
+            study.log(f"{kind.upper()}: using the given run {study.given[kind].path}")
         else:
-            jobs[kind] = resolve_config(preset, model=kind, dataset=dataset, seed=seeds[0],
-                                        precision=precision)
+            jobs[kind] = resolve_config(study.preset, model=kind, dataset=study.dataset,
+                                        seed=study.seeds[0], precision=study.precision)
     seed_runs: dict[str, list[str]] = {k: [k] for k in KINDS}
     annealing: dict[str, dict[str, str]] = {}
-    if ablations:
+    if study.ablations:
         for kind in KINDS:
             base = jobs.get(kind) or TrainConfig.from_dict(named[kind].config["config"])
             base = base.validate()
-            for s in seeds:
+            for s in study.seeds:
                 if s == base.seed:
                     continue
                 name = f"{kind}-seed{s}"
@@ -535,118 +627,159 @@ def run_study(
                 if name is not None:
                     jobs[name] = cfg
                 annealing[kind][arm] = name or kind
-    runs_done = ensure_runs([(out / "runs" / name, cfg) for name, cfg in jobs.items()],
-                            force=force, progress=progress, log=log, device=device,
-                            sweep=ablations, console=console)
+    return RunPlan(named=named, jobs=jobs, seed_runs=seed_runs, annealing=annealing)
+
+
+def train_runs(study: Study, plan: RunPlan) -> dict[str, Run]:
+    """Every run of ``plan``, finished (its jobs reused, resumed or trained by ``ensure_runs``),
+    by name: the VAE and the CVAE first, then the ablation runs in the plan's order."""
+    jobs = plan.jobs
+    runs_done = ensure_runs([(study.out / "runs" / name, cfg) for name, cfg in jobs.items()],
+                            force=study.force, progress=study.progress, log=study.log,
+                            device=study.device, sweep=study.ablations, console=study.console)
+    named = dict(plan.named)
     named.update(zip(jobs, runs_done, strict=True))
-    named = {k: named[k] for k in [*KINDS, *(n for n in jobs if n not in KINDS)]}
-    timings["training"] = time.perf_counter() - t0
+    return {k: named[k] for k in [*KINDS, *(n for n in jobs if n not in KINDS)]}
 
-    # ---- classifier ---------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def study_classifier(
+    study: Study, named: dict[str, Run]
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The digit classifier that judges the CVAE's samples, trained on the CVAE's images
+    (``ensure_classifier`` in ``out/classifier``), and its metadata."""
     ccfg = named["cvae"].config["config"]
-    epochs = classifier_epochs or recipe["classifier_epochs"]
-    classifier, classifier_meta = ensure_classifier(
-        out / "classifier", dataset=ccfg["dataset"], epochs=epochs, limit=ccfg.get("limit"),
-        seed=seeds[0], force=force, log=log, device=device)
-    timings["classifier"] = time.perf_counter() - t0
+    epochs = study.classifier_epochs or study.recipe["classifier_epochs"]
+    return ensure_classifier(
+        study.out / "classifier", dataset=ccfg["dataset"], epochs=epochs, limit=ccfg.get("limit"),
+        seed=study.seeds[0], force=study.force, log=study.log, device=study.device)
 
-    # ---- evaluation ---------------------------------------------------------------------
-    t0 = time.perf_counter()
-    datasets: dict[tuple, Dataset] = {}
 
-    def data_of(run: Run) -> Dataset:
-        c = run.config["config"]
-        key = (c["dataset"], c["val_size"], c.get("limit"), c.get("binarize", "none"))
-        if key not in datasets:
-            datasets[key] = dataset_for_run(run)
-        return datasets[key]
-
-    def test_part_of(run: Run) -> Dataset:  # the data the evaluation sees
-        ds = data_of(run)
-        n = recipe["test_images"]
-        return ds if n is None else replace(ds, test=ds.test.subset(n))
-
+def evaluate_runs(
+    study: Study, named: dict[str, Run], classifier: torch.nn.Module,
+    classifier_meta: dict[str, Any],
+) -> tuple[dict[str, dict[str, Any]], dict[str, ExactLogPx | None]]:
+    """Each run's evaluation (``evaluate_run``) and its per-image exact log p(x), by name."""
     evaluations: dict[str, dict[str, Any]] = {}
     exact: dict[str, ExactLogPx | None] = {}  # per image, for the true-posterior figure
     for name, run in named.items():
-        # the exact log p(x) of every test image, kept beside the evaluation (its key: the
-        # weights, the images, the tolerance) so the figures reuse it instead of a second
-        # quadrature (minutes on a CPU), also when the evaluation itself is reused
-        exact_path = out / EVALUATIONS / f"{name}-exact.safetensors"
-        exact_key = {"model_sha256": _model_sha256(run), "tolerance": tolerance,
-                     "test_images": len(test_part_of(run).test), "vaelab": __version__}
-        wants_exact = tolerance is not None and run.model.latent_dim <= EXACT_MAX_LATENT
-        exact[name] = (ExactLogPx.load(exact_path, exact_key) if wants_exact and not force
-                       else None)
-        settings = {"num_samples": num_samples, "logpx_images": logpx_images, "seed": 0,
-                    "tolerance": tolerance,
-                    "per_class": recipe["per_class"],
-                    "classifier_sha256": classifier_meta.get("sha256")
-                    if run.model.conditional else None}
-        if recipe["test_images"] is not None:  # absent for all: older caches stay valid
-            settings["test_images"] = recipe["test_images"]
+        evaluations[name], exact[name] = evaluate_run(study, name, run, classifier,
+                                                      classifier_meta)
+    return evaluations, exact
 
-        def evaluate(run: Run = run, name: str = name, settings: dict[str, Any] = settings,
-                     exact_path: Path = exact_path, exact_key: dict[str, Any] = exact_key,
-                     wants_exact: bool = wants_exact) -> dict[str, Any]:
-            log(f"evaluating {name} ({run.path}): ELBO, exact log p(x) (latent <= 2), "
-                f"log p(x) with K = {num_samples} "
-                f"on {'all' if not logpx_images else f'the first {logpx_images:,}'} test "
-                "images, active units, kNN, aggregate posterior, closest pairs"
-                + (", class accuracy of samples" if run.model.conditional else ""))
-            data = test_part_of(run)
-            if exact[name] is None and wants_exact:
-                exact[name] = exact_log_px_per_image(
-                    run.model, data.test, tolerance=tolerance, progress=progress,
-                    likelihood=run.config["config"].get("likelihood", "bernoulli"))
-                if exact_key["model_sha256"] is not None:
-                    exact[name].save(exact_path, exact_key)
-            return full_evaluation(
-                run, data, num_samples=num_samples, seed=0, progress=progress,
-                classifier=classifier, per_class=settings["per_class"],
-                logpx_images=logpx_images, tolerance=tolerance, exact=exact[name])
 
-        ev = ensure_evaluation(out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
-                               force=force, log=log)
-        ev["run"] = str(run.path)  # a reused evaluation may come from a copied folder
-        ev["config"] = run.config["config"]
-        ev["train_summary"] = run.summary
-        evaluations[name] = ev
-    timings["evaluation"] = time.perf_counter() - t0
+def _evaluation_settings(
+    study: Study, run: Run, classifier_meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The settings an evaluation of ``run`` is cached under (beside its weights)."""
+    settings = {"num_samples": study.num_samples, "logpx_images": study.logpx_images,
+                "seed": 0, "tolerance": study.tolerance,
+                "per_class": study.recipe["per_class"],
+                "classifier_sha256": classifier_meta.get("sha256")
+                if run.model.conditional else None}
+    if study.recipe["test_images"] is not None:  # absent for all: older caches stay valid
+        settings["test_images"] = study.recipe["test_images"]
+    return settings
 
-    # ---- figures ------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    from vaelab import plots
 
+def evaluate_run(
+    study: Study, name: str, run: Run, classifier: torch.nn.Module,
+    classifier_meta: dict[str, Any],
+) -> tuple[dict[str, Any], ExactLogPx | None]:
+    """``run``'s evaluation (``evaluate.full_evaluation``, reused by ``ensure_evaluation``
+    while its weights and settings agree) and the exact log p(x) of every test image (None
+    where the latent is too wide for the quadrature and the evaluation was not redone)."""
+    from vaelab import __version__
+    from vaelab.evaluate import (
+        EXACT_MAX_LATENT,
+        ExactLogPx,
+        exact_log_px_per_image,
+        full_evaluation,
+    )
+
+    # the exact log p(x) of every test image, kept beside the evaluation (its key: the
+    # weights, the images, the tolerance) so the figures reuse it instead of a second
+    # quadrature (minutes on a CPU), also when the evaluation itself is reused
+    exact_path = study.out / EVALUATIONS / f"{name}-exact.safetensors"
+    exact_key = {"model_sha256": _model_sha256(run), "tolerance": study.tolerance,
+                 "test_images": len(study.test_part_of(run).test), "vaelab": __version__}
+    wants_exact = study.tolerance is not None and run.model.latent_dim <= EXACT_MAX_LATENT
+    exact = ExactLogPx.load(exact_path, exact_key) if wants_exact and not study.force else None
+    settings = _evaluation_settings(study, run, classifier_meta)
+    n, k = study.logpx_images, study.num_samples
+
+    def evaluate() -> dict[str, Any]:
+        nonlocal exact
+        study.log(f"evaluating {name} ({run.path}): ELBO, exact log p(x) (latent <= 2), "
+                  f"log p(x) with K = {k} "
+                  f"on {'all' if not n else f'the first {n:,}'} test "
+                  "images, active units, kNN, aggregate posterior, closest pairs"
+                  + (", class accuracy of samples" if run.model.conditional else ""))
+        data = study.test_part_of(run)
+        if exact is None and wants_exact:
+            exact = exact_log_px_per_image(
+                run.model, data.test, tolerance=study.tolerance, progress=study.progress,
+                likelihood=run.config["config"].get("likelihood", "bernoulli"))
+            if exact_key["model_sha256"] is not None:
+                exact.save(exact_path, exact_key)
+        return full_evaluation(
+            run, data, num_samples=k, seed=0, progress=study.progress,
+            classifier=classifier, per_class=settings["per_class"],
+            logpx_images=n, tolerance=study.tolerance, exact=exact)
+
+    ev = ensure_evaluation(study.out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
+                           force=study.force, log=study.log)
+    ev["run"] = str(run.path)  # a reused evaluation may come from a copied folder
+    ev["config"] = run.config["config"]
+    ev["train_summary"] = run.summary
+    return ev, exact
+
+
+def draw_study_figures(
+    study: Study, named: dict[str, Run], exact: dict[str, ExactLogPx | None]
+) -> dict[str, dict[str, list[str]]]:
+    """Every figure of the VAE and the CVAE (``draw_figures`` into ``out/figures/<kind>``),
+    as paths relative to ``out``, by kind and figure name."""
     figures: dict[str, dict[str, list[str]]] = {}
     for kind in KINDS:
-        drawn = draw_figures(named[kind], data_of(named[kind]), out / "figures" / kind,
-                             formats, force=force, log=log, exact=exact.get(kind))
+        drawn = draw_figures(named[kind], study.data_of(named[kind]),
+                             study.out / "figures" / kind, study.formats, force=study.force,
+                             log=study.log, exact=exact.get(kind))
         figures[kind] = {
-            name: [os.path.relpath(Path(p), out) for p in paths] for name, paths in drawn.items()
+            name: [os.path.relpath(Path(p), study.out) for p in paths]
+            for name, paths in drawn.items()
         }
-    timings["figures"] = time.perf_counter() - t0
+    return figures
 
-    # ---- results ------------------------------------------------------------------------
-    results: dict[str, Any] = {
+
+def study_results(
+    study: Study, plan: RunPlan, named: dict[str, Run], classifier_meta: dict[str, Any],
+    evaluations: dict[str, dict[str, Any]], figures: dict[str, dict[str, list[str]]],
+) -> dict[str, Any]:
+    """``results.json``'s content (but its ``timings``): every number, setting and path."""
+    from vaelab import plots
+    from vaelab.bench import machine
+    from vaelab.training import versions
+
+    out, given, seed_runs = study.out, study.given, plan.seed_runs
+    return {
         "format": REPORT_FORMAT,
         "kind": "vaelab-report",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": reproduce_command(out, runs=[str(r.path) for r in given.values()],
-                                     preset=preset, ablations=ablations, seeds=seeds,
-                                     num_samples=num_samples, dataset=dataset,
-                                     formats=formats, logpx_images=logpx_images,
-                                     tolerance=tolerance),
+                                     preset=study.preset, ablations=study.ablations,
+                                     seeds=study.seeds, num_samples=study.num_samples,
+                                     dataset=study.dataset, formats=study.formats,
+                                     logpx_images=study.logpx_images,
+                                     tolerance=study.tolerance),
         "versions": versions(),
         "machine": machine(),
-        "device": str(device),
+        "device": str(study.device),
         "out": str(out),
-        "settings": {"quick": quick, "ablations": ablations, "seeds": seeds,
-                     "num_samples": num_samples, "logpx_images": logpx_images,
-                     "tolerance": tolerance, "dataset": dataset, "preset": preset,
-                     "test_images": recipe["test_images"],
-                     "precision": precision,
+        "settings": {"quick": study.quick, "ablations": study.ablations, "seeds": study.seeds,
+                     "num_samples": study.num_samples, "logpx_images": study.logpx_images,
+                     "tolerance": study.tolerance, "dataset": study.dataset,
+                     "preset": study.preset, "test_images": study.recipe["test_images"],
+                     "precision": study.precision,
                      "given_runs": {k: str(r.path) for k, r in given.items()}},
         "reference": {"values": STUDY, "reduction_pct": {
             m: reduction_pct(STUDY["vae"][m], STUDY["cvae"][m]) for m in STUDY["vae"]}},
@@ -661,17 +794,22 @@ def run_study(
         | {"path": str(out / "classifier")},
         "figures": figures,
         "figure_captions": {name: spec.caption for name, spec in plots.FIGURES.items()},
-        "ablations": ablation_results(evaluations, seed_runs, annealing) if ablations else None,
+        "ablations": ablation_results(evaluations, seed_runs, plan.annealing)
+        if study.ablations else None,
     }
-    timings["total"] = time.perf_counter() - t_start
-    results["timings"] = timings
+
+
+def write_report(study: Study, results: dict[str, Any]) -> None:
+    """Write ``results.json``, ``README.md`` and ``index.html`` into ``out`` and print the
+    summary (every block but the figures) on the study's console."""
+    out = study.out
     atomic_write_json(out / "results.json", results)
     blocks = report_blocks(results)
     atomic_write_text(out / "README.md", render_markdown(blocks))
     atomic_write_text(out / "index.html", render_html(blocks, out))
-    render_terminal([b for b in blocks if b[0] != "figure"], console)
-    log(f"report: {out / 'README.md'}  {out / 'index.html'}  numbers: {out / 'results.json'}")
-    return results
+    render_terminal([b for b in blocks if b[0] != "figure"], study.console)
+    study.log(f"report: {out / 'README.md'}  {out / 'index.html'}  "
+              f"numbers: {out / 'results.json'}")
 
 
 def reproduce_command(
@@ -937,28 +1075,46 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
                _pct(100 * ca["accuracy"])]]),
         ]
     blocks += [("h2", "The latent space"), *evaluation_blocks(ev, study=True)]
-    ab = results.get("ablations")
-    if ab:
-        blocks += [("h2", "Ablations"), ("h3", "KL annealing: linear warm-up vs constant beta = 1")]
-        rows = []
-        for kind, entry in ab["kl_annealing"].items():
-            for arm, label in (("warmup", "warm-up"), ("no_warmup", "no warm-up")):
-                a = entry[arm]
-                rows.append([kind.upper(), label, entry["runs"][arm], _f(a["recon"]),
-                             _f(a["kl"]), _f(a["neg_elbo"]),
-                             f"{a['active_units']} of {a['latent_dim']}"])
-        blocks.append(("table", ["model", "KL weight", "run", "recon", "KL", "-ELBO",
-                                 "active units"], rows))
-        blocks += [("p", entry["text"]) for entry in ab["kl_annealing"].values()]
-        blocks.append(("h3", "Seeds"))
-        rows = []
-        for kind, entry in ab["seeds"].items():
-            rows.append([kind.upper(), ", ".join(str(x) for x in entry["seeds"]),
-                         *(_pm(entry[key]["mean"], entry[key]["std"]) for key, _ in METRICS),
-                         _pm(entry["active_units"]["mean"], entry["active_units"]["std"], 1)])
-        blocks.append(("table", ["model", "seeds", *(label for _, label in METRICS),
-                                 "active units"], rows))
-    blocks.append(("h2", "Figures"))
+    blocks += ablation_blocks(results.get("ablations"))
+    blocks += figure_blocks(results)
+    t = results["timings"]
+    blocks += [("h2", "Runtime"),
+               ("table", ["step", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()])]
+    return blocks
+
+
+def ablation_blocks(ab: dict[str, Any] | None) -> list[Block]:
+    """The ablations' section (``ablation_results``): the KL annealing table with a sentence
+    per model, and the spread over seeds; nothing without ablations."""
+    if not ab:
+        return []
+    blocks: list[Block] = [("h2", "Ablations"),
+                           ("h3", "KL annealing: linear warm-up vs constant beta = 1")]
+    rows = []
+    for kind, entry in ab["kl_annealing"].items():
+        for arm, label in (("warmup", "warm-up"), ("no_warmup", "no warm-up")):
+            a = entry[arm]
+            rows.append([kind.upper(), label, entry["runs"][arm], _f(a["recon"]),
+                         _f(a["kl"]), _f(a["neg_elbo"]),
+                         f"{a['active_units']} of {a['latent_dim']}"])
+    blocks.append(("table", ["model", "KL weight", "run", "recon", "KL", "-ELBO",
+                             "active units"], rows))
+    blocks += [("p", entry["text"]) for entry in ab["kl_annealing"].values()]
+    blocks.append(("h3", "Seeds"))
+    rows = []
+    for kind, entry in ab["seeds"].items():
+        rows.append([kind.upper(), ", ".join(str(x) for x in entry["seeds"]),
+                     *(_pm(entry[key]["mean"], entry[key]["std"]) for key, _ in METRICS),
+                     _pm(entry["active_units"]["mean"], entry["active_units"]["std"], 1)])
+    blocks.append(("table", ["model", "seeds", *(label for _, label in METRICS),
+                             "active units"], rows))
+    return blocks
+
+
+def figure_blocks(results: dict[str, Any]) -> list[Block]:
+    """The figures' section: each model's figures (the PNG, the other formats beside it), with
+    its caption and the ``vaelab plot`` command that redraws it."""
+    blocks: list[Block] = [("h2", "Figures")]
     captions = results["figure_captions"]
     for kind, figs in results["figures"].items():
         run_path = results["runs"][kind]["path"]
@@ -971,9 +1127,6 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
                 f"{shlex.quote(str(Path(results['out']) / 'figures' / kind))}"
             blocks.append(("figure", png, captions.get(name, name), name, redraw,
                            [p for p in paths if p != png]))
-    t = results["timings"]
-    blocks += [("h2", "Runtime"),
-               ("table", ["step", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()])]
     return blocks
 
 
