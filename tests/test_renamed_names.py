@@ -216,18 +216,26 @@ def test_reproduce_quick_with_the_old_preset_name_is_the_notice_and_one_error(
     assert not (tmp_path / "r").exists()
 
 
-def test_reproduce_with_the_study_preset_is_the_report_default(monkeypatch: pytest.MonkeyPatch,
-                                                               tmp_path: Path) -> None:
-    """report.py still calls the study's preset ``seed``: ``--preset study`` (or ``seed``)
-    reaches it as no preset, its default, so the report is the study's."""
+def test_the_report_knows_the_study_preset_by_either_name(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """``reproduce``'s default is the study (``study``); ``seed`` is read as ``study`` with a
+    DeprecationWarning; a results.json written with ``seed`` is still the study's (no
+    first-look paragraph); the CLI passes ``--preset`` through."""
     import vaelab.report
     from vaelab.cli import main
+    from vaelab.report import first_look_blocks, report_preset, report_recipe
 
+    assert report_preset(None, quick=False) == report_preset("study", quick=False) == "study"
+    with pytest.warns(DeprecationWarning, match="now called 'study'"):
+        assert report_preset("seed", quick=False) == "study"
+    assert report_recipe("study")["classifier_epochs"] == 3
+    for old_or_new in ("seed", "study"):
+        assert first_look_blocks({"settings": {"preset": old_or_new}}) == []
     seen: list[object] = []
     monkeypatch.setattr(vaelab.report, "reproduce", lambda out, **kw: seen.append(kw["preset"]))
     for preset in ("study", "seed", "smoke"):
         assert main(["reproduce", "--preset", preset, "--out", str(tmp_path / "r")]) == 0
-    assert seen == [None, None, "smoke"]
+    assert seen == ["study", "study", "smoke"]
 
 
 # --------------------------------------------------------------------------------------------

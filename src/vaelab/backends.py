@@ -78,3 +78,17 @@ def fp32_on_model_device(fn: F) -> F:
             return fn(model, *args, **kwargs)
 
     return scoped  # type: ignore[return-value]
+
+
+def keeps_process_rng(fn: F) -> F:
+    """Run ``fn`` inside ``torch.random.fork_rng`` (the CPU's generator and every CUDA
+    device's): what it seeds and draws with torch's global generator, as a benchmark of a
+    tutorial-style loop must, is undone when it returns."""
+
+    @functools.wraps(fn)
+    def forked(*args: Any, **kwargs: Any) -> Any:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            return fn(*args, **kwargs)
+
+    return forked  # type: ignore[return-value]

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from vaelab import bench_reference as ref
+from vaelab.backends import keeps_process_rng
 from vaelab.config import resolve_config
 from vaelab.data import Dataset, load_dataset
 from vaelab.errors import ConfigError
@@ -42,7 +43,7 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 def _vaelab_trainer(model: str, ds: Dataset, run_dir: Path, **overrides: Any) -> Trainer:
-    cfg = resolve_config("seed", model=model, dataset=ds.name, **overrides)
+    cfg = resolve_config("study", model=model, dataset=ds.name, **overrides)
     return Trainer(cfg, run_dir, dataset=ds, progress=False, force=True)
 
 
@@ -67,6 +68,7 @@ def _time_vaelab_steps(trainer: Trainer, steps: int) -> tuple[float, int]:
     return time.perf_counter() - t0, images - before
 
 
+@keeps_process_rng
 def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
                batch_size: int = 128, precision: str = "auto", pythae: bool = True,
                fp32_too: bool = False) -> dict[str, Any]:
@@ -146,7 +148,7 @@ def throughput(ds: Dataset, model: str, *, rounds: int, steps: int, device: str,
 
 def training_flops_per_image(model: str, *, batch_size: int = 128) -> float:
     """FLOPs of one training step (forward, backward; the Adam update is not counted) per image,
-    counted by ``torch.utils.flop_counter`` on vaelab's seed-preset network. Both contenders run
+    counted by ``torch.utils.flop_counter`` on vaelab's study-preset network. Both contenders run
     this same network, so it is the work per image whichever loop drives it."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -154,7 +156,7 @@ def training_flops_per_image(model: str, *, batch_size: int = 128) -> float:
 
     with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
         torch.manual_seed(0)
-        net = build_model(resolve_config("seed", model=model).model_spec())
+        net = build_model(resolve_config("study", model=model).model_spec())
         x = torch.rand(batch_size, 1, 28, 28)
         y = torch.arange(batch_size) % 10
         with FlopCounterMode(display=False) as counter:
@@ -194,10 +196,11 @@ def roofline(throughput_result: dict[str, Any], flops_per_image: float,
     }
 
 
+@keeps_process_rng
 def time_to_quality(ds: Dataset, model: str, *, device: str, max_epochs: int = 30,
                     target: float | None = None, log=print) -> dict[str, Any]:
     """Training seconds (evaluation excluded) until the test -ELBO first reaches the study's
-    number: vaelab's seed preset (its architecture, cosine lr, its training loop) against the
+    number: vaelab's study preset (its architecture, cosine lr, its training loop) against the
     reference recipe (the tutorial loop, constant lr, the study's plain network)."""
     target = STUDY_NEG_ELBO[model] if target is None else target
     out: dict[str, Any] = {"target": target}
@@ -247,6 +250,7 @@ def _reached(reached: tuple[int, float] | None, seconds: float) -> dict[str, Any
     return {"reached": True, "epoch": reached[0], "seconds": reached[1]}
 
 
+@keeps_process_rng
 def evaluation_speed(ds: Dataset, model: str, *, device: str, num_samples: int,
                      logpx_images: int = 500) -> dict[str, Any]:
     """Seconds for the test -ELBO over the whole test set, and for the importance-sampled
@@ -255,7 +259,7 @@ def evaluation_speed(ds: Dataset, model: str, *, device: str, num_samples: int,
     untrained model of the same shape does the same work as a trained one)."""
     from vaelab import evaluate
 
-    spec = resolve_config("seed", model=model).model_spec()
+    spec = resolve_config("study", model=model).model_spec()
     torch.manual_seed(0)
     m = build_model(spec).to(device)
     t0 = time.perf_counter()
@@ -292,7 +296,7 @@ def exact_speed(run_dir: str | os.PathLike, *, tolerance: float = 0.1,
 
 def peak_rss_of_training(dataset: str, *, limit: int | None = None,
                          val_size: int = 100) -> float:
-    """Peak RSS (MB) of a real `vaelab train` process: one epoch of the seed preset (on the
+    """Peak RSS (MB) of a real `vaelab train` process: one epoch of the study preset (on the
     first ``limit`` images of each split when given: the whole data set is loaded either way).
 
     The figure is that process's own (``os.wait4``), not the largest of every child this
@@ -474,7 +478,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Measured with `{results['command']}` on {m['cpu']} ({m['cores']} cores, "
         f"{m['torch_threads']} torch threads), device `{results['device']}`, torch "
         f"{m['torch']}, Python {m['python']}.", "",
-        "## Training throughput (images/s, seed preset's network for all, batch 128, median "
+        "## Training throughput (images/s, study preset's network for all, batch 128, median "
         "of alternating rounds)", "", *throughput_table(results["models"]),
     ]
     load = results.get("load_average") or {}

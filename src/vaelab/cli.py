@@ -551,9 +551,7 @@ def add_classifier(sub: argparse._SubParsersAction) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from vaelab.report import reproduce
 
-    # the study's preset is the report's default: None, as report.py names it otherwise
-    preset = None if args.preset == "study" and not args.quick else args.preset
-    reproduce(args.out, runs=args.runs, quick=args.quick, preset=preset,
+    reproduce(args.out, runs=args.runs, quick=args.quick, preset=args.preset,
               ablations=args.ablations,
               seeds=args.seeds, num_samples=args.samples, force=args.force,
               logpx_images=args.logpx_images, precision=args.precision,

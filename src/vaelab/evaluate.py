@@ -202,8 +202,7 @@ def log_px_estimate(
     and samples (``elbo_same_images``, ``neg_elbo_same_images``), ``gap``, the standard error
     of log p(x) over images (``log_px_sem``), ``num_samples``, ``proposal`` and ``n`` (images).
     With another ``proposal`` than q (``objectives.sample_proposal``) there is no ELBO from the
-    same samples: the ELBO keys and ``gap`` are None. The ELBO is also under its old names,
-    ``elbo`` and ``neg_elbo`` (``SAME_IMAGES_KEYS``). ``log_px_per_image`` gives the per-image
+    same samples: the ELBO keys and ``gap`` are None. ``log_px_per_image`` gives the per-image
     values.
     """
     lp, el = log_px_per_image(model, split, num_samples=num_samples, chunk=chunk,
@@ -217,7 +216,7 @@ def log_px_estimate(
     if el is not None:
         out.update(elbo_same_images=float(el.mean()), neg_elbo_same_images=-float(el.mean()),
                    gap=float((lp - el).mean()))
-    return with_old_keys(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +230,7 @@ ESTIMATES = ("elbo", "exact_log_px", "log_px", "log_px_student_t")
 IMPORTANCE_SAMPLED = ("log_px", "log_px_student_t")
 # in an importance-sampled estimate, the numbers of the same images by another estimator:
 # {key: its old name}. Files written before held them under the old names only (``neg_elbo``
-# beside the whole split's ``elbo.neg_elbo``); ``normalise_evaluation`` reads those. The old
-# names are still written too, for readers not yet moved to the new ones (report.py's table
-# of importance-sampled log p(x)); drop ``with_old_keys`` once none reads them.
+# beside the whole split's ``elbo.neg_elbo``); ``normalise_evaluation`` reads those.
 SAME_IMAGES_KEYS = {"elbo_same_images": "elbo", "neg_elbo_same_images": "neg_elbo",
                     "exact_log_px_same_images": "exact_log_px"}
 
@@ -242,15 +239,6 @@ def first_test_images(n: int) -> str:
     """``images`` of an estimate on ``n`` images: ``"test[:n]"``, the first ``n`` of the test
     split (an evaluation's image sets are all such prefixes, the whole split included)."""
     return f"test[:{n}]"
-
-
-def with_old_keys(est: dict[str, Any]) -> dict[str, Any]:
-    """``est`` (an importance-sampled estimate), its ``SAME_IMAGES_KEYS`` also under their old
-    names, for readers of the old names."""
-    for new, old in SAME_IMAGES_KEYS.items():
-        if new in est:
-            est[old] = est[new]
-    return est
 
 
 def normalise_evaluation(ev: dict[str, Any]) -> dict[str, Any]:
@@ -1105,7 +1093,6 @@ def full_evaluation(
             same = per_image.log_px[: est["n"]]
             est["exact_log_px_same_images"] = float(same.mean())
             est["bias"] = est["log_px"] - float(same.mean())
-            with_old_keys(est)
         out[key] = est
     test_mu, test_lv = encode_split(model, dataset.test)
     train_mu, _ = encode_split(model, dataset.train)

@@ -3,7 +3,7 @@
 ``reproduce(out)`` fills one report folder::
 
     vaelab-report.json   marks the folder as a vaelab report (so a re-run may reuse it)
-    runs/vae, runs/cvae  the two models (the ``seed`` preset), reused when already finished
+    runs/vae, runs/cvae  the two models (the ``study`` preset), reused when already finished
     runs/*-seed*, runs/*-no-warmup      ablation runs (``ablations=True``; on a CPU trained
                                         at once through ``vaelab.sweep`` where Ray is installed)
     classifier/          the CNN that judges the CVAE's samples
@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vaelab.checkpoint import Run, load_run
-from vaelab.config import PRESETS, TrainConfig, check_seed, resolve_config
+from vaelab.config import PRESETS, TrainConfig, canonical_preset, check_seed, resolve_config
 from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
+from vaelab.evaluate import normalise_evaluation
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.literature import STUDY
 from vaelab.locks import FolderLock, is_lock_file
@@ -77,7 +78,7 @@ DEFAULT_LOGPX_IMAGES = 1000
 # look: 1,000 test images, a coarser exact log p(x) and fewer samples, so that the evaluation
 # takes seconds (on all 10,000, a CVAE's exact log p(x) decodes about four times the nodes).
 REPORT_RECIPES: dict[str, dict[str, Any]] = {
-    "seed": dict(num_samples=1000, logpx_images=DEFAULT_LOGPX_IMAGES, tolerance=0.1,
+    "study": dict(num_samples=1000, logpx_images=DEFAULT_LOGPX_IMAGES, tolerance=0.1,
                  per_class=1000, classifier_epochs=3, test_images=None),
     "quick": dict(num_samples=50, logpx_images=200, tolerance=0.5, per_class=100,
                   classifier_epochs=1, test_images=1000),
@@ -87,10 +88,11 @@ REPORT_RECIPES: dict[str, dict[str, Any]] = {
 
 
 def report_preset(preset: str | None, quick: bool) -> str:
-    """The preset a study trains: ``preset``, or ``quick`` when ``quick``, else ``seed``."""
+    """The preset a study trains: ``preset`` (an old name, ``seed``, is read as ``study``
+    with a DeprecationWarning), or ``quick`` when ``quick``, else ``study``."""
     if quick and preset not in (None, "quick"):
         raise ConfigError(f"--quick is --preset quick: give one of them, not --preset {preset}")
-    preset = preset or ("quick" if quick else "seed")
+    preset = canonical_preset(preset or ("quick" if quick else "study"))
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r:.40}: choose one of {', '.join(PRESETS)}")
     return preset
@@ -98,7 +100,7 @@ def report_preset(preset: str | None, quick: bool) -> str:
 
 def report_recipe(preset: str) -> dict[str, Any]:
     """``REPORT_RECIPES[preset]``; the study's for a preset without one."""
-    return dict(REPORT_RECIPES.get(preset, REPORT_RECIPES["seed"]))
+    return dict(REPORT_RECIPES.get(preset, REPORT_RECIPES["study"]))
 
 def reduction_pct(vae: float | None, cvae: float | None) -> float | None:
     """Relative reduction of a lower-is-better number, CVAE vs VAE: 100 (vae - cvae) / vae."""
@@ -379,7 +381,7 @@ def ensure_evaluation(
             cached = json.loads(path.read_text())
             if cached.get("key") == json.loads(json.dumps(key)):
                 log(f"{path}: evaluation of the same weights and settings found, reused")
-                return dict(cached["evaluation"])
+                return normalise_evaluation(cached["evaluation"])  # older files too
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
     ev = evaluate()
@@ -391,8 +393,8 @@ def ensure_evaluation(
 def _annealing_pair(base: TrainConfig, kind: str) -> dict[str, tuple[str | None, TrainConfig]]:
     """The two arms of the KL annealing ablation: (run name or None for the main run, config)."""
     if base.beta_schedule == "constant":
-        warm = replace(base, beta_schedule="linear",
-                       warmup_epochs=PRESETS["seed"]["warmup_epochs"], beta=1.0)
+        warm = replace(base, beta_schedule="linear-step",
+                       warmup_epochs=PRESETS["study"]["warmup_epochs"], beta=1.0)
         return {"warmup": (f"{kind}-warmup", warm), "no_warmup": (None, base)}
     return {"warmup": (None, base),
             "no_warmup": (f"{kind}-no-warmup", replace(base, beta_schedule="constant", beta=1.0))}
@@ -506,7 +508,7 @@ def run_study(
 ) -> dict[str, Any]:
     """Run the whole study into folder ``out`` and return ``results.json``'s content.
 
-    Trains the VAE and the CVAE (``preset``: default ``seed``, the study's; ``quick=True`` is
+    Trains the VAE and the CVAE (``preset``: default ``study``, the study's; ``quick=True`` is
     ``preset="quick"``, a first look on 10,000 images; ``smoke`` a few hundred images for tests)
     into ``out/runs`` unless finished ``runs`` are given (their kind is read from their
     config); trains or reuses the digit classifier in ``out/classifier``; evaluates each run
@@ -824,7 +826,7 @@ def reproduce_command(
         parts += ["--runs", *(shlex.quote(r) for r in runs)]
     if preset == "quick":
         parts.append("--quick")
-    elif preset != "seed":
+    elif preset != "study":
         parts += ["--preset", preset]
     if ablations:
         parts.append("--ablations")
@@ -965,8 +967,8 @@ def evaluation_blocks(
             lp = ev.get(key) if log_px else None
             if not lp:
                 continue
-            exact = lp.get("exact_log_px")
-            rows.append([name, proposal, _f(lp["neg_log_px"]), _f(lp.get("neg_elbo")),
+            exact = lp.get("exact_log_px_same_images")
+            rows.append([name, proposal, _f(lp["neg_log_px"]), _f(lp.get("neg_elbo_same_images")),
                          _f(lp.get("gap")), _f(lp["log_px_sem"]), str(lp["num_samples"]),
                          f"{lp['n']:,}", _f(None if exact is None else -exact),
                          _f(None if exact is None else -lp["bias"])])
@@ -1018,8 +1020,8 @@ def evaluation_blocks(
 def first_look_blocks(results: dict[str, Any]) -> list[Block]:
     """For a preset other than the study's: a paragraph that says these numbers are a first
     look, on how many images and how long a training, and not the study's."""
-    preset = results["settings"]["preset"]
-    if preset == "seed":
+    preset = canonical_preset(results["settings"]["preset"], warn=False)  # older: "seed"
+    if preset == "study":
         return []
     ev = results["evaluations"]["vae"]
     c = ev["config"]
@@ -1032,7 +1034,7 @@ def first_look_blocks(results: dict[str, Any]) -> list[Block]:
                   f"on {'the first' if results['settings'].get('test_images') else 'all'} "
                   f"{ev['knn']['n_test']:,} test images. They show the shape of the study "
                   "(digits, clusters, a CVAE that draws the class asked for), not its values: "
-                  "`vaelab reproduce` without --quick trains the study's `seed` preset.")]
+                  "`vaelab reproduce` without --quick trains the `study` preset, the study's.")]
 
 
 def report_blocks(results: dict[str, Any]) -> list[Block]:
