@@ -7,8 +7,6 @@ code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import os
@@ -17,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vaelab import __version__
 from vaelab.errors import VaelabError
@@ -108,6 +106,24 @@ def _rename_old_names(args: argparse.Namespace) -> None:
         if isinstance(old, str) and old in aliases:
             print(f"vaelab: {renamed_notice(what, old, aliases[old])}", file=sys.stderr)
             setattr(args, name, aliases[old])
+
+
+class UsageError(Exception):
+    """A command line argparse refuses: ``line`` is its one-line error ("vaelab train: error:
+    ..."), ``usage`` the command's usage."""
+
+    def __init__(self, line: str, usage: str) -> None:
+        super().__init__(line)
+        self.line, self.usage = line, usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are raised as ``UsageError`` for ``main`` to print in
+    one line, where argparse prints the usage and exits. Subcommands' parsers are of this
+    class too (``add_subparsers`` makes its parsers of the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}", self.format_usage())
 
 
 class _PresetDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -977,7 +993,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vaelab",
         description="vaelab: train, evaluate, reproduce and explore Variational Autoencoders "
         "on MNIST.",
@@ -1002,22 +1018,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VAELAB_DEBUG") == "1"
     parser = build_parser()
-    usage = io.StringIO()
     try:
-        with contextlib.redirect_stderr(usage):
-            args = parser.parse_args(argv)
-        args.argv = argv  # what was typed, for the records that name their command
-        _rename_old_names(args)
-    except SystemExit:
-        # argparse prints its usage, then "PROG: error: ..."; one line is enough (--help has
-        # the rest). Exit code 2 as argparse gives it.
-        text = usage.getvalue()
-        lines = [ln for ln in text.splitlines() if ": error: " in ln]
-        if text:
-            line = lines[-1] if lines else ""
-            line = line if len(line) <= 300 else line[:297] + "..."  # it quotes what was typed
-            print(text.rstrip() if debug or not lines else line, file=sys.stderr)
-        raise
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        # one line is enough (--help has the rest; --debug shows the usage too); exit code 2
+        # as argparse gives it
+        line = " ".join(e.line.splitlines())  # one line, whatever was typed
+        line = line if len(line) <= 300 else line[:297] + "..."  # it quotes what was typed
+        print(e.usage.rstrip() + "\n" + e.line if debug else line, file=sys.stderr)
+        raise SystemExit(2) from None
+    args.argv = argv  # what was typed, for the records that name their command
+    _rename_old_names(args)
     try:
         return int(args.func(args) or 0)
     except VaelabError as e:
