@@ -466,15 +466,15 @@ def test_the_presets_of_a_study_and_their_report_settings() -> None:
     other value is written there."""
     from vaelab.report import REPORT_RECIPES, report_preset, reproduce_command
 
-    assert report_preset(None, False) == "seed" and report_preset(None, True) == "quick"
+    assert report_preset(None, False) == "study" and report_preset(None, True) == "quick"
     assert report_preset("quick", True) == "quick" and report_preset("smoke", False) == "smoke"
     with pytest.raises(ConfigError, match="--quick is --preset quick: give one of them"):
         report_preset("smoke", True)
     with pytest.raises(ConfigError, match="unknown preset 'fast': choose one of study, quick"):
         report_preset("fast", False)
-    assert set(REPORT_RECIPES) == {"seed", "quick", "smoke"}
+    assert set(REPORT_RECIPES) == {"study", "quick", "smoke"}
     common = dict(runs=[], ablations=False, seeds=[0], dataset="mnist")
-    for preset, flag in (("seed", ""), ("quick", " --quick"), ("smoke", " --preset smoke")):
+    for preset, flag in (("study", ""), ("quick", " --quick"), ("smoke", " --preset smoke")):
         r = REPORT_RECIPES[preset]
         assert reproduce_command(Path("o"), preset=preset, num_samples=r["num_samples"],
                                  logpx_images=r["logpx_images"], tolerance=r["tolerance"],
