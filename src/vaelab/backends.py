@@ -26,17 +26,29 @@ _saved: dict[str, bool] = {}
 
 
 def _flags() -> dict[str, bool]:
-    return {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn.benchmark": torch.backends.cudnn.benchmark}
+    """The switches as they are; those torch will not read back (some versions refuse once
+    its newer per-operator settings, ``fp32_precision``, have been mixed in) left out, and so
+    left as the run sets them."""
+    readers = {"cudnn.allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
+               "matmul.allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+               "cudnn.benchmark": lambda: torch.backends.cudnn.benchmark}
+    flags = {}
+    for name, read in readers.items():
+        try:
+            flags[name] = bool(read())
+        except RuntimeError:
+            pass
+    return flags
 
 
 def _set(flags: dict[str, bool]) -> None:
-    # the long-standing flags only: torch refuses to read them back once its newer
-    # per-operator settings (fp32_precision) have been mixed in
-    torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
-    torch.backends.cuda.matmul.allow_tf32 = flags["matmul.allow_tf32"]
-    torch.backends.cudnn.benchmark = flags["cudnn.benchmark"]
+    # the long-standing flags only, set and never mixed with the newer per-operator settings
+    if "cudnn.allow_tf32" in flags:
+        torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+    if "matmul.allow_tf32" in flags:
+        torch.backends.cuda.matmul.allow_tf32 = flags["matmul.allow_tf32"]
+    if "cudnn.benchmark" in flags:
+        torch.backends.cudnn.benchmark = flags["cudnn.benchmark"]
 
 
 @contextmanager
@@ -50,6 +62,7 @@ def cuda_settings(device: torch.device | str, *, benchmark: bool = False) -> Ite
         return
     with _lock:
         if _depth == 0:
+            _saved.clear()
             _saved.update(_flags())
         _depth += 1
         _set({"cudnn.allow_tf32": False, "matmul.allow_tf32": False,
