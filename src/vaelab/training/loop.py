@@ -176,7 +176,7 @@ class Trainer:
         self.stepper = TrainingStep(
             self.model, self.net, self.optimizer, cfg, self.device, self.precision,
             use_graph=self._graphable, detect_anomaly=self.detect_anomaly,
-            anomaly=lambda detail: self._numerical_error(self.global_step, detail))
+            anomaly=lambda detail: numerical_error(self.out, self.epoch, self.global_step, detail))
         self.epoch = 0  # the epoch in progress (0-based)
         self.step_in_epoch = 0
         self.global_step = 0  # optimisation steps taken, over all epochs
@@ -207,8 +207,7 @@ class Trainer:
         return self.out / "checkpoints" / f"step-{self.global_step:08d}"
 
     def wait_for_writes(self) -> None:
-        """Block until a checkpoint being written in the background is on disk; raise its
-        error, if it failed."""
+        """Block until a checkpoint written in the background is on disk (or raise its error)."""
         self._writer.wait()
 
     # ---- the steps ----------------------------------------------------------------------
@@ -251,10 +250,7 @@ class Trainer:
     def _check_finite(self) -> None:
         bad = int(ddp.global_sums(self.sums, self.world_size)["bad_step"])
         if bad >= 0:
-            raise self._numerical_error(bad)
-
-    def _numerical_error(self, step: int, detail: str = "") -> NumericalError:
-        return numerical_error(self.out, self.epoch, step, detail)
+            raise numerical_error(self.out, self.epoch, bad)
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> TrainResult:
