@@ -375,9 +375,10 @@ def _add_architecture_options(p: argparse.ArgumentParser) -> None:
                    help="decoder features at full resolution before a 3x3 conv to the "
                    "logits (0: the last transposed conv gives the logits)")
     a.add_argument("--label-conditioning", choices=LABEL_CONDITIONINGS, default=None,
-                   help="how a CVAE's decoder sees the label: input (the study's: a one-hot "
-                   "beside z at the first layer), or film (also a per-class scale and shift "
-                   "of every later layer's features)")
+                   help="how a CVAE sees the label: input (the study's: an extra input channel "
+                   "of the encoder, a one-hot beside z at the decoder's first layer), film "
+                   "(also a per-class scale and shift of every later decoder layer's "
+                   "features), or film-both (of every encoder layer's too)")
 
 
 def _add_run_control_options(p: argparse.ArgumentParser) -> None:

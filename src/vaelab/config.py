@@ -84,7 +84,7 @@ class TrainConfig:
     dec_full_channels: int = 0
     arch: str = "conv"
     mlp_hidden: tuple[int, int] = MLP_HIDDEN
-    label_conditioning: str = "film"  # a CVAE decoder's: film, or input (the study's)
+    label_conditioning: str = "film"  # a CVAE's: film, film-both, or input (the study's)
     likelihood: str = "bernoulli"
     objective: str = "elbo"
     k: int = 1  # samples of z per image: the IWAE bound's K

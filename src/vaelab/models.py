@@ -20,10 +20,11 @@ from vaelab.objectives import reparameterize
 
 MODEL_KINDS = ("vae", "cvae")
 ARCHS = ("conv", "mlp")
-# How a CVAE's decoder sees the label: "input", the study's, as a one-hot beside z at its first
-# layer only; "film", also a per-class scale and shift of every layer's features after it
-# (FiLM: Perez et al. 2018), so each layer can specialise to the class.
-LABEL_CONDITIONINGS = ("input", "film")
+# How a CVAE sees the label. Its encoder always gets it as an extra input channel and its decoder
+# as a one-hot beside z at the first layer: "input", the study's, is that alone; "film" adds a
+# per-class scale and shift of every later decoder layer's features (FiLM: Perez et al. 2018),
+# so each layer can specialise to the class; "film-both" does the same in the encoder too.
+LABEL_CONDITIONINGS = ("input", "film", "film-both")
 # The MLP of Davidson et al. 2018 (hyperspherical VAE): the issue does not give its sizes, so
 # these are the authors' public example code's (s-vae-tf, examples/mnist.py, H_DIM = 128):
 # encoder 784 -> 256 -> 128, decoder z -> 128 -> 256 -> 784, ReLU. (Their encoder gives a
@@ -58,7 +59,7 @@ class ModelSpec:
     dec_full_channels: int = 0
     arch: str = "conv"  # "mlp": MLPEncoder / MLPDecoder with mlp_hidden (conv knobs unused)
     mlp_hidden: tuple[int, int] = MLP_HIDDEN  # encoder widths; the decoder mirrors them
-    label_conditioning: str = "input"  # a CVAE decoder's (LABEL_CONDITIONINGS)
+    label_conditioning: str = "input"  # a CVAE's (LABEL_CONDITIONINGS)
     num_classes: int = 10
     image_size: int = 28
 
@@ -73,7 +74,7 @@ class ModelSpec:
             raise ConfigError(f"unknown model '{self.kind}': choose vae or cvae")
         if self.label_conditioning not in LABEL_CONDITIONINGS:
             raise ConfigError(f"unknown label conditioning {self.label_conditioning!r:.40}: "
-                              "choose input or film")
+                              f"choose one of {', '.join(LABEL_CONDITIONINGS)}")
         if self.latent_dim < 1:
             raise ConfigError(f"latent size must be >= 1, got {self.latent_dim}")
         if len(self.channels) != 2 or min(self.channels) < 1:
@@ -105,12 +106,14 @@ class ModelSpec:
         def linear(i: int, o: int) -> int:
             return i * o + o
 
-        film = cond and self.label_conditioning == "film"
+        film = cond and self.label_conditioning in ("film", "film-both")
+        enc_film = cond and self.label_conditioning == "film-both"
         if self.arch == "mlp":
             h1, h2 = self.mlp_hidden
             enc = linear((1 + cond) * n * n, h1) + linear(h1, h2) + linear(h2, 2 * self.latent_dim)
             dec = linear(self.latent_dim + (k if cond else 0), h2) + linear(h2, h1)
             films = 2 * k * (h2 + h1 + n * n) if film else 0
+            films += 2 * k * (h1 + h2 + 2 * self.latent_dim) if enc_film else 0
             return enc + dec + linear(h1, n * n) + (k * n * n if cond else 0) + films
 
         def conv(i: int, o: int, size: int) -> int:
@@ -131,6 +134,8 @@ class ModelSpec:
         widths = self.dec_hidden * self.dec_mlp_layers + c2 * s * s + c1 * (1 + self.dec_refine)
         widths += f + 1 if f else 1
         films = 2 * k * widths if film else 0
+        enc_widths = c1 * (1 + self.enc_refine) + c2 + self.enc_hidden * self.enc_mlp_layers
+        films += 2 * k * (enc_widths + 2 * self.latent_dim) if enc_film else 0
         return enc + dec + (k * n * n if cond else 0) + films
 
     def activations_per_image(self, samples: int = 1) -> int:
@@ -171,11 +176,11 @@ class ModelSpec:
 AFFINE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
 
-class Decoder(nn.Module):
-    """What both decoders share: ``net``, a stack of layers from the decoder's input to the
-    logits, and with ``film_classes`` = K > 0 a per-class scale and shift (FiLM) of the output
-    of each of its linear and conv layers: h <- h * (1 + gamma[c]) + beta[c], per feature (per
-    channel for a feature map), both 0 at the start (the plain network)."""
+class FiLMStack(nn.Module):
+    """What every encoder and decoder shares: ``net``, a stack of layers, and with
+    ``film_classes`` = K > 0 a per-class scale and shift (FiLM) of the output of each of its
+    linear and conv layers: h <- h * (1 + gamma[c]) + beta[c], per feature (per channel for a
+    feature map), both 0 at the start (the plain network)."""
 
     net: nn.Sequential
 
@@ -188,11 +193,12 @@ class Decoder(nn.Module):
         for table in self.film or ():
             nn.init.zeros_(table.weight)
 
-    def forward(self, h: Tensor, y: Tensor | None = None) -> Tensor:
+    def run(self, h: Tensor, y: Tensor | None = None) -> Tensor:
+        """``net`` on ``h``, each layer modulated by the label ``y`` where it has FiLM."""
         if self.film is None:
             return self.net(h)
         if y is None:
-            raise ConfigError("this decoder is conditioned on the label (FiLM): give y")
+            raise ConfigError("this network is conditioned on the label (FiLM): give y")
         tables = iter(self.film)
         for i, layer in enumerate(self.net):
             h = layer(h)
@@ -203,6 +209,21 @@ class Decoder(nn.Module):
                 h = torch.addcmul(h + beta, h, gamma)
         return h
 
+
+class Encoder(FiLMStack):
+    """x [B, C, H, W] (and the label, with FiLM) -> (mu, logvar) [B, D]."""
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.run(x, y).chunk(2, dim=1)
+        return mu, logvar
+
+
+class Decoder(FiLMStack):
+    """z [B, D_in] (and the label, with FiLM) -> logits [B, 1, H, W]."""
+
+    def forward(self, h: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.run(h, y)
+
     @torch.no_grad()
     def set_output_bias(self, pixel_mean: float) -> None:
         """Start the output at the data's mean intensity: bias = logit(mean)."""
@@ -211,12 +232,12 @@ class Decoder(nn.Module):
         last.bias.fill_(float(torch.logit(torch.tensor(p))))
 
 
-class ConvEncoder(nn.Module):
+class ConvEncoder(Encoder):
     """x [B, C, H, W] -> (mu, logvar) [B, D]: a stride-2 4x4 convolution to c1 x H/2 x W/2,
     ``enc_refine`` 3x3 convs at that resolution, a stride-2 4x4 convolution to c2 x H/4 x W/4,
     then an MLP with ``enc_mlp_layers`` hidden layers."""
 
-    def __init__(self, in_channels: int, spec: ModelSpec) -> None:
+    def __init__(self, in_channels: int, spec: ModelSpec, film_classes: int = 0) -> None:
         super().__init__()
         c1, c2 = spec.channels
         act = ACTIVATIONS[spec.activation]
@@ -235,10 +256,7 @@ class ConvEncoder(nn.Module):
             *mlp,
             nn.Linear(spec.enc_hidden, 2 * spec.latent_dim),
         )
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.net(x).chunk(2, dim=1)
-        return mu, logvar
+        self._add_film(film_classes)
 
 
 class ConvDecoder(Decoder):
@@ -276,11 +294,11 @@ class ConvDecoder(Decoder):
 
 
 
-class MLPEncoder(nn.Module):
+class MLPEncoder(Encoder):
     """x [B, C, H, W] -> (mu, logvar) [B, D]: flatten, two hidden layers of ``mlp_hidden``
     (h1, h2) units, then a linear layer to (mu, logvar)."""
 
-    def __init__(self, in_channels: int, spec: ModelSpec) -> None:
+    def __init__(self, in_channels: int, spec: ModelSpec, film_classes: int = 0) -> None:
         super().__init__()
         act = ACTIVATIONS[spec.activation]
         h1, h2 = spec.mlp_hidden
@@ -290,10 +308,7 @@ class MLPEncoder(nn.Module):
             nn.Linear(h1, h2), act(),
             nn.Linear(h2, 2 * spec.latent_dim),
         )
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.net(x).chunk(2, dim=1)
-        return mu, logvar
+        self._add_film(film_classes)
 
 
 class MLPDecoder(Decoder):
@@ -327,10 +342,12 @@ class ConvVAE(nn.Module):
         self.spec = spec
         self.latent_dim = spec.latent_dim
         mlp = spec.arch == "mlp"
-        self.encoder = (MLPEncoder if mlp else ConvEncoder)(1 + self._extra_channels(), spec)
-        film = self.conditional and spec.label_conditioning == "film"
+        film = spec.label_conditioning if self.conditional else "input"
+        self.encoder = (MLPEncoder if mlp else ConvEncoder)(
+            1 + self._extra_channels(), spec, spec.num_classes if film == "film-both" else 0)
         self.decoder = (MLPDecoder if mlp else ConvDecoder)(
-            spec.latent_dim + self._extra_features(), spec, spec.num_classes if film else 0)
+            spec.latent_dim + self._extra_features(), spec,
+            spec.num_classes if film in ("film", "film-both") else 0)
 
     def _extra_channels(self) -> int:
         return 0
@@ -370,7 +387,8 @@ class ConvCVAE(ConvVAE):
 
     Encoder q(z|x, c): the label is embedded to a 1 x H x W map and concatenated to the image as
     an extra channel. Decoder p(x|z, c): z is concatenated with the one-hot label; with
-    ``label_conditioning="film"`` the label also scales and shifts every later layer. The prior
+    ``label_conditioning="film"`` the label also scales and shifts every later layer, and with
+    ``"film-both"`` every encoder layer too. The prior
     p(z) = N(0, I) does not depend on c, so z is free to carry style and c carries the class.
     """
 
@@ -399,7 +417,7 @@ class ConvCVAE(ConvVAE):
         y = self._check_labels(y, x.shape[0])
         n = self.spec.image_size
         c = self.label_map(y).view(-1, 1, n, n).to(x.dtype)
-        return self.encoder(torch.cat([x, c.contiguous(memory_format=_memory_format(x))], 1))
+        return self.encoder(torch.cat([x, c.contiguous(memory_format=_memory_format(x))], 1), y)
 
     def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         y = self._check_labels(y, z.shape[0])
