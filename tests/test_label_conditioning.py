@@ -1,7 +1,8 @@
-"""``label_conditioning``: how a CVAE's decoder sees the label. ``input`` is the study's (a
-one-hot beside z at the first layer); ``film`` also scales and shifts every later layer's
-features per class. FiLM starts as the plain network, the label then reaches every layer, the
-spec counts its weights, and run folders from before the field load as ``input``."""
+"""``label_conditioning``: how a CVAE sees the label. ``input`` is the study's (an extra input
+channel of the encoder, a one-hot beside z at the decoder's first layer); ``film`` also scales
+and shifts every later decoder layer's features per class, and ``film-both`` every encoder
+layer's too. FiLM starts as the plain network, the label then reaches every layer, the spec
+counts its weights, and run folders from before the field load as ``input``."""
 
 from __future__ import annotations
 
@@ -62,9 +63,71 @@ def test_with_film_the_label_reaches_every_layer(arch: str) -> None:
         film.decoder(torch.cat([z, torch.zeros(10, 10)], 1))
 
 
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_film_both_starts_as_film_and_counts_its_weights(arch: str) -> None:
+    """``film-both`` is ``film`` plus one zero-initialised table per encoder layer: loaded
+    with a ``film`` model's weights it encodes and decodes exactly as that model does."""
+    film = build_model(ModelSpec(kind="cvae", arch=arch, label_conditioning="film", **ARCH))
+    spec = ModelSpec(kind="cvae", arch=arch, label_conditioning="film-both", **ARCH)
+    both = build_model(spec)
+    assert spec.parameter_count() == sum(p.numel() for p in both.parameters())
+    missing, unexpected = both.load_state_dict(film.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("encoder.film.") for k in missing)
+    affine = [m for m in both.encoder.net if isinstance(m, AFFINE)]
+    assert len(both.encoder.film) == len(affine)
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(5)
+    for a, b in zip(both.encode(x, y), film.encode(x, y), strict=True):
+        assert torch.equal(a, b)
+    z = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(both.decode(z, y), film.decode(z, y))
+
+
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_with_film_both_the_label_reaches_every_encoder_layer(arch: str) -> None:
+    """With the label's input channel zeroed, a ``film`` encoder ignores the label; a
+    ``film-both`` encoder still answers to it, each of its tables gets a gradient, and it
+    refuses to run without the label."""
+    torch.manual_seed(0)
+    both = build_model(ModelSpec(kind="cvae", arch=arch, label_conditioning="film-both",
+                                 **ARCH))
+    film = build_model(ModelSpec(kind="cvae", arch=arch, label_conditioning="film", **ARCH))
+    with torch.no_grad():
+        for model in (both, film):
+            model.label_map.weight.zero_()
+        for table in both.encoder.film:
+            table.weight.normal_(0, 0.1)
+    x = torch.rand(1, 1, 28, 28).expand(10, -1, -1, -1)
+    y = torch.arange(10)
+    mu, _ = film.encode(x, y)
+    assert torch.allclose(mu, mu[:1].expand(10, -1))
+    mu, logvar = both.encode(x, y)
+    assert (mu[1:] - mu[:1]).abs().amax() > 1e-3
+    (mu.square().sum() + logvar.square().sum()).backward()
+    assert all(t.weight.grad is not None and t.weight.grad.abs().sum() > 0
+               for t in both.encoder.film)
+    with pytest.raises(ConfigError, match="give y"):
+        both.encoder(torch.cat([x, torch.zeros_like(x)], 1))
+
+
+def test_film_both_trains_and_reloads(tmp_path: Path) -> None:
+    ds = synthetic_dataset(noisy_blobs, 96, 32, 32, seed=3)
+    cfg = resolve_config("smoke", model="cvae", label_conditioning="film-both", limit=None,
+                         val_size=32)
+    with one_thread():
+        result = Trainer(cfg, tmp_path / "run", progress=False, dataset=ds).fit()
+    run = load_run(tmp_path / "run")
+    assert run.model.spec.label_conditioning == "film-both"
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 2])
+    for a, b in zip(run.model.encode(x, y), result.model.encode(x, y), strict=True):
+        assert torch.equal(a, b)
+    assert all(t.weight.abs().sum() > 0 for t in run.model.encoder.film)
+
+
 def test_a_vae_ignores_it_and_a_bad_value_is_refused() -> None:
-    vae = build_model(ModelSpec(kind="vae", label_conditioning="film"))
-    assert vae.decoder.film is None
+    for conditioning in ("film", "film-both"):
+        vae = build_model(ModelSpec(kind="vae", label_conditioning=conditioning))
+        assert vae.decoder.film is None and vae.encoder.film is None
     with pytest.raises(ConfigError, match="unknown label conditioning 'x'"):
         ModelSpec(kind="cvae", label_conditioning="x")
     with pytest.raises(ConfigError, match="label conditioning"):
