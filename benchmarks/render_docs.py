@@ -686,6 +686,8 @@ def seeds_cpu() -> str:
 
 
 _LITERATURE = "results/binarized-table.json"
+# cells measured later, elsewhere, by the same table command on part of the grid
+_LITERATURE_MORE = ("results/binarized-table-conv-d20-40.json",)
 _TABLE_COMMAND = "vaelab table --out tables/binarized --arch-epochs mlp=200 --precision fp32"
 
 
@@ -707,11 +709,12 @@ def literature_table() -> str:
                 "K = 5000 above, and with the papers' K = 500 in every cell, so the papers' "
                 "rows below are compared with an estimate made alike. The published rows:\n\n"
                 + published_markdown())
-    r = _load(_LITERATURE)
-    cost = r.get("compute_seconds") or {"total": r["seconds"]}
+    from vaelab.table import merge_tables
+
+    r = merge_tables(_load(_LITERATURE), *(_load(f) for f in _LITERATURE_MORE))
+    cost = r["compute_seconds"]
     spent = (f"{cost['total'] / 60:.0f} minutes of compute ({cost['train'] / 60:.0f} training, "
-             f"{cost['evaluate'] / 60:.0f} evaluating; the runs two at a time, one thread each)"
-             if "train" in cost else f"{cost['total']:.0f} s")
+             f"{cost['evaluate'] / 60:.0f} evaluating; the runs two at a time, one thread each)")
     missing = [a for a in ("conv", "mlp") if a not in r["archs"]]
     todo = (f" The {' and '.join(ARCH_LABELS[a] for a in missing)} row is not measured yet: "
             f"`{_TABLE_COMMAND}` trains and evaluates the whole grid, reusing these runs."
@@ -724,13 +727,22 @@ def literature_table() -> str:
         todo += (f" {len(r['unestimated'])} estimates of trained runs are not computed yet "
                  f"(the table's --no-estimate): `{_TABLE_COMMAND}` computes them, reusing the "
                  "runs and every cached estimate.")
+    files = [_LITERATURE, *_LITERATURE_MORE]
+
+    def source(src: dict, file: str) -> str:
+        cells = ", ".join(f"{ARCH_LABELS[a].removeprefix('vaelab ')} d = {d}"
+                          for a, d in src["cells"])
+        how = ("tabulated with" if "--no-train" in (src["command"] or "") else "measured with")
+        return (f"{cells}: {how} `{src['command']}` from runs trained and evaluated with the "
+                f"table's settings, on {_machine(src['machine'] or {})} (`{file}`)")
+
+    sources = "; ".join(source(src, f) for src, f in zip(r["sources"], files, strict=True)
+                        if src["cells"])
     return (render_markdown(r, heading=False).rstrip("\n") + "\n\n"
-            + (f"Tabulated with `{r['command']}` from runs trained and evaluated with the "
-               "same settings" if "--no-train" in (r.get("command") or "") else
-               f"Measured with `{r.get('command') or _TABLE_COMMAND}`")
-            + ", then `cp "
-            f"OUT/table.json {_LITERATURE}` and `python benchmarks/render_docs.py`, on "
-            f"{_machine(r.get('machine', {}))}, in {spent}.{todo}")
+            + f"The cells come from {len(files)} tables: {sources}. Each JSON is a `vaelab "
+            "table` folder's table.json, copied (`cp OUT/table.json results/...`); "
+            "`benchmarks/render_docs.py` puts them into one table (`vaelab.table.merge_tables`),"
+            f" in {spent} all told.{todo}")
 
 
 SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,

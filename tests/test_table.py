@@ -471,3 +471,45 @@ def test_images_left_over_tolerance_are_counted_with_their_error_bound(tmp_path:
             "these estimates the cell's mean is within 0.10 of the exact value)") in md
     result["cells"][0]["best"]["per_seed"] = [{**exact, "over_tolerance": 0}]
     assert "work budget ran out" not in render_markdown(result)
+
+
+def test_tables_of_parts_of_the_grid_merge_into_one(table: Path) -> None:
+    """A table with two runs not trained, merged with a table of those two alone (as another
+    machine would measure them), gives the whole table's cells, and nothing is left named as
+    missing; tables measured differently are refused."""
+    import copy
+
+    from vaelab.table import compute_seconds, merge_tables, render_markdown
+
+    whole = result_of(table)
+    late = ["arch=conv,latent_dim=3,seed=0", "arch=mlp,latent_dim=3,seed=0"]
+    base = copy.deepcopy(whole)
+    base["untrained"] = late
+    for c in base["cells"]:
+        if c["runs"][0] in late:
+            c["budget"] = [{**b, "train_seconds": None} for b in c["budget"]]
+            for role in ("best", "paper_k"):
+                c[role].update(mean=None, se=None, per_seed=[])
+    extra = copy.deepcopy(whole)
+    extra.update(latent_dims=[3], command="vaelab table --latent-dims 3", machine={"cpu": "B"},
+                 cells=[c for c in whole["cells"] if c["runs"][0] in late])
+    merged = merge_tables(base, extra)
+    assert merged["cells"] == whole["cells"]
+    assert (merged["untrained"], merged["unestimated"], merged["status"]) == ([], [], "done")
+    assert merged["compute_seconds"] == compute_seconds(whole)
+    assert [s["cells"] for s in merged["sources"]] == [
+        [["conv", 2], ["mlp", 2]], [["conv", 3], ["mlp", 3]]]
+    assert merged["sources"][1]["machine"] == {"cpu": "B"}
+    assert "not trained yet" in render_markdown(base)
+    assert "not trained yet" not in render_markdown(merged)
+    # the base alone keeps its missing cells; a later table whose runs are untrained replaces
+    # nothing
+    assert merge_tables(base, {**extra, "untrained": late})["cells"] == base["cells"]
+    other_k = copy.deepcopy(extra)
+    other_k["evaluation"]["paper_k"] += 1
+    with pytest.raises(ConfigError, match="cannot merge tables measured differently"):
+        merge_tables(base, other_k)
+    with pytest.raises(ConfigError, match="measured differently"):
+        merge_tables({**base, "arch_epochs": {"mlp": 200}}, extra)
+    only_conv = {**extra, "archs": ["conv"], "cells": extra["cells"][:1]}
+    assert merge_tables({**base, "arch_epochs": {"mlp": 200}}, only_conv)["status"] == "partial"

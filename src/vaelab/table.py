@@ -540,6 +540,64 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
     return result
 
 
+def _alike(result: dict[str, Any]) -> tuple:
+    """What two tables must share for their cells to sit in one table: the evaluation, the
+    runs' options, the preset and the selection rule (and, for each architecture both have,
+    its epochs: ``_epochs_alike``)."""
+    plan = result["plan"]
+    return (result["evaluation"], plan["options"], canonical_preset(plan["preset"], warn=False),
+            result["selection"])
+
+
+def _epochs_alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    ea, eb = a.get("arch_epochs") or {}, b.get("arch_epochs") or {}
+    return all(ea.get(arch) == eb.get(arch) for arch in set(a["archs"]) & set(b["archs"]))
+
+
+def merge_tables(base: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
+    """One table from ``base`` and the tables in ``others`` (each what ``run_table`` wrote),
+    e.g. cells trained on another machine with ``--archs conv --latent-dims 20 40``. A cell of
+    a later table replaces the earlier one where its runs are trained; ``untrained`` and
+    ``unestimated`` then name only what no table measured. The tables must be alike (the
+    same evaluation, run options, preset, selection and per-architecture epochs), else
+    ``ConfigError``; ``sources`` names each one's command, machine and the cells it gave."""
+    tables = [base, *others]
+    for t in others:
+        if _alike(t) != _alike(base) or not _epochs_alike(t, base):
+            raise ConfigError(f"cannot merge tables measured differently ({t.get('command')!r} "
+                              f"against {base.get('command')!r}): the evaluation, run "
+                              "options, preset, selection and epochs must be the same")
+    cells: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+    for i, t in enumerate(tables):
+        untrained = set(t.get("untrained") or [])
+        for c in t["cells"]:
+            key = (c["arch"], c["latent_dim"])
+            if key not in cells or not untrained.intersection(c["runs"]):
+                cells[key] = (i, c)
+    archs = [a for t in tables for a in t["archs"]]
+    dims = sorted({d for t in tables for d in t["latent_dims"]})
+    merged = {k: v for k, v in base.items() if k not in ("machine", "command")}
+    merged["archs"] = list(dict.fromkeys(archs))
+    merged["latent_dims"] = dims
+    merged["seeds"] = sorted({s for t in tables for s in t["seeds"]})
+    merged["cells"] = [cells[k][1] for k in sorted(cells, key=lambda k: (
+        merged["archs"].index(k[0]), k[1]))]
+
+    def named(field: str) -> list[str]:
+        return [entry for i, c in cells.values() for entry in tables[i].get(field) or []
+                if entry.split(":")[0] in c["runs"]]
+
+    merged["untrained"], merged["unestimated"] = named("untrained"), named("unestimated")
+    merged["status"] = ("failed" if any(c.get("failed") for _, c in cells.values()) else
+                        "partial" if merged["untrained"] or merged["unestimated"] else "done")
+    merged["sources"] = [
+        {"command": t.get("command"), "machine": t.get("machine"),
+         "cells": [[c["arch"], c["latent_dim"]] for j, c in cells.values() if j == i]}
+        for i, t in enumerate(tables)]
+    merged["compute_seconds"] = compute_seconds(merged)
+    return merged
+
+
 # --------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------
