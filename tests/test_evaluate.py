@@ -401,3 +401,45 @@ def test_the_committed_reports_read_with_the_new_keys() -> None:
                     assert ev[key]["neg_elbo_same_images"] == raw[key]["neg_elbo"], (path, name)
                     assert ev[key]["images"] == f"test[:{raw[key]['n']}]"
             assert ev["elbo"] == {**raw["elbo"], "images": f"test[:{raw['elbo']['n']}]"}
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding in slices (the CPU's fastest batch)
+# --------------------------------------------------------------------------------------------
+def test_the_decoder_runs_in_slices_on_a_cpu_with_the_same_numbers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU every evaluation decodes at most ``CPU_DECODE_BATCH`` latents per call, each
+    under its own label, and the estimates equal those of one call for everything."""
+    from vaelab import evaluate
+
+    torch.manual_seed(0)
+    model = ConvCVAE(ModelSpec(kind="cvae", latent_dim=2, label_conditioning="film", **SMALL))
+    with torch.no_grad():
+        for table in model.decoder.film:
+            table.weight.normal_(0, 0.5)  # the label matters at every layer
+    z = torch.randn(300, 2)
+    y = torch.arange(300) % 10
+    sizes: list[int] = []
+    plain = model.decode
+    monkeypatch.setattr(model, "decode", lambda z, y=None: sizes.append(len(z)) or plain(z, y))
+    monkeypatch.setattr(evaluate, "CPU_DECODE_BATCH", 64)
+    with torch.no_grad():
+        assert torch.allclose(evaluate.decode_sliced(model, z, y, 10**6), plain(z, y),
+                              atol=1e-6)
+    assert sizes and max(sizes) == 64 and sum(sizes) == 300
+    split = as_split(torch.rand(12, 28, 28), torch.arange(12) % 10)
+    sizes.clear()
+    sliced = log_px_estimate(model, split, num_samples=40, chunk=20, batch_size=6)
+    exact = evaluate.exact_log_px_per_image(model, split, tolerance=0.5)
+    gh = evaluate.gauss_hermite_elbo(model, split)
+    assert max(sizes) <= 64
+    monkeypatch.setattr(evaluate, "CPU_DECODE_BATCH", 10**9)
+    sizes.clear()
+    whole = log_px_estimate(model, split, num_samples=40, chunk=20, batch_size=6)
+    assert max(sizes) > 64
+    assert sliced["log_px"] == pytest.approx(whole["log_px"], abs=1e-4)
+    assert sliced["elbo_same_images"] == pytest.approx(whole["elbo_same_images"], abs=1e-4)
+    again = evaluate.exact_log_px_per_image(model, split, tolerance=0.5)
+    assert torch.allclose(exact.log_px, again.log_px, atol=1e-4)
+    assert torch.allclose(gh, evaluate.gauss_hermite_elbo(model, split), atol=1e-4)
+    assert evaluate.decode_batch(torch.device("cuda"), 5000) == 5000  # elsewhere, untouched

@@ -159,8 +159,9 @@ def log_px_per_image(
             # k samples of all b images at a time: z is [k * b, D], sample-major
             est = importance_sampled_log_px(
                 x, mu, logvar,
-                lambda z, labels=labels, b=b: model.decode(
-                    z, None if labels is None else labels.repeat(z.shape[0] // b)),
+                lambda z, labels=labels, b=b: decode_sliced(
+                    model, z, None if labels is None else labels.repeat(z.shape[0] // b),
+                    len(z)),
                 num_samples=num_samples, chunk=chunk, likelihood=likelihood, generator=gen,
                 return_elbo=proposal == "q", proposal=proposal,
             )
@@ -365,11 +366,33 @@ def _shared_box(mu: Tensor, logvar: Tensor) -> tuple[float, float]:
     return lo, hi
 
 
+# On a CPU the decoder runs fastest on a few hundred latents at a time, its feature maps then
+# fitting in a core's cache: ``benchmarks/decode_batch.py`` measures it (decodes per second by
+# batch size, ``benchmarks/decode-batch-cpu.json``). Elsewhere the caller's chunk is kept.
+CPU_DECODE_BATCH = 256
+
+
+def decode_batch(device: torch.device, chunk: int) -> int:
+    """Latents per decoder call: ``chunk``, or at most ``CPU_DECODE_BATCH`` on a CPU."""
+    return min(chunk, CPU_DECODE_BATCH) if device.type == "cpu" else chunk
+
+
+def decode_sliced(model: nn.Module, z: Tensor, labels: Tensor | None, chunk: int) -> Tensor:
+    """``model.decode(z, labels)`` in slices of ``decode_batch(z.device, chunk)`` latents:
+    the same logits, computed in the batch size the device runs fastest."""
+    step = max(1, decode_batch(z.device, chunk))
+    if z.shape[0] <= step:
+        return model.decode(z, labels)
+    return torch.cat([model.decode(z[i : i + step], None if labels is None else
+                                   labels[i : i + step]) for i in range(0, z.shape[0], step)])
+
+
 class _Decoder:
     """Decodes latent nodes in chunks under one class (or none), counting the evaluations."""
 
     def __init__(self, model: nn.Module, device: torch.device, chunk: int) -> None:
-        self.model, self.device, self.chunk, self.count = model, device, chunk, 0
+        self.model, self.device, self.count = model, device, 0
+        self.chunk = decode_batch(device, chunk)
 
     def __call__(self, z: Tensor, labels: Tensor | None) -> Tensor:
         out = []
@@ -683,7 +706,8 @@ def gauss_hermite_elbo(
         z, log_w = gauss_hermite_rule(mu.float(), logvar.float(), order)
         b, g, d = z.shape
         ys = None if labels is None else labels.repeat_interleave(g)
-        logits = model.decode(z.reshape(b * g, d).float(), ys).float().view(b, g, -1)
+        logits = decode_sliced(model, z.reshape(b * g, d).float(), ys, b * g)
+        logits = logits.float().view(b, g, -1)
         ll = log_likelihood_matrix(x.flatten(1), logits, likelihood).double()
         kl = kl_normal_std(mu.double(), logvar.double()).sum(1)
         out.append(((ll * log_w.exp()).sum(1) - kl).cpu())
