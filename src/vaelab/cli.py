@@ -627,8 +627,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    help="seeds of the runs (the first for the main runs; the rest only with "
                    "--ablations; default 0 1 2)")
     p.add_argument("--logpx-images", type=_integer, default=None, metavar="N",
-                   help="importance-sample log p(x) on the first N test images (default 1000, "
-                   "200 with --quick; 0: all 10,000, an hour on a 2-core CPU with K = 1000); "
+                   help="importance-sample log p(x) on the first N test images (default 500, "
+                   "200 with --quick; 0: all 10,000, each costing K decoder passes twice); "
                    "beside the exact value on the same images where the latent is 1- or 2-D")
     p.add_argument("--tolerance", type=_real, default=None, metavar="NATS",
                    help="error allowed in the exact log p(x) of a 1- or 2-D latent, computed "
