@@ -8,7 +8,8 @@ Runs ``vaelab reproduce --quick --out OUT`` (plus any options after ``--``) as a
 and writes the report's results.json to ``--json`` with a ``measurement`` block beside it: the
 command, its wall time, the child's CPU time (user + system, every thread), this machine's load
 average (1, 5 and 15 minutes) before and after, and the three numbers the quick look promises
-(VAE active units and 5-NN accuracy, CVAE class accuracy). On a machine shared with other work
+(VAE active units and 5-NN accuracy, CVAE class accuracy), keeping the file's ``sweep``
+measurement (below). On a machine shared with other work
 the wall time is longer than on a quiet one; the CPU time and the load say by how much. With
 ``OMP_NUM_THREADS=1`` (recorded) the CPU time is about the wall time on one quiet core, which
 bounds a quiet 2-core machine's; two threads that wait on each other on a busy machine burn CPU
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from vaelab.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,8 +71,12 @@ def main() -> int:
         "precision": {kind: json.loads((args.out / "runs" / kind / "config.json").read_text())
                       ["resolved"]["precision"] for kind in ("vae", "cvae")},
     }
+    try:  # the sweep example, measured separately (--sweep), stays with the file
+        results["measurement"]["sweep"] = json.loads(args.json.read_text())["measurement"]["sweep"]
+    except (OSError, ValueError, KeyError):
+        pass
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(args.json, results)
     print(json.dumps(results["measurement"], indent=1))
     return 0
 
@@ -89,7 +96,7 @@ def measure_sweep(out: Path, path: Path) -> int:
         "load_after": list(os.getloadavg()), "nice": os.nice(0),
         "rows": sweep.get("rows"),
     }
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(path, results)
     print(json.dumps(results["measurement"]["sweep"], indent=1))
     return 0
 

@@ -557,21 +557,29 @@ def quick_look() -> str:
     c = r["evaluations"]["vae"]["config"]
     steps = ", ".join(f"{k} {t[k]:.0f} s" for k in ("training", "classifier", "evaluation",
                                                      "figures"))
+    one = m.get("omp_num_threads") == "1"
     threads = (f"`OMP_NUM_THREADS={m['omp_num_threads']}`" if m.get("omp_num_threads")
-               else "every core")
+               else "torch's default threads (every core)")
+    busy = m["load_before"][0] >= 1.0 or m["load_after"][0] >= 1.5
+    cpu = (f" and {m['cpu_s']:.0f} s of CPU time"
+           + (", about what it takes on one quiet core" if one else ""))
+    same = f["measurement"]["precision"] == m["precision"]
+    fp32 = ("" if same else
+            f"; trained in {f['measurement']['precision']['vae']} it showed "
+            f"{_quick_numbers(f)} (`{_QUICK_FP32}`)")
     return (f"`vaelab reproduce --out report --quick` (the same as `--preset quick`) is a first "
             f"look: an MLP VAE and CVAE ({c['mlp_hidden'][0]}-{c['mlp_hidden'][1]} hidden "
             f"units) trained for {c['epochs']} epochs on the first {c['limit']:,} MNIST images, "
             "a one-epoch classifier, and every test-set number on the first "
             f"{st['test_images']:,} test images (the exact log p(x) within {st['tolerance']} "
             "nats per image). `python benchmarks/quick_look.py` ran it on "
-            f"{_machine(r['machine'])}, with {threads}, at nice {m['nice']} beside other "
-            f"trainings (load average {m['load_before'][0]:.1f} before, "
-            f"{m['load_after'][0]:.1f} after): {m['wall_s']:.0f} s of wall time ({steps}) "
-            f"and {m['cpu_s']:.0f} s of CPU time, about what it takes on one quiet core. It "
-            f"showed {_quick_numbers(r)} (`{_QUICK}`, trained in {m['precision']['vae']}); "
-            f"trained in {f['measurement']['precision']['vae']} it showed "
-            f"{_quick_numbers(f)} (`{_QUICK_FP32}`). `tests/test_quick_look.py` checks these "
+            f"{_machine(r['machine'])}, with {threads}, at nice {m['nice']}"
+            + (" beside other work" if busy else "")
+            + f" (load average {m['load_before'][0]:.1f} before, "
+            f"{m['load_after'][0]:.1f} after): {m['wall_s']:.0f} s of wall time ({steps})"
+            f"{cpu}. It showed {_quick_numbers(r)} (`{_QUICK}`, trained in "
+            f"{m['precision']['vae']}, which `--precision auto` picks for this small network)"
+            f"{fp32}. `tests/test_quick_look.py` checks these "
             "three numbers (at least 2 units, 60% and 80%) in CI. They are a first look, not "
             "the study's: the report says so, and its tables are on these runs.")
 
@@ -745,7 +753,30 @@ def literature_table() -> str:
             f" in {spent} all told.{todo}")
 
 
-SECTIONS = {"exact-results": exact_results, "exact-timing": exact_timing,
+_DECODE = "benchmarks/decode-batch-cpu.json"
+
+
+def decode_batch() -> str:
+    """BENCHMARKS: the study decoder's decodes per second by batch size, and the batch the
+    evaluation takes on a CPU (``vaelab.evaluate.CPU_DECODE_BATCH``)."""
+    r = _load(_DECODE)
+    sizes = [str(b) for b in r["sizes"]]
+    lines = ["| model | " + " | ".join(f"{int(b):,}" for b in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for kind, v in r["models"].items():
+        lines.append(f"| {kind.upper()} | " + " | ".join(f"{v['best'][b]:,.0f}" for b in sizes)
+                     + " |")
+    m = r["machine"]
+    return "\n".join(lines + ["", (
+        f"Decodes per second (fp32 inference, the `study` network, best of {r['rounds']} "
+        f"alternating rounds of {r['seconds_per_round']:.0f} s) by batch size, on "
+        f"{_machine(m)}, {m['torch_threads']} torch threads: `python benchmarks/decode_batch.py "
+        f"--out {_DECODE}`. The evaluation decodes {r['cpu_decode_batch']} latents at a time on "
+        "a CPU (`vaelab.evaluate.CPU_DECODE_BATCH`: the quadrature's nodes, the importance "
+        "samples, the Gauss-Hermite nodes), with the same numbers as one call for all.")])
+
+
+SECTIONS = {"decode-batch": decode_batch, "exact-results": exact_results, "exact-timing": exact_timing,
             "exact-error-check": exact_error_check,
             "sweep-timing": sweep_timing, "sweep-timing-full": sweep_timing_full,
             "bench-cpu": bench_cpu, "peak-rss": peak_rss, "time-to-quality": time_to_quality,
