@@ -309,18 +309,35 @@ def test_a_run_written_before_a_setting_existed_is_reused(study, data_dir, tmp_p
                    log=lines.append, device=torch.device("cpu"))
 
 
-def test_train_concurrently_off_cuda_trains_one_run_after_the_other(data_dir, tmp_path) -> None:
-    """Without CUDA the runs train in order, each exactly as ``train`` alone would."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_train_concurrently_on_a_cpu(data_dir, tmp_path, threads: int) -> None:
+    """On a CPU with one torch thread the runs train one after the other; with a thread for
+    each, side by side on one thread each (their lines tagged with the run). Either way each
+    run computes exactly what ``train`` alone computes on the threads it had, and torch's
+    thread count is as it was afterwards."""
+    from helpers import one_thread
     from vaelab.training import train, train_concurrently
 
     cfgs = [resolve_config("smoke", model=k, dataset=f"idx:{data_dir}", device="cpu")
             for k in ("vae", "cvae")]
-    results = train_concurrently([(c, tmp_path / c.model, {}) for c in cfgs], progress=False)
+    lines: list[str] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = train_concurrently([(c, tmp_path / c.model, {}) for c in cfgs],
+                                     progress=False, log=lines.append)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    tagged = [line for line in lines if line.startswith(("[vae] ", "[cvae] "))]
+    assert bool(tagged) == (threads == 2)
     timing = ("seconds", "images_per_s")
     for cfg, result in zip(cfgs, results, strict=True):
-        alone = train(cfg, tmp_path / f"{cfg.model}-alone", progress=False)
+        with one_thread():
+            alone = train(cfg, tmp_path / f"{cfg.model}-alone", progress=False)
         assert [{k: v for k, v in m.items() if k not in timing} for m in result.metrics] == \
             [{k: v for k, v in m.items() if k not in timing} for m in alone.metrics]
+        assert torch.equal(result.model.decoder.net[0].weight, alone.model.decoder.net[0].weight)
     with pytest.raises(ConfigError, match="parallel must be >= 1"):
         train_concurrently([], parallel=0)
 
