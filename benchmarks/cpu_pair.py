@@ -34,7 +34,7 @@ def main() -> None:
     cfgs = [resolve_config("study", model=k, epochs=1, limit=args.images + val, val_size=val)
             for k in ("vae", "cvae")]
     rounds = []
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             for c in cfgs:

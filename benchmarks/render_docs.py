@@ -776,7 +776,8 @@ def decode_batch() -> str:
         "samples, the Gauss-Hermite nodes), with the same numbers as one call for all.")])
 
 
-SECTIONS = {"decode-batch": decode_batch, "exact-results": exact_results, "exact-timing": exact_timing,
+SECTIONS = {"decode-batch": decode_batch, "exact-results": exact_results,
+            "exact-timing": exact_timing,
             "exact-error-check": exact_error_check,
             "sweep-timing": sweep_timing, "sweep-timing-full": sweep_timing_full,
             "bench-cpu": bench_cpu, "peak-rss": peak_rss, "time-to-quality": time_to_quality,
