@@ -2,10 +2,12 @@
 and per (model, precision) the mean, std and worst over seeds, against the targets.
 
     vaelab train --model M --preset seed --seed S --precision P --out runs/M-P-S  (each run)
-    python benchmarks/seeds_precision.py runs/*-*-* --out benchmarks/seeds-cpu.json
+    python benchmarks/seeds_precision.py runs/*-*-* --out benchmarks/seeds-cpu.json [--keep]
 
 Each run is read from its folder (config.json, summary.json, metrics.jsonl); nothing is
 trained here. The precision is the one the run trained in (config.json's ``resolved``).
+``--keep`` keeps the rows already in ``--out`` (as they were read then, with the machine and
+the command that read them: their folders may be gone) and adds or replaces the runs given.
 """
 
 from __future__ import annotations
@@ -79,12 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the rows already in --out, adding or replacing the runs given")
     args = p.parse_args(argv)
-    rows = [run_row(r) for r in args.runs]
+    here = machine()
+    command = "python benchmarks/seeds_precision.py " + " ".join(sys.argv[1:] if argv is None
+                                                                 else argv)
+    rows = [{**run_row(r), "machine": here, "read_by": command} for r in args.runs]
+    commands = [command]
+    if args.keep and args.out.exists():
+        old = json.loads(args.out.read_text())
+        new = {r["run"] for r in rows}
+        kept = [{"machine": old["machine"], "read_by": old["command"], **r}
+                for r in old["runs"] if r["run"] not in new]
+        rows = kept + rows
+        commands = [*old.get("commands", [old["command"]]), command]
     atomic_write_json(args.out, {
-        "kind": "vaelab-seeds-precision", "machine": machine(),
-        "command": "python benchmarks/seeds_precision.py " + " ".join(sys.argv[1:]),
-        "runs": rows, "groups": groups(rows),
+        "kind": "vaelab-seeds-precision", "machine": here, "command": command,
+        "commands": commands, "runs": rows, "groups": groups(rows),
     })
     for g in groups(rows):
         cond = g["label_conditioning"] or "-"
