@@ -12,6 +12,8 @@ each, alternating, and the training images per second of the pair are written to
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,8 @@ def main() -> None:
             train_concurrently([(c, Path(tmp) / f"pair-{c.model}", {}) for c in cfgs],
                                progress=False)
             t2 = time.perf_counter()
+            resolved = [json.loads((Path(tmp) / f"pair-{c.model}" / "config.json").read_text())
+                        ["resolved"] for c in cfgs]
         rounds.append({"one_after_the_other_s": t1 - t0, "side_by_side_s": t2 - t1})
         print(rounds[-1], flush=True)
     best = {k: min(r[k] for r in rounds) for k in rounds[0]}
@@ -50,7 +54,7 @@ def main() -> None:
         "machine": machine(), "threads": torch.get_num_threads(), "images": args.images,
         "val_images": val, "rounds": rounds, "best": best,
         "speedup": best["one_after_the_other_s"] / best["side_by_side_s"],
-        "precision": [c.precision for c in cfgs]})
+        "load_average": list(os.getloadavg()), "resolved": resolved})
 
 
 if __name__ == "__main__":
