@@ -596,8 +596,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "and OUT/index.html (self-contained, works offline). The terminal shows the VAE vs "
         "CVAE table beside the study's numbers. Re-running on the same folder reuses finished "
         "runs, the classifier, evaluations of the same weights and settings (OUT/evaluations) "
-        "and up-to-date figures, and resumes unfinished runs. On a CUDA GPU the runs train "
-        "two at a time, each in its own stream.",
+        "and up-to-date figures, and resumes unfinished runs. The VAE and the CVAE train "
+        "side by side: on a CUDA GPU each in its own stream, on a CPU each on its share of "
+        "torch's threads.",
         epilog="Examples: `vaelab reproduce --out study --quick` (a first look: about two "
         "minutes on a 2-core CPU, see README); `vaelab reproduce --out study` (the full study: "
         "about an hour on a 2-core CPU, about a minute on one H100); "
