@@ -6,7 +6,8 @@
 Each round trains both runs on the first ``--images`` training images for one epoch (their
 held-out evaluations included, as in ``vaelab reproduce``), first one after the other with all
 of torch's threads, then side by side with one share each, in fresh folders; the seconds of
-each, alternating, and the training images per second of the pair are written to ``--out``.
+each, alternating, and each run's training images per second (its epoch's, from
+metrics.jsonl: the training alone) are written to ``--out``.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ def main() -> None:
             t2 = time.perf_counter()
             resolved = [json.loads((Path(tmp) / f"pair-{c.model}" / "config.json").read_text())
                         ["resolved"] for c in cfgs]
-        rounds.append({"one_after_the_other_s": t1 - t0, "side_by_side_s": t2 - t1})
+            rate = {f"{mode}-{c.model}": json.loads((Path(tmp) / f"{mode}-{c.model}" /
+                                                     "metrics.jsonl").read_text()
+                                                    .splitlines()[-1])["images_per_s"]
+                    for mode in ("seq", "pair") for c in cfgs}
+        rounds.append({"one_after_the_other_s": t1 - t0, "side_by_side_s": t2 - t1,
+                       "images_per_s": rate})
         print(rounds[-1], flush=True)
-    best = {k: min(r[k] for r in rounds) for k in rounds[0]}
+    best = {k: min(r[k] for r in rounds) for k in ("one_after_the_other_s", "side_by_side_s")}
     atomic_write_json(args.out, {
         "machine": machine(), "threads": torch.get_num_threads(), "images": args.images,
         "val_images": val, "rounds": rounds, "best": best,
