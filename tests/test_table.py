@@ -513,3 +513,31 @@ def test_tables_of_parts_of_the_grid_merge_into_one(table: Path) -> None:
         merge_tables({**base, "arch_epochs": {"mlp": 200}}, extra)
     only_conv = {**extra, "archs": ["conv"], "cells": extra["cells"][:1]}
     assert merge_tables({**base, "arch_epochs": {"mlp": 200}}, only_conv)["status"] == "partial"
+
+
+def test_the_table_keeps_the_network_it_was_measured_with(tmp_path: Path) -> None:
+    """The table's runs are SiLU (``TABLE_NETWORK``) whatever vaelab's default network is, so
+    its finished runs are reused, not refused; ``--activation`` overrides it; and a table
+    whose plan predates the pin (no activation in its options) merges with one that has it."""
+    import copy
+
+    from vaelab.config import TrainConfig
+    from vaelab.table import TABLE_NETWORK, merge_tables
+
+    assert TrainConfig().activation != TABLE_NETWORK["activation"]
+    plan = plan_table(tmp_path / "t", latent_dims=[2], archs=["conv"], preset="study")
+    assert {t.config.activation for t in plan.sweep.trials} == {"silu"}
+    assert plan.sweep.to_dict()["options"]["activation"] == "silu"
+    other = plan_table(tmp_path / "t", latent_dims=[2], archs=["conv"], preset="study",
+                       options={"activation": "gelu"})
+    assert {t.config.activation for t in other.sweep.trials} == {"gelu"}
+    cell = {"arch": "conv", "latent_dim": 2, "runs": ["r"], "seeds": [0], "budget": [],
+            "best": {"per_seed": []}, "paper_k": {"per_seed": []}}
+    new = {"plan": plan.sweep.to_dict(), "evaluation": plan.evaluation(), "selection": "none",
+           "archs": ["conv"], "latent_dims": [2], "seeds": [0], "cells": [cell]}
+    old = copy.deepcopy(new)
+    del old["plan"]["options"]["activation"]
+    assert merge_tables(old, new)["cells"] == [cell]
+    gelu = {**new, "plan": other.sweep.to_dict()}
+    with pytest.raises(ConfigError, match="measured differently"):
+        merge_tables(old, gelu)

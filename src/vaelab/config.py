@@ -76,7 +76,7 @@ class TrainConfig:
     channels: tuple[int, int] = (32, 64)
     enc_hidden: int = 1024
     dec_hidden: int = 512
-    activation: str = "silu"  # smooth: the exact log p(x)'s rules converge fast (README)
+    activation: str = "gelu"  # smooth: the exact log p(x)'s rules converge fast (README)
     dec_mlp_layers: int = 2
     dec_refine: int = 2
     enc_mlp_layers: int = 2

@@ -63,6 +63,11 @@ SELECTION = ("none: every run trains its fixed number of epochs and keeps its fi
              "(no early stopping); the validation split is only watched and the test split "
              "is used for nothing but this table")
 ARCH_LABELS = {"conv": "vaelab conv", "mlp": "vaelab MLP"}
+# The network the table's runs were measured with where it differs from vaelab's default: SiLU,
+# the default when they trained (GELU became it later). A table without these options in its
+# plan had them, so tables from before and after merge (``merge_tables``); ``vaelab table
+# --activation`` overrides it.
+TABLE_NETWORK = {"activation": "silu"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +179,8 @@ def plan_table(
     sweep = plan_sweep(out, preset=preset,
                        grid={"arch": list(archs), "latent_dim": list(latent_dims),
                              "seed": list(seeds)},
-                       options={**given, "binarize": "dynamic", "model": "vae"})
+                       options={**TABLE_NETWORK, **given, "binarize": "dynamic",
+                                "model": "vae"})
     sweep.trials = [replace(t, config=replace(t.config, epochs=arch_epochs[t.values["arch"]]))
                     if t.values["arch"] in arch_epochs else t for t in sweep.trials]
     plan = TablePlan(sweep, list(latent_dims), list(archs), list(seeds), is_k=is_k,
@@ -545,8 +551,8 @@ def _alike(result: dict[str, Any]) -> tuple:
     runs' options, the preset and the selection rule (and, for each architecture both have,
     its epochs: ``_epochs_alike``)."""
     plan = result["plan"]
-    return (result["evaluation"], plan["options"], canonical_preset(plan["preset"], warn=False),
-            result["selection"])
+    return (result["evaluation"], {**TABLE_NETWORK, **plan["options"]},
+            canonical_preset(plan["preset"], warn=False), result["selection"])
 
 
 def _epochs_alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
