@@ -652,6 +652,8 @@ def _network_label(g: dict) -> str:
     parts = [g["activation"]] + ([g["label_conditioning"]] if g["label_conditioning"] else [])
     if n:
         parts.append(f"encoder {n['enc_hidden']}/{n['enc_refine']}")
+        if n.get("dec_hidden", 512) != 512:
+            parts.append(f"decoder MLP {n['dec_hidden']}")
     return ", ".join(parts)
 
 
