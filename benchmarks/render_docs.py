@@ -689,7 +689,8 @@ def seeds_cpu() -> str:
             "`benchmarks/seeds_precision.py` from the run folders. The runs shared the two "
             "cores with other work, most on one thread two or three at a time, so their "
             "speeds (`images_per_s` there) say little. \"encoder H/R\": the encoder's hidden "
-            "width H and its R 3x3 refining convs (`--enc-hidden`, `--enc-refine`).")
+            "width H and its R 3x3 refining convs (`--enc-hidden`, `--enc-refine`); \"decoder MLP "
+            "H\": a decoder MLP H wide (`--dec-hidden`; 512 where not named).")
     if diffs:
         text += " bf16 minus fp32 on the same seeds: " + "; ".join(diffs) + " nats."
     return "\n".join(lines + ["", text])
