@@ -84,6 +84,10 @@ def test_reproduce_quick_writes_everything(study) -> None:
     assert results["evaluations"]["vae"]["cvae_class_accuracy"] is None
     assert (out / "classifier" / "classifier.json").exists()
     assert results["ablations"] is None
+    # each step's seconds and the load beside them (a timing on a busy machine says so)
+    assert set(results["timings"]) == {"training", "classifier", "evaluation", "figures",
+                                       "total"}
+    assert all(len(results["load_average"][k]) == 3 for k in ("start", "end"))
 
 
 def test_the_cvae_class_accuracy_is_recomputed_from_its_samples(study, data_dir) -> None:

@@ -500,6 +500,13 @@ def test_tables_of_parts_of_the_grid_merge_into_one(table: Path) -> None:
     assert [s["cells"] for s in merged["sources"]] == [
         [["conv", 2], ["mlp", 2]], [["conv", 3], ["mlp", 3]]]
     assert merged["sources"][1]["machine"] == {"cpu": "B"}
+    # what each command did stays with it; the merged table's counts are the sums
+    assert [s["command"] for s in merged["sources"]] == [base["command"], extra["command"]]
+    assert merged["trained"] == base["trained"] + extra["trained"]
+    assert merged["computed"] == base["computed"] + extra["computed"]
+    assert merged["seconds"] == pytest.approx(base["seconds"] + extra["seconds"])
+    assert merged["trained_runs"] == base["trained_runs"] + extra["trained_runs"]
+    assert [s["trained"] for s in merged["sources"]] == [base["trained"], extra["trained"]]
     assert "not trained yet" in render_markdown(base)
     assert "not trained yet" not in render_markdown(merged)
     # the base alone keeps its missing cells; a later table whose runs are untrained replaces

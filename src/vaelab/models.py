@@ -185,9 +185,10 @@ class FiLMStack(nn.Module):
     net: nn.Sequential
 
     def _add_film(self, film_classes: int) -> None:
-        self._film_at = [i for i, m in enumerate(self.net) if isinstance(m, AFFINE)]
+        at = [i for i, m in enumerate(self.net) if isinstance(m, AFFINE)]
+        self._film_at = frozenset(at)  # looked up once per layer and step
         widths = [m.out_features if isinstance(m, nn.Linear) else m.out_channels
-                  for m in (self.net[i] for i in self._film_at)]
+                  for m in (self.net[i] for i in at)]
         self.film = nn.ModuleList(nn.Embedding(film_classes, 2 * w) for w in widths) \
             if film_classes else None
         for table in self.film or ():

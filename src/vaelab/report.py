@@ -489,6 +489,14 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
     timings[step] = time.perf_counter() - t0
 
 
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the system has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_study(
     out: str | os.PathLike,
     *,
@@ -531,6 +539,7 @@ def run_study(
         num_samples=num_samples, logpx_images=logpx_images, progress=progress, force=force,
         dataset=dataset, precision=precision, classifier_epochs=classifier_epochs,
         formats=formats, console=console, tolerance=tolerance)
+    load_start = _load_average()
     with _timed(study.timings, "training"):
         plan = plan_runs(study)
         named = train_runs(study, plan)
@@ -543,6 +552,8 @@ def run_study(
     results = study_results(study, plan, named, classifier_meta, evaluations, figures)
     study.timings["total"] = time.perf_counter() - study.t_start
     results["timings"] = study.timings
+    # what else ran beside it: a timing read on a busy machine is not the command's own
+    results["load_average"] = {"start": load_start, "end": _load_average()}
     write_report(study, results)
     return results
 

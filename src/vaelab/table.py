@@ -560,13 +560,20 @@ def _epochs_alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(ea.get(arch) == eb.get(arch) for arch in set(a["archs"]) & set(b["archs"]))
 
 
+# what one table command did, not what the table holds: a merged table keeps each in its
+# ``sources`` entry, and its own trained / computed / seconds / trained_runs are the sums
+_PER_COMMAND = ("command", "machine", "trained", "computed", "seconds", "trained_runs")
+
+
 def merge_tables(base: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
     """One table from ``base`` and the tables in ``others`` (each what ``run_table`` wrote),
     e.g. cells trained on another machine with ``--archs conv --latent-dims 20 40``. A cell of
     a later table replaces the earlier one where its runs are trained; ``untrained`` and
     ``unestimated`` then name only what no table measured. The tables must be alike (the
     same evaluation, run options, preset, selection and per-architecture epochs), else
-    ``ConfigError``; ``sources`` names each one's command, machine and the cells it gave."""
+    ``ConfigError``; ``sources`` names each one's command, machine, what it trained and
+    computed, its seconds and the cells it gave; the merged ``trained``, ``computed``,
+    ``seconds`` and ``trained_runs`` add them up."""
     tables = [base, *others]
     for t in others:
         if _alike(t) != _alike(base) or not _epochs_alike(t, base):
@@ -582,7 +589,7 @@ def merge_tables(base: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any
                 cells[key] = (i, c)
     archs = [a for t in tables for a in t["archs"]]
     dims = sorted({d for t in tables for d in t["latent_dims"]})
-    merged = {k: v for k, v in base.items() if k not in ("machine", "command")}
+    merged = {k: v for k, v in base.items() if k not in _PER_COMMAND}
     merged["archs"] = list(dict.fromkeys(archs))
     merged["latent_dims"] = dims
     merged["seeds"] = sorted({s for t in tables for s in t["seeds"]})
@@ -597,9 +604,13 @@ def merge_tables(base: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any
     merged["status"] = ("failed" if any(c.get("failed") for _, c in cells.values()) else
                         "partial" if merged["untrained"] or merged["unestimated"] else "done")
     merged["sources"] = [
-        {"command": t.get("command"), "machine": t.get("machine"),
+        {**{k: t.get(k) for k in _PER_COMMAND},
          "cells": [[c["arch"], c["latent_dim"]] for j, c in cells.values() if j == i]}
         for i, t in enumerate(tables)]
+    merged["trained"] = sum(t.get("trained") or 0 for t in tables)
+    merged["computed"] = sum(t.get("computed") or 0 for t in tables)
+    merged["seconds"] = sum(t.get("seconds") or 0.0 for t in tables)
+    merged["trained_runs"] = [r for t in tables for r in t.get("trained_runs") or []]
     merged["compute_seconds"] = compute_seconds(merged)
     return merged
 
