@@ -1031,6 +1031,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(2) from None
     args.argv = argv  # what was typed, for the records that name their command
     _rename_old_names(args)
+    from vaelab.memory import keep_freed_memory
+
+    keep_freed_memory()  # the command owns its process: freed blocks kept for the next step
     try:
         return int(args.func(args) or 0)
     except VaelabError as e:

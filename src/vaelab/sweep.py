@@ -346,6 +346,15 @@ def _write_exact(path: Path, tolerance: float, model: Any = None, data: Any = No
         "exact_log_px": result})
 
 
+def _worker_trial(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``run_trial`` in a Ray worker, a process of this sweep's own: freed blocks are kept for
+    the next step (``memory.keep_freed_memory``)."""
+    from vaelab.memory import keep_freed_memory
+
+    keep_freed_memory()
+    return run_trial(*args, **kwargs)
+
+
 def run_trial(config: dict[str, Any], out: str, *, threads: int = 1, force: bool = False,
               tolerance: float = 0.0, lock_wait: float = LOCK_WAIT_S) -> dict[str, Any]:
     """Train one trial into run folder ``out`` (Ray runs this in a worker process; it may be
@@ -789,7 +798,7 @@ def _run_on_ray(out: Path, todo: Sequence[Trial], res: Resources, *, max_retries
                 "cluster_cpus": cluster.get("CPU", 0), "cluster_gpus": cluster.get("GPU", 0),
                 "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                 "gpus_per_trial": gpus}
-        task = ray.remote(run_trial).options(
+        task = ray.remote(_worker_trial).options(
             num_cpus=res.cpus_per_trial, num_gpus=gpus,
             max_retries=max_retries, retry_exceptions=False)
         futures = {task.remote(t.config.to_dict(), str((out / t.name).absolute()),
