@@ -738,8 +738,11 @@ def seeds_cpu() -> str:
             d = [value[("bf16", s)] - value[("fp32", s)] for s in same]
             diffs.append(f"{sum(d) / len(d):+.2f} for the {n[0].upper()} ({n[1]}: seeds "
                          f"{', '.join(map(str, same))})")
-    m = r["machine"]
-    text = (f"On {_machine(m)} (bf16 instructions: {m['cpu_bf16']}); `{_SEEDS}`, written by "
+    # each row keeps the machine that measured it (``--keep`` adds rows from other machines)
+    machines = list(dict.fromkeys(
+        f"{_machine(m)} (bf16 instructions: {m.get('cpu_bf16') or 'none'})"
+        for m in (row.get("machine") or r["machine"] for row in r["runs"])))
+    text = (f"On {' and '.join(machines)} (each run's own in `{_SEEDS}`); written by "
             "`benchmarks/seeds_precision.py` from the run folders. The runs shared the two "
             "cores with other work, most on one thread two or three at a time, so their "
             "speeds (`images_per_s` there) say little. \"encoder H/R\": the encoder's hidden "
