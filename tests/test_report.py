@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -27,6 +31,7 @@ from vaelab.cli import main
 from vaelab.config import resolve_config
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.report import (
+    KINDS,
     MARKER,
     STUDY,
     ablation_results,
@@ -84,9 +89,14 @@ def test_reproduce_quick_writes_everything(study) -> None:
     assert results["evaluations"]["vae"]["cvae_class_accuracy"] is None
     assert (out / "classifier" / "classifier.json").exists()
     assert results["ablations"] is None
-    # each step's seconds and the load beside them (a timing on a busy machine says so)
+    # each step's seconds and the load beside them (a timing on a busy machine says so); the
+    # first run to finish training made the classifier and its own evaluation meanwhile
+    beside = {k for k in results["timings"] if k.startswith("beside_training_evaluation_")}
+    assert len(beside) == 1 and beside <= {f"beside_training_evaluation_{k}" for k in KINDS}
     assert set(results["timings"]) == {"training", "classifier", "evaluation", "figures",
-                                       "total"}
+                                       "total", "beside_training_classifier", *beside}
+    assert results["timings"]["training"] >= sum(results["timings"][k] for k in
+                                                 ["beside_training_classifier", *beside])
     assert all(len(results["load_average"][k]) == 3 for k in ("start", "end"))
 
 
@@ -344,6 +354,91 @@ def test_train_concurrently_on_a_cpu(data_dir, tmp_path, threads: int) -> None:
         assert torch.equal(result.model.decoder.net[0].weight, alone.model.decoder.net[0].weight)
     with pytest.raises(ConfigError, match="parallel must be >= 1"):
         train_concurrently([], parallel=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_train_concurrently_calls_after_once_each_run_has_trained(
+        data_dir, tmp_path, threads: int) -> None:
+    """``after(i)`` runs once per job, when job ``i`` has finished (its model.json written),
+    on the threads the run had; side by side, in the run's own thread."""
+    from vaelab.training import train_concurrently
+
+    cfgs = [resolve_config("smoke", model=k, dataset=f"idx:{data_dir}", device="cpu")
+            for k in ("vae", "cvae")]
+    seen: list[tuple[int, bool, int, str]] = []
+
+    def after(i: int) -> None:
+        seen.append((i, (tmp_path / cfgs[i].model / "model.json").exists(),
+                     torch.get_num_threads(), threading.current_thread().name))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        train_concurrently([(c, tmp_path / c.model, {}) for c in cfgs], progress=False,
+                           after=after)
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(i for i, *_ in seen) == [0, 1]
+    assert all(trained and n == 1 for _, trained, n, _ in seen)
+    names = {name for *_, name in seen}
+    assert names == ({"vaelab-run-0", "vaelab-run-1"} if threads == 2 else
+                     {threading.main_thread().name})
+
+
+def test_a_signal_during_after_stops_at_once_and_keeps_the_runs(data_dir, tmp_path) -> None:
+    """SIGINT while an ``after`` is still working (a long evaluation, say), every run trained:
+    ``Interrupted`` comes at once, without waiting for it, and both runs are kept finished."""
+    from vaelab.training import Interrupted, train_concurrently
+
+    cfgs = [resolve_config("smoke", model=k, dataset=f"idx:{data_dir}", device="cpu")
+            for k in ("vae", "cvae")]
+    working, both, release = threading.Event(), threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def after(i: int) -> None:
+        calls.append(i)
+        if len(calls) == 2:
+            both.set()
+        if len(calls) == 1:
+            working.set()
+            release.wait(60)  # the long work, abandoned by the signal
+
+    def interrupt() -> None:
+        both.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    sender = threading.Thread(target=interrupt)
+    sender.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(Interrupted, match="stopped after every run had trained"):
+            train_concurrently([(c, tmp_path / c.model, {}) for c in cfgs], progress=False,
+                               after=after)
+        waited = time.perf_counter() - t0
+    finally:
+        release.set()
+        sender.join()
+        torch.set_num_threads(before)
+    assert working.is_set() and waited < 55  # not the 60 s the first after would take
+    assert all((tmp_path / c.model / "model.json").exists() for c in cfgs)
+
+
+def test_reproduce_makes_each_thing_once_with_force(tmp_path, data_dir, low_dpi) -> None:
+    """With --force the classifier and the evaluation made beside the training are not made a
+    second time by the steps after it (they reuse them)."""
+    out = tmp_path / "report"
+    buf = io.StringIO()
+    console = Console(file=buf, width=200)
+    reproduce(out, preset="smoke", dataset=f"idx:{data_dir}", num_samples=5, progress=False,
+              formats=("png",), force=True, console=console)
+    text = buf.getvalue()
+    assert text.count("training the digit classifier") == 1
+    for kind in KINDS:
+        assert text.count(f"evaluating {kind} (") == 1, kind
+    assert "classifier found, reused" in text
+    assert "evaluation of the same weights and settings found, reused" in text
 
 
 def fake_eval(recon: float, kl: float, active: int, seed: int) -> dict:

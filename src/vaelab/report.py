@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shlex
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -233,13 +234,15 @@ def _plan_run(
 def ensure_runs(
     jobs: Sequence[tuple[Path, TrainConfig]], *, force: bool, progress: bool,
     log: Callable[[str], None], device: torch.device, parallel: int = 2,
-    sweep: bool = False, console: Any = None,
+    sweep: bool = False, console: Any = None, after: Callable[[Path], None] | None = None,
 ) -> list[Run]:
     """The finished runs ``[(path, config), ...]``: each reused if there, resumed if
     unfinished, trained if absent. On CUDA up to ``parallel`` train side by side in one
     process (``train_concurrently``); elsewhere, with ``sweep`` and Ray installed, they train
     at once as the tasks of a local Ray, one per core (``vaelab.sweep.train_trials``), else one
-    after the other. A run of another config is replaced only with ``force``."""
+    after the other. A run of another config is replaced only with ``force``. ``after(path)``:
+    called once the run in ``path`` has trained here, on its thread (``train_concurrently``'s
+    ``after``; not for runs reused, or trained on a Ray)."""
     from vaelab.training import dist_env, train_concurrently
 
     todo = []
@@ -263,7 +266,8 @@ def ensure_runs(
             raise VaelabError(f"{len(outcome.failures)} of {len(todo)} runs failed "
                               f"({name}: {message})")
     else:
-        train_concurrently(todo, parallel=parallel, progress=progress, log=log)
+        hook = None if after is None else (lambda i: after(todo[i][1]))
+        train_concurrently(todo, parallel=parallel, progress=progress, log=log, after=hook)
     return [load_run(path, device) for path, _ in jobs]
 
 
@@ -459,6 +463,13 @@ class Study:
     t_start: float
     timings: dict[str, float] = field(default_factory=dict)
     datasets: dict[tuple, Dataset] = field(default_factory=dict)
+    # made fresh beside the training (``work_beside_training``): "classifier", a run's name;
+    # the steps after training reuse them, --force or not
+    made: set[str] = field(default_factory=set)
+
+    def forces(self, item: str) -> bool:
+        """Whether ``item`` is to be made afresh: with --force, unless made so already."""
+        return self.force and item not in self.made
 
     @property
     def quick(self) -> bool:
@@ -542,9 +553,10 @@ def run_study(
     load_start = _load_average()
     with _timed(study.timings, "training"):
         plan = plan_runs(study)
-        named = train_runs(study, plan)
+        named = train_runs(study, plan, after=work_beside_training(study, plan))
     with _timed(study.timings, "classifier"):
-        classifier, classifier_meta = study_classifier(study, named)
+        ccfg = named["cvae"].config["config"]
+        classifier, classifier_meta = study_classifier(study, ccfg["dataset"], ccfg.get("limit"))
     with _timed(study.timings, "evaluation"):
         evaluations, exact = evaluate_runs(study, named, classifier, classifier_meta)
     with _timed(study.timings, "figures"):
@@ -645,28 +657,60 @@ def plan_runs(study: Study) -> RunPlan:
     return RunPlan(named=named, jobs=jobs, seed_runs=seed_runs, annealing=annealing)
 
 
-def train_runs(study: Study, plan: RunPlan) -> dict[str, Run]:
-    """Every run of ``plan``, finished (its jobs reused, resumed or trained by ``ensure_runs``),
-    by name: the VAE and the CVAE first, then the ablation runs in the plan's order."""
+def train_runs(study: Study, plan: RunPlan,
+               after: Callable[[Path], None] | None = None) -> dict[str, Run]:
+    """Every run of ``plan``, finished (its jobs reused, resumed or trained by ``ensure_runs``,
+    which calls ``after(path)`` as each has trained), by name: the VAE and the CVAE first,
+    then the ablation runs in the plan's order."""
     jobs = plan.jobs
     runs_done = ensure_runs([(study.out / "runs" / name, cfg) for name, cfg in jobs.items()],
                             force=study.force, progress=study.progress, log=study.log,
-                            device=study.device, sweep=study.ablations, console=study.console)
+                            device=study.device, sweep=study.ablations, console=study.console,
+                            after=after)
     named = dict(plan.named)
     named.update(zip(jobs, runs_done, strict=True))
     return {k: named[k] for k in [*KINDS, *(n for n in jobs if n not in KINDS)]}
 
 
+def work_beside_training(study: Study, plan: RunPlan) -> Callable[[Path], None] | None:
+    """What the first of the VAE and the CVAE to finish training does on the core it leaves
+    idle while the other still trains (on a CPU, where the two train side by side, one core
+    each): the digit classifier, then that run's evaluation. Each is kept on disk, where the
+    steps after training find and reuse it (``ensure_classifier``, ``ensure_evaluation``), so
+    the report is the same either way; ``study.timings`` records each (``beside_training_*``:
+    seconds within the training's). None where nothing is gained: on CUDA (the training takes
+    seconds), with ablations (a Ray trains the runs), or where not both are trained here."""
+    if study.device.type != "cpu" or study.ablations or set(plan.jobs) != set(KINDS):
+        return None
+    first = threading.Lock()
+    kinds = {study.out / "runs" / kind: kind for kind in KINDS}
+    cvae = plan.jobs["cvae"]
+
+    def after(path: Path) -> None:
+        if not first.acquire(blocking=False):
+            return  # the second to finish: the steps after training do the rest
+        kind, times = kinds[path], study.timings
+        with _timed(times, "beside_training_classifier"):
+            classifier, meta = study_classifier(study, cvae.dataset, cvae.limit)
+        study.made.add("classifier")
+        with _timed(times, f"beside_training_evaluation_{kind}"):
+            evaluate_run(study, kind, load_run(path, study.device), classifier, meta)
+        study.made.add(kind)
+
+    return after
+
+
 def study_classifier(
-    study: Study, named: dict[str, Run]
+    study: Study, dataset: str, limit: int | None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The digit classifier that judges the CVAE's samples, trained on the CVAE's images
-    (``ensure_classifier`` in ``out/classifier``), and its metadata."""
-    ccfg = named["cvae"].config["config"]
+    (its ``dataset`` and ``limit``; ``ensure_classifier`` in ``out/classifier``), and its
+    metadata."""
     epochs = study.classifier_epochs or study.recipe["classifier_epochs"]
     return ensure_classifier(
-        study.out / "classifier", dataset=ccfg["dataset"], epochs=epochs, limit=ccfg.get("limit"),
-        seed=study.seeds[0], force=study.force, log=study.log, device=study.device)
+        study.out / "classifier", dataset=dataset, epochs=epochs, limit=limit,
+        seed=study.seeds[0], force=study.forces("classifier"), log=study.log,
+        device=study.device)
 
 
 def evaluate_runs(
@@ -718,7 +762,8 @@ def evaluate_run(
     exact_key = {"model_sha256": _model_sha256(run), "tolerance": study.tolerance,
                  "test_images": len(study.test_part_of(run).test), "vaelab": __version__}
     wants_exact = study.tolerance is not None and run.model.latent_dim <= EXACT_MAX_LATENT
-    exact = ExactLogPx.load(exact_path, exact_key) if wants_exact and not study.force else None
+    force = study.forces(name)
+    exact = ExactLogPx.load(exact_path, exact_key) if wants_exact and not force else None
     settings = _evaluation_settings(study, run, classifier_meta)
     n, k = study.logpx_images, study.num_samples
 
@@ -742,7 +787,7 @@ def evaluate_run(
             logpx_images=n, tolerance=study.tolerance, exact=exact)
 
     ev = ensure_evaluation(study.out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
-                           force=study.force, log=study.log)
+                           force=force, log=study.log)
     ev["run"] = str(run.path)  # a reused evaluation may come from a copied folder
     ev["config"] = run.config["config"]
     ev["train_summary"] = run.summary
@@ -1093,8 +1138,13 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     blocks += ablation_blocks(results.get("ablations"))
     blocks += figure_blocks(results)
     t = results["timings"]
+    beside = [k for k in t if k.startswith("beside_training_")]
     blocks += [("h2", "Runtime"),
                ("table", ["step", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()])]
+    if beside:
+        blocks += [("p", f"{', '.join(beside)}: on the core the first run to finish left idle, "
+                         "while the other still trained (inside the training's seconds; the "
+                         "later steps reused what they made).")]
     return blocks
 
 

@@ -28,6 +28,7 @@ def train_concurrently(
     parallel: int = 2,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    after: Callable[[int], None] | None = None,
 ) -> list[TrainResult]:
     """Train several runs, ``jobs`` = [(config, out, Trainer keyword options), ...], in order.
 
@@ -43,6 +44,14 @@ def train_concurrently(
     then computes what it would alone with that many threads. Otherwise the runs train one
     after the other, with their progress bars. SIGINT or SIGTERM stops every run at its next
     step with a checkpoint (``Interrupted``).
+
+    ``after(i)``, where given, is called once job ``i`` has trained, in its own thread and
+    with its share of the threads, while the other runs may still train: work that needs only
+    that run (its evaluation, say) then fills the core it leaves idle. A signal stops the runs
+    still training and is raised (``Interrupted``) once they have saved their checkpoints,
+    without waiting for an ``after`` in progress: that work must keep nothing it has not
+    finished (write its results atomically), as it is abandoned. An ``after`` that fails is
+    raised once every run has stopped.
     """
     if parallel < 1:
         raise ConfigError(f"parallel must be >= 1, got {parallel}")
@@ -51,11 +60,16 @@ def train_concurrently(
     alone = len(jobs) < 2 or parallel == 1 or len(kinds) != 1 or dist_env()[1] > 1
     if not alone and kinds == {"cuda"}:
         with cuda_settings("cuda", benchmark=True):  # one scope over every thread's run
-            return _side_by_side(jobs, parallel, log)
+            return _side_by_side(jobs, parallel, log, after)
     if not alone and kinds == {"cpu"} and torch.get_num_threads() >= width:
         with cpu_threads(max(1, torch.get_num_threads() // width)):
-            return _side_by_side(jobs, width, log)
-    return [train(cfg, out, progress=progress, log=log, **kw) for cfg, out, kw in jobs]
+            return _side_by_side(jobs, width, log, after)
+    results = []
+    for i, (cfg, out, kw) in enumerate(jobs):
+        results.append(train(cfg, out, progress=progress, log=log, **kw))
+        if after is not None:
+            after(i)
+    return results
 
 
 @contextmanager
@@ -70,9 +84,8 @@ def cpu_threads(n: int) -> Iterator[None]:
 
 
 def _side_by_side(jobs: Sequence[tuple[TrainConfig, str | os.PathLike, dict[str, Any]]],
-                  parallel: int, log: Callable[[str], None] | None) -> list[TrainResult]:
-    from concurrent.futures import ThreadPoolExecutor
-
+                  parallel: int, log: Callable[[str], None] | None,
+                  after: Callable[[int], None] | None = None) -> list[TrainResult]:
     def tagged(out: str | os.PathLike) -> Callable[[str], None] | None:
         return None if log is None else (lambda s: log(f"[{Path(out).name}] {s}"))
 
@@ -107,14 +120,65 @@ def _side_by_side(jobs: Sequence[tuple[TrainConfig, str | os.PathLike, dict[str,
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            futures = [pool.submit(fit, t) for t in trainers]
-            while not all(f.done() for f in futures):
-                time.sleep(0.05)  # the main thread stays free to take signals
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        lanes = [_Lane(i, t, fit, after, stop) for i, t in enumerate(trainers)]
+        for lane in _queued(lanes, parallel):
+            lane.start()
+        while not all(lane.done(abandon=bool(stop)) for lane in lanes):
+            time.sleep(0.05)  # the main thread stays free to take signals
+        errors = [lane.error for lane in lanes if lane.error is not None]
+        if stop and not any(isinstance(e, Interrupted) for e in errors):
+            errors.append(Interrupted(
+                f"{signal.Signals(stop[0]).name}: stopped after every run had trained",
+                "the same command (the trained runs are kept)", stop[0]))
         if errors:  # a real failure before an interruption it may have caused elsewhere
             raise next((e for e in errors if not isinstance(e, Interrupted)), errors[0])
-        return [f.result() for f in futures]
+        return [lane.result for lane in lanes]  # type: ignore[misc]
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+class _Lane(threading.Thread):
+    """One run's thread: its training, then ``after(i)`` (unless a signal came first), then
+    the lanes queued behind it in turn (``_queued``)."""
+
+    def __init__(self, i: int, trainer: Trainer, fit: Callable[[Trainer], TrainResult],
+                 after: Callable[[int], None] | None, stop: list[int]) -> None:
+        # a daemon: an ``after`` still running when a signal stops the runs is abandoned
+        super().__init__(name=f"vaelab-run-{i}", daemon=True)
+        self.i, self.trainer, self._fit, self._after, self._stop = i, trainer, fit, after, stop
+        self.result: TrainResult | None = None
+        self.error: BaseException | None = None
+        self.started_work = self.trained = self.finished = False
+        self.queue: list[_Lane] = []
+
+    def run(self) -> None:
+        for lane in [self, *self.queue]:
+            lane.work()
+
+    def work(self) -> None:
+        self.started_work = True
+        try:
+            self.result = self._fit(self.trainer)
+        except BaseException as e:  # noqa: BLE001 - raised in the main thread
+            self.error = e
+        self.trained = True
+        if self.error is None and self._after is not None and not self._stop:
+            try:
+                self._after(self.i)
+            except BaseException as e:  # noqa: BLE001 - raised in the main thread
+                self.error = e
+        self.finished = True
+
+    def done(self, abandon: bool) -> bool:
+        """Finished; or, with ``abandon``, not training (its ``after``, or its start, which
+        a signal refuses, is left to its thread)."""
+        return self.finished or (abandon and (self.trained or not self.started_work))
+
+
+def _queued(lanes: list[_Lane], parallel: int) -> list[_Lane]:
+    """The ``parallel`` lanes that get threads; the others wait in their queues, in turn."""
+    heads = lanes[:parallel]
+    for j, lane in enumerate(lanes[parallel:]):
+        heads[j % parallel].queue.append(lane)
+    return heads
