@@ -836,7 +836,33 @@ def decode_batch() -> str:
         "samples, the Gauss-Hermite nodes), with the same numbers as one call for all.")])
 
 
-SECTIONS = {"decode-batch": decode_batch, "exact-results": exact_results,
+_MALLOC = "benchmarks/malloc-keep-cpu.json"
+
+
+def malloc_keep() -> str:
+    """BENCHMARKS: the study pair's training rate with glibc keeping freed blocks
+    (``vaelab.memory.keep_freed_memory``) against its default, and the page faults."""
+    r = _load(_MALLOC)
+    med, faults = r["median_images_per_s"], {
+        mode: sorted(x[mode]["page_faults"] for x in r["rounds"]) for mode in ("plain", "keep")}
+    lines = ["| model | glibc's default, images/s | freed blocks kept, images/s | ratio |",
+             "|---|---:|---:|---:|"]
+    for kind in ("vae", "cvae"):
+        lines.append(f"| {kind.upper()} | {med['plain'][kind]:,.0f} | {med['keep'][kind]:,.0f} "
+                     f"| {r['speedup'][kind]:.2f}x |")
+    m, n = r["machine"], len(r["rounds"])
+    load = r["load_average"][0]
+    return "\n".join(lines + ["", (
+        f"The VAE and the CVAE trained side by side for one epoch of {r['images']:,} images "
+        f"({r['precision']}, one core each, as `vaelab reproduce` trains them), each way in "
+        f"a fresh process, alternating, {n} rounds; the median of each. Page faults per "
+        f"process: {faults['plain'][0]:,} to {faults['plain'][-1]:,} with glibc's default, "
+        f"{faults['keep'][0]:,} to {faults['keep'][-1]:,} with the blocks kept. Measured "
+        f"with `{r['command']}` on {_machine(m)}, load average "
+        f"{load[0]:.1f} at the start.")])
+
+
+SECTIONS = {"decode-batch": decode_batch, "malloc-keep": malloc_keep, "exact-results": exact_results,
             "exact-timing": exact_timing,
             "exact-error-check": exact_error_check,
             "sweep-timing": sweep_timing, "sweep-timing-full": sweep_timing_full,
