@@ -31,7 +31,7 @@ from vaelab.evaluate import (
     normalise_evaluation,
 )
 from vaelab.models import ConvCVAE, ConvVAE, ModelSpec
-from vaelab.objectives import log_likelihood, log_standard_normal
+from vaelab.objectives import elbo_terms, log_likelihood, log_standard_normal
 
 SMALL = dict(channels=(4, 8), enc_hidden=16, dec_hidden=16)
 
@@ -446,3 +446,39 @@ def test_the_decoder_runs_in_slices_on_a_cpu_with_the_same_numbers(
     assert torch.allclose(exact.log_px, again.log_px, atol=1e-4)
     assert torch.allclose(gh, evaluate.gauss_hermite_elbo(model, split), atol=1e-4)
     assert evaluate.decode_batch(torch.device("cuda"), 5000) == 5000  # elsewhere, untouched
+
+
+def test_the_elbo_and_the_encodings_run_in_slices_on_a_cpu_with_the_same_numbers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-out -ELBO (every epoch's val and test numbers) and the encodings pass a batch
+    through the network ``CPU_DECODE_BATCH`` images at a time on a CPU, with the same noise
+    as one pass: the numbers equal the whole batch's."""
+    from vaelab import evaluate
+
+    torch.manual_seed(0)
+    model = ConvCVAE(ModelSpec(kind="cvae", latent_dim=2, label_conditioning="film", **SMALL))
+    split = as_split(torch.rand(50, 28, 28), torch.arange(50) % 10)
+    sizes: list[int] = []
+    plain = model.encode
+    monkeypatch.setattr(model, "encode", lambda x, y=None: sizes.append(len(x)) or plain(x, y))
+    monkeypatch.setattr(evaluate, "CPU_DECODE_BATCH", 8)
+    sliced = evaluate.evaluate_elbo(model, split, batch_size=20, seed=3)
+    mu, logvar = evaluate.encode_split(model, split, batch_size=20)
+    assert sizes and max(sizes) == 8 and sum(sizes) == 100
+    monkeypatch.setattr(evaluate, "CPU_DECODE_BATCH", 10**9)
+    whole = evaluate.evaluate_elbo(model, split, batch_size=20, seed=3)
+    mu1, logvar1 = evaluate.encode_split(model, split, batch_size=20)
+    assert max(sizes[-2:]) == 20
+    for key in ("recon", "kl", "neg_elbo"):
+        assert sliced[key] == pytest.approx(whole[key], abs=1e-4)
+    assert sliced["kl_per_dim"] == pytest.approx(whole["kl_per_dim"], abs=1e-4)
+    assert torch.allclose(mu, mu1, atol=1e-5) and torch.allclose(logvar, logvar1, atol=1e-5)
+    # the noise is the one a single pass draws from the seeded generator
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        x = split.images[:20].float().div(255).unsqueeze(1)
+        out = model(x, split.labels[:20], generator=gen)
+    first = evaluate.evaluate_elbo(model, split.subset(20), batch_size=20, seed=3)
+    assert first["neg_elbo"] == pytest.approx(
+        float(elbo_terms(x, out.mu, out.logvar, out.logits, "bernoulli").neg_elbo.mean()),
+        abs=1e-4)
