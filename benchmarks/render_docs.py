@@ -716,6 +716,23 @@ def _network_label(g: dict) -> str:
     return ", ".join(parts)
 
 
+def _machines_of(ms: list[dict]) -> list[str]:
+    """Each kind of machine once: rows of the same CPU name, cores, torch and bf16 unit are
+    one entry, with the family and model where the rows recorded them (older rows did not)."""
+    groups: dict[tuple, list[str | None]] = {}
+    for m in ms:
+        key = (m.get("cpu", "?"), m.get("cores", "?"), m.get("torch", "?"),
+               m.get("cpu_bf16") or "none")
+        groups.setdefault(key, []).append(m.get("cpu_id"))
+    out = []
+    for (cpu, cores, torch_v, bf16), ids in groups.items():
+        known = list(dict.fromkeys(i for i in ids if i))
+        older = "; older rows recorded no family and model" if known and None in ids else ""
+        where = ", ".join([*known, f"{cores} cores"]) + older
+        out.append(f"{cpu} ({where}), torch {torch_v} (bf16 instructions: {bf16})")
+    return out
+
+
 def seeds_cpu() -> str:
     """README: the seed preset over seeds and precisions on this CPU, against the targets."""
     r = _load(_SEEDS)
@@ -744,9 +761,7 @@ def seeds_cpu() -> str:
             diffs.append(f"{sum(d) / len(d):+.2f} for the {n[0].upper()} ({n[1]}: seeds "
                          f"{', '.join(map(str, same))})")
     # each row keeps the machine that measured it (``--keep`` adds rows from other machines)
-    machines = list(dict.fromkeys(
-        f"{_machine(m)} (bf16 instructions: {m.get('cpu_bf16') or 'none'})"
-        for m in (row.get("machine") or r["machine"] for row in r["runs"])))
+    machines = _machines_of([row.get("machine") or r["machine"] for row in r["runs"]])
     text = (f"On {' and '.join(machines)} (each run's own in `{_SEEDS}`); written by "
             "`benchmarks/seeds_precision.py` from the run folders. The runs shared the two "
             "cores with other work, most on one thread two or three at a time, so their "
