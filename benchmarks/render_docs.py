@@ -737,7 +737,19 @@ def seeds_cpu() -> str:
     """README: the seed preset over seeds and precisions on this CPU, against the targets."""
     r = _load(_SEEDS)
     lines = ["| model (network) | precision | seeds | test -ELBO per seed | mean ± std | worst | "
-             "target | met? | val -ELBO, mean |", "|---|---|---|---|---:|---:|---|---|---:|"]
+             "target | met? | val -ELBO, mean | measured on |",
+             "|---|---|---|---|---:|---:|---|---|---:|---|"]
+
+    def net(x: dict) -> tuple:
+        return x["model"], _network_label(x)
+
+    def where(g: dict) -> str:  # the machines of the group's runs, short
+        ms = [x.get("machine") or r["machine"] for x in r["runs"] if net(x) == net(g)
+              and x["precision"] == g["precision"] and x["seed"] in g["seeds"]]
+        return ", ".join(dict.fromkeys(
+            re.sub(r"\((R|TM)\)| Processor| \d+-Core.*", "", m.get("cpu", "?")).strip()
+            + f" ({m.get('cpu_bf16') or 'no bf16'})" for m in ms))
+
     for g in r["groups"]:
         t = g["target"]
         target = f"each <= {t['each']:.1f}" + (f", mean <= {t['mean']:.1f}" if "mean" in t
@@ -747,10 +759,7 @@ def seeds_cpu() -> str:
         lines.append(f"| {name} | {g['precision']} | {', '.join(map(str, g['seeds']))} | "
                      + ", ".join(f"{v:.2f}" for v in g["neg_elbo"])
                      + f" | {g['mean']:.2f}{spread} | {g['worst']:.2f} | {target} | "
-                     + ("yes" if g["met"] else "no") + f" | {g['val_mean']:.2f} |")
-    def net(x: dict) -> tuple:
-        return x["model"], _network_label(x)
-
+                     + ("yes" if g["met"] else "no") + f" | {g['val_mean']:.2f} | {where(g)} |")
     diffs = []
     for n in sorted({net(x) for x in r["runs"]}, key=str):
         value = {(x["precision"], x["seed"]): x["test"]["neg_elbo"] for x in r["runs"]
@@ -882,7 +891,8 @@ def malloc_keep() -> str:
         f"{load[0]:.1f} at the start.")])
 
 
-SECTIONS = {"decode-batch": decode_batch, "malloc-keep": malloc_keep, "exact-results": exact_results,
+SECTIONS = {"decode-batch": decode_batch, "malloc-keep": malloc_keep,
+            "exact-results": exact_results,
             "exact-timing": exact_timing,
             "exact-error-check": exact_error_check,
             "sweep-timing": sweep_timing, "sweep-timing-full": sweep_timing_full,
