@@ -463,8 +463,8 @@ class Study:
     t_start: float
     timings: dict[str, float] = field(default_factory=dict)
     datasets: dict[tuple, Dataset] = field(default_factory=dict)
-    # made fresh beside the training (``work_beside_training``): "classifier", a run's name;
-    # the steps after training reuse them, --force or not
+    # made fresh beside the training (``work_beside_training``): "classifier"; the steps
+    # after training reuse it, --force or not
     made: set[str] = field(default_factory=set)
 
     def forces(self, item: str) -> bool:
@@ -673,39 +673,29 @@ def train_runs(study: Study, plan: RunPlan,
 
 
 def work_beside_training(study: Study, plan: RunPlan) -> Callable[[Path], None] | None:
-    """What the VAE's and the CVAE's threads do once each has trained (on a CPU, where the
-    two train side by side, one core each), so that no core waits while the other works: the
-    first to finish trains the digit classifier, then each evaluates its own run (the second
-    waits for the classifier, which the CVAE's evaluation needs). Two one-thread evaluations
-    side by side get more done than two two-thread ones in turn. Each result is kept on disk,
-    where the steps after training find and reuse it (``ensure_classifier``,
-    ``ensure_evaluation``), so the report is the same either way; ``study.timings`` records
-    each (``beside_training_*``, seconds within the training's). None where nothing is gained:
-    on CUDA (the training takes seconds), with ablations (a Ray trains the runs), or where
-    not both are trained here."""
+    """What the first of the VAE and the CVAE to finish training does on the core it leaves
+    idle while the other still trains (on a CPU, where the two train side by side, one core
+    each): the digit classifier (a few minutes of one core, about what the CVAE's longer
+    training leaves). It is kept on disk, where the step after training finds and reuses it
+    (``ensure_classifier``, also under --force: ``Study.made``), so the report is the same
+    either way; ``study.timings["beside_training_classifier"]`` records its seconds (within
+    the training's). The evaluations stay after the training, on every core: on a 2-core CPU,
+    the CVAE's evaluation on one core beside the VAE's took longer than both in turn on two
+    (the CVAE's is the larger, so it set the end). None
+    where nothing is gained: on CUDA (the training takes seconds), with ablations (a Ray
+    trains the runs), or where not both are trained here."""
     if study.device.type != "cpu" or study.ablations or set(plan.jobs) != set(KINDS):
         return None
-    first, ready = threading.Lock(), threading.Event()
-    made: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
-    quiet = replace(study, progress=False)  # one live display at a time: no bars in threads
-    kinds = {study.out / "runs" / kind: kind for kind in KINDS}
+    first = threading.Lock()
     cvae = plan.jobs["cvae"]
+    quiet = replace(study, progress=False)  # one live display at a time: no bars in threads
 
     def after(path: Path) -> None:
-        if first.acquire(blocking=False):
-            try:
-                with _timed(study.timings, "beside_training_classifier"):
-                    made["classifier"] = study_classifier(quiet, cvae.dataset, cvae.limit)
-                study.made.add("classifier")
-            finally:
-                ready.set()
-        ready.wait()
-        if "classifier" not in made:
-            return  # it failed: the other thread raises why
-        kind = kinds[path]
-        with _timed(study.timings, f"beside_training_evaluation_{kind}"):
-            evaluate_run(quiet, kind, load_run(path, study.device), *made["classifier"])
-        study.made.add(kind)
+        if not first.acquire(blocking=False):
+            return  # the second to finish: the steps after training do the rest
+        with _timed(study.timings, "beside_training_classifier"):
+            study_classifier(quiet, cvae.dataset, cvae.limit)
+        study.made.add("classifier")
 
     return after
 
@@ -1152,9 +1142,9 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     blocks += [("h2", "Runtime"),
                ("table", ["step", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()])]
     if beside:
-        blocks += [("p", f"{', '.join(beside)}: in a run's own thread once it had trained, "
-                         "beside the other run's training or evaluation (inside the "
-                         "training's seconds; the later steps reused what they made).")]
+        blocks += [("p", f"{', '.join(beside)}: in the thread of the first run to finish "
+                         "training, beside the other run's training (inside the training's "
+                         "seconds; the later steps reused what it made).")]
     return blocks
 
 
