@@ -549,15 +549,14 @@ def end_to_end_timing() -> str:
     # the quick start's command itself (only its folder differs), or what was timed
     cmd = ("vaelab reproduce --out report" if r["command"] == f"vaelab reproduce --out {r['out']}"
            else r["command"])
-    beside = {k[len("beside_training_"):]: v for k, v in t.items()
-              if k.startswith("beside_training_")}
-    inside = ("; inside it, in each run's thread once it had trained: " + ", ".join(
-        f"{k.replace('_', ' ')} {v:.0f} s" for k, v in beside.items()) + ";"
-        if beside else ",")
+    clf = t.get("beside_training_classifier")
+    steps = (f"of which the classifier {clf:.0f} s on the core the first run to finish "
+             "left idle beside the other's training)," if clf is not None else
+             f"), classifier {t['classifier']:.0f} s,")
     return (f"On {_machine(m)} ({unit}), the quick start's `{cmd}` took "
             f"{t['total'] / 60:.1f} minutes end to end"
             f": training {t['training'] / 60:.1f} min (the VAE and the CVAE side by side, "
-            f"{precision}){inside} classifier {t['classifier']:.0f} s, evaluation "
+            f"{precision}" + ("; " if clf is not None else "") + f"{steps} evaluation "
             f"{t['evaluation']:.0f} s, figures {t['figures']:.0f} s (`{_E2E}`"
             + (f", load average {load[0]:.1f} at the start" if load else "") + "). The "
             "15-minute goal is " + ("met" if t["total"] <= 15 * 60 else "not met")
