@@ -560,7 +560,27 @@ def end_to_end_timing() -> str:
             f"{t['evaluation']:.0f} s, figures {t['figures']:.0f} s (`{_E2E}`"
             + (f", load average {load[0]:.1f} at the start" if load else "") + "). The "
             "15-minute goal is " + ("met" if t["total"] <= 15 * 60 else "not met")
-            + " on this CPU.")
+            + " on this CPU." + _e2e_again(r))
+
+
+_E2E_AGAIN = "results/reproduce-cpu-e2e-again.json"
+
+
+def _e2e_again(first: dict) -> str:
+    """The same command timed again later on the same kind of machine, with its training's
+    speed beside the first's (a shared host's speed varies from day to day)."""
+    r = _load(_E2E_AGAIN)
+    t = r["timings"]
+    rate = {run: r["evaluations"][run]["train_summary"]["train_seconds"]
+            / first["evaluations"][run]["train_summary"]["train_seconds"] for run in ("cvae",)}
+    clf = t.get("beside_training_classifier")
+    return (f" Timed again later on {_machine(r['machine'])} (`{_E2E_AGAIN}`): "
+            f"{t['total'] / 60:.1f} minutes (training {t['training'] / 60:.1f} min"
+            + (f", the classifier {clf:.0f} s of it beside the slower run's training"
+               if clf is not None else "")
+            + f"; evaluation {t['evaluation']:.0f} s; figures {t['figures']:.0f} s); there the "
+            f"CVAE's training epochs took {rate['cvae']:.2f}x the seconds of the first run's, "
+            "a slower host that day (the step's code changed only where measured faster).")
 
 
 def quickstart_timing() -> str:
