@@ -64,10 +64,11 @@ def _batches(
         yield x, split.labels[i : i + batch_size].to(device, torch.int64)
 
 
-def _slices(n: int, device: torch.device) -> list[slice]:
-    """A batch of ``n`` in the slices of ``decode_batch`` (on a CPU: ``CPU_DECODE_BATCH``,
-    where a pass at 1,000 images runs about 1.5x slower per image; elsewhere one slice)."""
-    step = max(1, decode_batch(device, n))
+def _slices(n: int, device: torch.device, chunk: int | None = None) -> list[slice]:
+    """``n`` rows in slices of ``decode_batch(device, chunk)`` (``chunk`` None: ``n``; on a
+    CPU at most ``CPU_DECODE_BATCH``, where a pass at 1,000 images runs about 1.5x slower per
+    image; elsewhere ``chunk``)."""
+    step = max(1, decode_batch(device, n if chunk is None else chunk))
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
@@ -394,11 +395,11 @@ def decode_batch(device: torch.device, chunk: int) -> int:
 def decode_sliced(model: nn.Module, z: Tensor, labels: Tensor | None, chunk: int) -> Tensor:
     """``model.decode(z, labels)`` in slices of ``decode_batch(z.device, chunk)`` latents:
     the same logits, computed in the batch size the device runs fastest."""
-    step = max(1, decode_batch(z.device, chunk))
-    if z.shape[0] <= step:
+    slices = _slices(z.shape[0], z.device, chunk)
+    if len(slices) <= 1:
         return model.decode(z, labels)
-    return torch.cat([model.decode(z[i : i + step], None if labels is None else
-                                   labels[i : i + step]) for i in range(0, z.shape[0], step)])
+    return torch.cat([model.decode(z[s], None if labels is None else labels[s])
+                      for s in slices])
 
 
 class _Decoder:

@@ -762,8 +762,7 @@ def evaluate_run(
     exact_key = {"model_sha256": _model_sha256(run), "tolerance": study.tolerance,
                  "test_images": len(study.test_part_of(run).test), "vaelab": __version__}
     wants_exact = study.tolerance is not None and run.model.latent_dim <= EXACT_MAX_LATENT
-    force = study.forces(name)
-    exact = ExactLogPx.load(exact_path, exact_key) if wants_exact and not force else None
+    exact = ExactLogPx.load(exact_path, exact_key) if wants_exact and not study.force else None
     settings = _evaluation_settings(study, run, classifier_meta)
     n, k = study.logpx_images, study.num_samples
 
@@ -787,7 +786,7 @@ def evaluate_run(
             logpx_images=n, tolerance=study.tolerance, exact=exact)
 
     ev = ensure_evaluation(study.out / EVALUATIONS / f"{name}.json", run, settings, evaluate,
-                           force=force, log=study.log)
+                           force=study.force, log=study.log)
     ev["run"] = str(run.path)  # a reused evaluation may come from a copied folder
     ev["config"] = run.config["config"]
     ev["train_summary"] = run.summary
