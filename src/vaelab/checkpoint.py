@@ -109,14 +109,15 @@ def _verified_bytes(path: Path, expected_sha: str, where: Path) -> bytes:
 # --------------------------------------------------------------------------------------------
 def save_checkpoint(
     run_dir: Path, model: torch.nn.Module | bytes, spec: ModelSpec, state: dict[str, Any],
-    *, step: int, epoch: int, keep: int = KEEP_CHECKPOINTS,
+    *, step: int, epoch: int, keep: int = KEEP_CHECKPOINTS, protect: int | None = None,
 ) -> Path:
-    """Write checkpoint ``step-<step>`` atomically and keep only the newest ``keep``.
+    """Write checkpoint ``step-<step>`` atomically and keep only the newest ``keep``, and the
+    one of step ``protect`` (early stopping's best epoch) wherever it is.
 
     ``model`` is the module, or its ``weights_bytes`` taken earlier (a snapshot written later).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    final = root / f"step-{step:08d}"
+    final = root / checkpoint_name(step)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -145,9 +146,16 @@ def save_checkpoint(
             raise write_error(e, final, what=f"checkpoint {final}",
                               kept="the previous checkpoints are kept") from e
         raise
+    kept = None if protect is None else checkpoint_name(protect)
     for old in list_checkpoints(run_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after ``step`` optimisation steps."""
+    return f"step-{step:08d}"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -221,7 +221,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     keys = ["model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "weight_decay",
             "lr_schedule",
             "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
-            "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
+            "seed", "device", "precision", "val_size", "limit", "checkpoint_every", "patience",
             "objective", "k", "binarize", *ARCHITECTURE_KNOBS]
     out = {k: getattr(args, k) for k in keys}
     out["cuda_graphs"] = False if getattr(args, "no_cuda_graphs", False) else None
@@ -293,7 +293,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     from vaelab.objectives import BETA_SCHEDULE_ALIASES, BETA_SCHEDULES, LIKELIHOODS, OBJECTIVES
 
     p.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs (with --patience: the most it trains)")
+    p.add_argument("--patience", type=_count, default=None, metavar="N",
+                   help="early stopping: stop once N epochs in a row bring no better "
+                   "validation -ELBO, and keep the best epoch's weights as the run's model "
+                   "(its checkpoint is kept until the run ends; 0: off, the default: train "
+                   "every epoch and keep the last)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size")
     p.add_argument("--lr", type=_real, default=None, help="Adam learning rate")
     p.add_argument("--weight-decay", type=_real, default=None,

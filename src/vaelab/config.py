@@ -94,6 +94,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW), on weight matrices and kernels only
     lr_schedule: str = "constant"
     epochs: int = 30
+    # early stopping: stop once this many epochs in a row bring no better validation -ELBO,
+    # and keep the weights of the best epoch (0: off, train every epoch, keep the last)
+    patience: int = 0
     beta_schedule: str = "linear-step"  # "linear" is its old name
     warmup_epochs: float = 10.0
     beta: float = 1.0
@@ -180,6 +183,9 @@ class TrainConfig:
             (self.val_size >= 0, f"validation size must be >= 0, got {_short(self.val_size)}"),
             (self.limit is None or self.limit >= 1,
              f"limit must be >= 1, got {_short(self.limit)}"),
+            (self.patience >= 0, f"patience must be >= 0 epochs, got {_short(self.patience)}"),
+            (self.patience == 0 or self.val_size > 0,
+             "--patience needs a validation split to watch: --val-size must be > 0"),
             (self.checkpoint_every >= 0,
              f"checkpoint-every must be >= 0 steps, got {_short(self.checkpoint_every)}"),
             (self.eval_batch_size >= 1, "eval batch size must be >= 1"),

@@ -51,7 +51,7 @@ EXACT_FILE = "exact_log_px.json"
 GRID_KEYS = ("model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "weight_decay",
             "lr_schedule",
              "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
-             "seed", "device", "precision", "val_size", "limit", "checkpoint_every",
+             "seed", "device", "precision", "val_size", "limit", "checkpoint_every", "patience",
              "objective", "k", "binarize", *ARCHITECTURE_KNOBS)
 # Settings that say where and how often, not what is trained: a finished trial that differs
 # from the wanted config only in these (say, trained with --device cpu) is reused.

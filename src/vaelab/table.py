@@ -24,7 +24,8 @@ and computes nothing. The folder::
     NAME/        a run folder (+ table_eval.json)
 
 Nothing is chosen on the test split: the runs train a fixed number of epochs and keep their
-final weights (no early stopping); the validation split is only watched.
+final weights, or with ``--patience N`` stop early on the validation split and keep their best
+validation epoch's weights (``selection``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ GRID_OPTIONS = {"arch": "--archs", "latent_dim": "--latent-dims", "seed": "--see
 SELECTION = ("none: every run trains its fixed number of epochs and keeps its final weights "
              "(no early stopping); the validation split is only watched and the test split "
              "is used for nothing but this table")
+EARLY_STOPPING = ("early stopping on the validation split: each run trains at most its "
+                  "epochs, stops once {patience} epochs in a row bring no better validation "
+                  "-ELBO, and keeps the weights of its best validation epoch; the test split is "
+                  "used for nothing but this table")
+
+
+def selection(trials: Sequence[Trial]) -> str:
+    """How the runs' weights were chosen: the final ones, or early stopping's (one patience
+    for the whole grid, the way ``vaelab table`` sets it)."""
+    patience = sorted({t.config.patience for t in trials})
+    if patience in ([], [0]):
+        return SELECTION
+    return EARLY_STOPPING.format(patience=" or ".join(map(str, patience)))
 ARCH_LABELS = {"conv": "vaelab conv", "mlp": "vaelab MLP"}
 # The network the table's runs were measured with where it differs from vaelab's default: SiLU,
 # the default when they trained (GELU became it later). A table without these options in its
@@ -394,7 +408,8 @@ def _prepare_table_dir(out: Path) -> None:
 
 
 def _budget(path: Path, trial: Trial) -> dict[str, Any]:
-    """What the run was trained with: epochs, images, steps, time."""
+    """What the run was trained with: epochs (trained: early stopping may end a run before
+    ``max_epochs``), images, steps, time."""
     cfg = trial.config
     try:
         summary = json.loads((path / "summary.json").read_text())
@@ -406,8 +421,12 @@ def _budget(path: Path, trial: Trial) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError):
         record, data = {}, {}
     train = data.get("train_images")
-    return {"epochs": cfg.epochs, "steps": summary.get("steps"), "batch_size": cfg.batch_size,
-            "train_images": train, "images_seen": None if train is None else train * cfg.epochs,
+    epochs = int(summary.get("epochs") or cfg.epochs)
+    stopping = summary.get("early_stopping") or {}
+    return {"epochs": epochs, "max_epochs": cfg.epochs, "patience": cfg.patience,
+            "best_epoch": stopping.get("best_epoch"),
+            "steps": summary.get("steps"), "batch_size": cfg.batch_size,
+            "train_images": train, "images_seen": None if train is None else train * epochs,
             "val_images": data.get("val_images"), "test_sha256": record.get("test_sha256"),
             "limit": cfg.limit, "lr": cfg.lr,
             "lr_schedule": cfg.lr_schedule, "beta_schedule": cfg.beta_schedule,
@@ -514,7 +533,7 @@ def run_table(plan: TablePlan, *, runner: str = "auto", force: bool = False,
             "format": TABLE_FORMAT, "status": "running", "plan": plan.sweep.to_dict(),
             "latent_dims": plan.latent_dims, "archs": plan.archs, "seeds": plan.seeds,
             "arch_epochs": plan.arch_epochs,
-            "evaluation": plan.evaluation(), "selection": SELECTION,
+            "evaluation": plan.evaluation(), "selection": selection(plan.sweep.trials),
             "published": published_dict(), "cells": []}
         atomic_write_json(out / TABLE_FILE, result)
         trained: list[str] = []

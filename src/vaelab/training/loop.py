@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from vaelab.backends import cuda_settings
-from vaelab.checkpoint import list_checkpoints, save_final
+from vaelab.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    load_weights,
+    read_checkpoint,
+    save_final,
+)
 from vaelab.config import TrainConfig
 from vaelab.data import (
     Batcher,
@@ -204,7 +210,18 @@ class Trainer:
         if self.rank == 0:
             self._writer.write(snapshot)
         ddp.barrier(self.world_size)
-        return self.out / "checkpoints" / f"step-{self.global_step:08d}"
+        return self.out / "checkpoints" / checkpoint_name(self.global_step)
+
+    def best_row(self) -> dict[str, Any] | None:
+        """With ``--patience``: the metrics row of the epoch with the lowest validation -ELBO
+        so far (the first of equals), whose checkpoint holds the run's model; else None."""
+        return best_epoch_row(self.metrics) if self.config.patience > 0 else None
+
+    def patience_spent(self) -> bool:
+        """``--patience N``: the last N epochs brought no better validation -ELBO."""
+        best = self.best_row()
+        return best is not None and len(self.metrics) - int(best["epoch"]) >= \
+            self.config.patience
 
     def wait_for_writes(self) -> None:
         """Block until a checkpoint written in the background is on disk (or raise its error)."""
@@ -270,7 +287,7 @@ class Trainer:
                     progress_bar(self.progress) as bar:
                 task = bar.add_task("train", total=self.total_steps, completed=self.global_step,
                                     status="") if bar else None
-                while self.epoch < self.config.epochs:
+                while self.epoch < self.config.epochs and not self.patience_spent():
                     self._run_epoch(bar, task)
             self.wait_for_writes()
         except BaseException:
@@ -364,6 +381,7 @@ class Trainer:
                           resume_command(self.out), sig)
 
     def _finish(self) -> TrainResult:
+        self._keep_best_epoch()
         if self.rank == 0:
             save_final(self.out, self.model, self.spec)
         summary = run_summary(self.config, self.metrics, epochs=self.epoch,
@@ -374,6 +392,27 @@ class Trainer:
         ddp.barrier(self.world_size)
         return TrainResult(self.out, self.model.eval(), self.metrics, summary)
 
+    def _keep_best_epoch(self) -> None:
+        """``--patience``: put the best epoch's weights (from its checkpoint) into the model,
+        which then becomes the run's final model."""
+        best = self.best_row()
+        if best is None:
+            return
+        stopped = self.epoch < self.config.epochs
+        self.log(("early stop: " if stopped else "")
+                 + f"the best validation -ELBO, {best['val_neg_elbo']:.2f}, was epoch "
+                 f"{best['epoch']}'s" + (f" (none better in the {self.config.patience} epochs "
+                                         "since)" if stopped else "")
+                 + "; its weights are the run's model")
+        if int(best["step"]) != self.global_step:
+            path = self.out / "checkpoints" / checkpoint_name(int(best["step"]))
+            load_weights(self.model, read_checkpoint(path, self.spec).weights, path)
+
+
+def best_epoch_row(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row of the lowest ``val_neg_elbo`` (the first of equals; None without one)."""
+    rows = [m for m in metrics if m.get("val_neg_elbo") is not None]
+    return min(rows, key=lambda m: m["val_neg_elbo"]) if rows else None
 
 
 def training_data(cfg: TrainConfig, dataset: Dataset | None, saved_raw: dict[str, Any] | None,
@@ -422,16 +461,26 @@ def build_optimizer(model: ConvVAE, cfg: TrainConfig,
 
 def run_summary(config: TrainConfig, metrics: list[dict[str, Any]], *, epochs: int, steps: int,
                 device: torch.device, precision: str, processes: int) -> dict[str, Any]:
-    """summary.json: the last epoch's test and val metrics, and what the training took."""
-    last = metrics[-1] if metrics else {}
-    return {
+    """summary.json: the test and val metrics of the run's model (the last epoch's; with
+    ``--patience``, the best epoch's, and ``early_stopping`` says which and why), and what the
+    training took."""
+    best = best_epoch_row(metrics) if config.patience > 0 else None
+    kept = best if best is not None else (metrics[-1] if metrics else {})
+    summary = {
         "model": config.model, "epochs": epochs, "steps": steps,
-        "test": {k[5:]: last[k] for k in ("test_recon", "test_kl", "test_neg_elbo",
-                                           "test_kl_per_dim") if k in last},
-        "val": {k[4:]: last[k] for k in ("val_recon", "val_kl", "val_neg_elbo") if k in last},
+        "test": {k[5:]: kept[k] for k in ("test_recon", "test_kl", "test_neg_elbo",
+                                           "test_kl_per_dim") if k in kept},
+        "val": {k[4:]: kept[k] for k in ("val_recon", "val_kl", "val_neg_elbo") if k in kept},
         "train_seconds": sum(m["seconds"] for m in metrics),
         "device": str(device), "precision": precision, "processes": processes,
     }
+    if best is not None:
+        summary["early_stopping"] = {
+            "patience": config.patience, "best_epoch": best["epoch"],
+            "best_step": best["step"], "epochs_trained": epochs,
+            "max_epochs": config.epochs, "stopped_early": epochs < config.epochs,
+            "rule": "the weights of the epoch with the lowest validation -ELBO"}
+    return summary
 
 def held_out_metrics(model: ConvVAE, data: Dataset, config: TrainConfig) -> dict[str, Any]:
     """The epoch's ``val_*`` and ``test_*`` metrics: the ELBO's terms on each split that has

@@ -131,14 +131,17 @@ class CheckpointWriter:
     def write(self, state: dict[str, Any]) -> None:
         t = self._t
         self.wait()
+        best = t.best_row()  # early stopping's best epoch: its checkpoint holds the model
+        protect = None if best is None else int(best["step"])
         if t.device.type != "cuda":
-            save_checkpoint(t.out, t.model, t.spec, state, step=t.global_step, epoch=t.epoch)
+            save_checkpoint(t.out, t.model, t.spec, state, step=t.global_step, epoch=t.epoch,
+                            protect=protect)
             return
         weights = weights_bytes(t.model, t.spec)
         state = _cpu_copy(state)  # the live tensors change with the next step
         self._pool = self._pool or ThreadPoolExecutor(1, "vaelab-checkpoint")
         self._pending = self._pool.submit(save_checkpoint, t.out, weights, t.spec, state,
-                                          step=t.global_step, epoch=t.epoch)
+                                          step=t.global_step, epoch=t.epoch, protect=protect)
 
     def wait(self) -> None:
         """Block until the write in flight is on disk; raise its error, if it failed."""
