@@ -548,3 +548,33 @@ def test_the_table_keeps_the_network_it_was_measured_with(tmp_path: Path) -> Non
     gelu = {**new, "plan": other.sweep.to_dict()}
     with pytest.raises(ConfigError, match="measured differently"):
         merge_tables(old, gelu)
+
+
+def test_a_table_with_patience_records_each_runs_epochs_and_sets_its_rows_beside(
+    data: Path, table: Path, tmp_path: Path,
+) -> None:
+    """``--patience``: the selection says early stopping, each run's budget its epochs trained,
+    best and most (from its summary.json), and a table trained so renders as rows of its own
+    under another table's (``render_markdown(more=...)``), its labels suffixed."""
+    from vaelab.table import render_markdown
+
+    out = tmp_path / "t"
+    code = main(["table", "--out", str(out), "--preset", "smoke", "--dataset", f"idx:{data}",
+                 "--val-size", "32", "--latent-dims", "2", "--archs", "mlp", "--epochs", "4",
+                 "--patience", "1", "--test-images", str(TEST_IMAGES),
+                 "--runner", "local", "--quiet"])
+    assert code == 0
+    r = result_of(out)
+    assert r["selection"].startswith("early stopping on the validation split")
+    assert "1 epochs in a row" in r["selection"]
+    run = out / "arch=mlp,latent_dim=2,seed=0"
+    s = json.loads((run / "summary.json").read_text())
+    budget = cell(r, "mlp", 2)["budget"][0]
+    assert budget["epochs"] == s["epochs"] and budget["max_epochs"] == 4
+    assert budget["best_epoch"] == s["early_stopping"]["best_epoch"]
+    assert budget["images_seen"] == budget["train_images"] * s["epochs"]
+    md = render_markdown(result_of(table), heading=False, more=[(", early-stopped", r)])
+    rows = [line for line in md.splitlines() if line.startswith("| vaelab MLP, early-stopped")]
+    assert len(rows) == 2 and "—" not in rows[0].split("|")[2]  # d = 2 has a value
+    assert f"d = 2: {s['epochs']} (best {s['early_stopping']['best_epoch']})" in md
+    assert "--patience 1" in md and "Rows ending \"early-stopped\"" in md

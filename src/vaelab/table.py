@@ -689,20 +689,34 @@ def _over_tolerance(result: dict[str, Any]) -> str:
         "the exact value)" for s in left))
 
 
-def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
-    """``table.md``: one row per architecture and estimator, the papers' rows, the notes."""
-    dims = result["latent_dims"]
+def _cell_rows(result: dict[str, Any], dims: Sequence[int], suffix: str = "") -> list[str]:
+    """Two rows per architecture of ``result`` (exact or IS at ``is_k``; IS at ``paper_k``),
+    each label followed by ``suffix``; "—" where it has no cell."""
     cells = {(c["arch"], c["latent_dim"]): c for c in result["cells"]}
-    lines = ["# Binarized MNIST: vaelab against the literature", ""] if heading else []
-    lines += _header(dims)
+    lines = []
     for arch in result["archs"]:
-        label = ARCH_LABELS.get(arch, f"vaelab {arch}")
+        label = ARCH_LABELS.get(arch, f"vaelab {arch}") + suffix
         for role, name in (("best", "exact (d ≤ 2) or IS, K = "
                             f"{result['evaluation']['is_k']}"),
                            ("paper_k", f"IS, K = {result['evaluation']['paper_k']}")):
             row = [_pm(cells[(arch, d)][role]["mean"], cells[(arch, d)][role]["se"])
                    if (arch, d) in cells else "—" for d in dims]
             lines.append(f"| {label}, {name} | " + " | ".join(row) + " |")
+    return lines
+
+
+def render_markdown(result: dict[str, Any], *, heading: bool = True,
+                    more: Sequence[tuple[str, dict[str, Any]]] = ()) -> str:
+    """``table.md``: one row per architecture and estimator, the papers' rows, the notes.
+    ``more``: (suffix, table) pairs of tables trained another way (say, the paper's own
+    recipe), each set as rows of its own under ``result``'s, its labels ending in the suffix,
+    with a line on its training."""
+    dims = result["latent_dims"]
+    lines = ["# Binarized MNIST: vaelab against the literature", ""] if heading else []
+    lines += _header(dims)
+    lines += _cell_rows(result, dims)
+    for suffix, other in more:
+        lines += _cell_rows(other, dims, suffix)
     lines += published_rows(dims)
     ev = result["evaluation"]
     seeds = result["seeds"]
@@ -722,8 +736,21 @@ def render_markdown(result: dict[str, Any], *, heading: bool = True) -> str:
         f"{canonical_preset(result['plan']['preset'], warn=False)}, "
         f"{_budget_words(result)}, seed(s) {', '.join(map(str, seeds))}. "
         f"Selection: {result['selection']}.",
-        *_untrained_line(result), "", *_citation_lines()]
+        *_untrained_line(result)]
+    for suffix, other in more:
+        lines.append(f"Rows ending \"{suffix.lstrip(', ')}\": preset "
+                     f"{canonical_preset(other['plan']['preset'], warn=False)} with "
+                     f"{_options_words(other)}; {_budget_words(other)}, seed(s) "
+                     f"{', '.join(map(str, other['seeds']))}. Selection: {other['selection']}.")
+        lines += _untrained_line(other)
+    lines += ["", *_citation_lines()]
     return "\n".join(lines) + "\n"
+
+
+def _options_words(result: dict[str, Any]) -> str:
+    """The train options a table's runs were given, as flags: "--activation relu --lr ..."."""
+    options = {**TABLE_NETWORK, **result["plan"]["options"]}
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(options.items()))
 
 
 def _budget_words(result: dict[str, Any]) -> str:
@@ -734,6 +761,15 @@ def _budget_words(result: dict[str, Any]) -> str:
         budget = [b for c in result["cells"] if c["arch"] == arch for b in c["budget"]]
         epochs = sorted({b["epochs"] for b in budget})
         seen = sorted({b["images_seen"] for b in budget if b["images_seen"] is not None})
+        stopped = [(c["latent_dim"], b) for c in result["cells"] if c["arch"] == arch
+                   for b in c["budget"] if b.get("best_epoch") is not None]
+        if stopped:  # early stopping: each run's own length
+            runs = ", ".join(f"d = {d}: {b['epochs']} (best {b['best_epoch']})"
+                             for d, b in stopped)
+            parts.append(f"{ARCH_LABELS.get(arch, f'vaelab {arch}')} at most "
+                         f"{max(b['max_epochs'] for _, b in stopped)} epochs, trained and "
+                         f"best validation epochs {runs}, {_count_words(stopped)}")
+            continue
         words = f"{', '.join(map(str, epochs))} epoch(s), " + (
             f"{', '.join(f'{n:,}' for n in seen)} training images seen per run" if seen
             else "training images not recorded" if any(b.get("steps") for b in budget)
@@ -741,6 +777,12 @@ def _budget_words(result: dict[str, Any]) -> str:
         parts.append(f"{ARCH_LABELS.get(arch, f'vaelab {arch}')} {words}"
                      if len(result["archs"]) > 1 else words)
     return "; ".join(parts)
+
+
+def _count_words(stopped: list[tuple[int, dict[str, Any]]]) -> str:
+    seen = [b["images_seen"] for _, b in stopped if b["images_seen"] is not None]
+    return (f"{min(seen):,} to {max(seen):,} training images seen per run" if seen
+            else "training images not recorded")
 
 
 def _untrained_line(result: dict[str, Any]) -> list[str]:
