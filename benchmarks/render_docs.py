@@ -805,6 +805,11 @@ _LITERATURE = "results/binarized-table.json"
 # cells measured later, elsewhere, by the same table command on part of the grid
 _LITERATURE_MORE = ("results/binarized-table-conv-d20-40.json",)
 _TABLE_COMMAND = "vaelab table --out tables/binarized --arch-epochs mlp=200 --precision fp32"
+# the MLP trained with the paper's own recipe (as a public reproduction reads its Appendix
+# F.1): parts of one grid, each a table folder's table.json, merged
+_LITERATURE_PAPER = ("results/binarized-table-mlp-paper-a.json",
+                     "results/binarized-table-mlp-paper-b.json")
+_PAPER_SUFFIX = ", the paper's recipe"
 
 
 def literature_table() -> str:
@@ -854,11 +859,28 @@ def literature_table() -> str:
 
     sources = "; ".join(source(src, f) for src, f in zip(r["sources"], files, strict=True)
                         if src["cells"])
-    return (render_markdown(r, heading=False).rstrip("\n") + "\n\n"
+    paper_files = [f for f in _LITERATURE_PAPER if (ROOT / f).exists()]
+    paper = merge_tables(*(_load(f) for f in paper_files)) if paper_files else None
+    more = [(_PAPER_SUFFIX, paper)] if paper is not None else []
+    text = (render_markdown(r, heading=False, more=more).rstrip("\n") + "\n\n"
             + f"The cells come from {len(files)} tables: {sources}. Each JSON is a `vaelab "
             "table` folder's table.json, copied (`cp OUT/table.json results/...`); "
             "`benchmarks/render_docs.py` puts them into one table (`vaelab.table.merge_tables`),"
             f" in {spent} all told.{todo}")
+    if paper is not None:
+        cost = paper["compute_seconds"]
+        parts = "; ".join(source(src, f) for src, f in
+                          zip(paper["sources"], paper_files, strict=True) if src["cells"])
+        text += (f"\n\nThe rows ending \"{_PAPER_SUFFIX.lstrip(', ')}\" train the paper's MLP "
+                 "the way a public reproduction (raphaelrubrice/HVAE, "
+                 "paper_experiments/Table1_exp.ipynb) reads the paper's Appendix F.1, which "
+                 "could not be read from here: ReLU, batch 64, Adam at a constant 1e-3, a "
+                 "linear KL warm-up over 100 epochs, early stopping with a patience of 50 "
+                 "epochs on the validation split, at most 500 epochs (the reproduction's "
+                 f"cap). Cells: {parts}; {cost['total'] / 60:.0f} minutes of compute "
+                 f"({cost['train'] / 60:.0f} training, {cost['evaluate'] / 60:.0f} "
+                 "evaluating).")
+    return text
 
 
 _DECODE = "benchmarks/decode-batch-cpu.json"
