@@ -578,3 +578,42 @@ def test_a_table_with_patience_records_each_runs_epochs_and_sets_its_rows_beside
     assert len(rows) == 2 and "—" not in rows[0].split("|")[2]  # d = 2 has a value
     assert f"d = 2: {s['epochs']} (best {s['early_stopping']['best_epoch']})" in md
     assert "--patience 1" in md and "Rows ending \"early-stopped\"" in md
+
+
+def test_a_signal_stops_the_whole_table_and_the_same_command_resumes_it(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGINT while the first of two runs trains (runner local): the table stops there,
+    exit 130, the second run not started (before, the interrupted run was counted as failed
+    and the next one trained); the same command again resumes the first and trains the
+    second."""
+    import os
+    import signal
+
+    from vaelab.training import Trainer
+
+    out = tmp_path / "t"
+    argv = ["table", "--out", str(out), "--preset", "smoke", "--dataset", f"idx:{data}",
+            "--val-size", "32", "--latent-dims", "2", "3", "--archs", "mlp", "--epochs", "2",
+            "--is-k", str(IS_K), "--paper-k", str(PAPER_K), "--test-images",
+            str(TEST_IMAGES), "--runner", "local", "--quiet"]
+    real_step = Trainer.train_step
+
+    def step(self: Trainer, *a: Any) -> None:
+        real_step(self, *a)
+        if self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "the runs after it were not started" in err and "same `vaelab table`" in err
+    assert not (out / "arch=mlp,latent_dim=3,seed=0").exists()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(argv) == 0
+    r = result_of(out)
+    assert r["status"] == "done" and not r.get("untrained")
+    assert len(json.loads((out / "arch=mlp,latent_dim=2,seed=0" / "summary.json")
+                          .read_text())["test"]) > 0

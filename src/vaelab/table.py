@@ -383,6 +383,8 @@ def train_cells(plan: TablePlan, *, runner: str = "auto", force: bool = False,
         return trained, dict(outcome.failures)
     import torch
 
+    from vaelab.training import Interrupted
+
     check_data(todo)
     trained, failures = [], {}
     for t in todo:
@@ -391,6 +393,10 @@ def train_cells(plan: TablePlan, *, runner: str = "auto", force: bool = False,
         try:
             record = run_trial(t.config.to_dict(), str(out / t.name),
                                threads=torch.get_num_threads(), force=force)
+        except Interrupted as e:  # a signal stops the whole table, not just this run
+            raise Interrupted(f"{e} in {t.name}; the runs after it were not started", "the "
+                              "same `vaelab table` command (it resumes this run, then trains "
+                              "the rest)", e.signum) from None
         except VaelabError as e:
             failures[t.name] = str(e)
             continue
