@@ -823,8 +823,9 @@ def add_table(sub: argparse._SubParsersAction) -> None:
         "its run folder, so running the same command again trains and computes nothing and "
         "an interrupted one resumes. Nothing is chosen on the test split: the runs train a "
         "fixed number of epochs and keep their final weights, or with --patience N stop "
-        "early on the validation split and keep their best validation epoch's. Writes OUT/table.json (every "
-        "cell, its estimator, standard error and training budget, the published numbers "
+        "early on the validation split and keep their best validation epoch's. Writes "
+        "OUT/table.json (every cell, its estimator, standard error and training budget, "
+        "the published numbers "
         "with their citations) and OUT/table.md.",
         epilog="Example (a first look, minutes on a CPU): `vaelab table --out tables/try "
         "--preset quick --latent-dims 2 5 --is-k 500 --test-images 500`. The README's table: "
