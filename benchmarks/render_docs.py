@@ -810,6 +810,28 @@ _TABLE_COMMAND = "vaelab table --out tables/binarized --arch-epochs mlp=200 --pr
 _LITERATURE_PAPER = ("results/binarized-table-mlp-paper-a.json",
                      "results/binarized-table-mlp-paper-b.json")
 _PAPER_SUFFIX = ", the paper's recipe"
+_PAPER_COMMAND = ("vaelab table --out tables/mlp-paper --archs mlp --activation relu "
+                  "--batch-size 64 --lr 1e-3 --lr-schedule constant --beta-schedule linear-step "
+                  "--warmup-epochs 100 --epochs 500 --patience 50 --precision fp32")
+
+
+def _against_n_vae(paper: dict) -> str:
+    """Whether the paper's-recipe MLP lands within the N-VAE's ± at the paper's K: each
+    cell's difference from the paper's mean, beside the paper's spread."""
+    from vaelab.literature import N_VAE
+
+    parts, inside = [], []
+    for c in sorted(paper["cells"], key=lambda c: c["latent_dim"]):
+        d = c["latent_dim"]
+        mean, spread = N_VAE.values[d]
+        diff = c["paper_k"]["mean"] - mean
+        inside.append(abs(diff) <= spread)
+        parts.append(f"d = {d}: {diff:+.2f} against the paper's ± {spread:.2f}")
+    verdict = ("within the paper's error bars at every d measured" if all(inside) else
+               "so these cells do not land within the paper's error bars" if not any(inside)
+               else "within the paper's error bars at some d only")
+    return (f"At the paper's K = {paper['evaluation']['paper_k']}, this row minus the N-VAE "
+            f"row: {'; '.join(parts)} nats, {verdict}.")
 
 
 def literature_table() -> str:
@@ -880,6 +902,12 @@ def literature_table() -> str:
                  f"cap). Cells: {parts}; {cost['total'] / 60:.0f} minutes of compute "
                  f"({cost['train'] / 60:.0f} training, {cost['evaluate'] / 60:.0f} "
                  "evaluating).")
+        text += " " + _against_n_vae(paper)
+        left = [d for d in r["latent_dims"] if d not in paper["latent_dims"]]
+        if left:
+            text += (" — in these rows: not measured yet (d = "
+                     f"{', '.join(map(str, left))}): `{_PAPER_COMMAND} --latent-dims "
+                     f"{' '.join(map(str, left))}` trains and evaluates them.")
     return text
 
 
