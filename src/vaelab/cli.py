@@ -216,14 +216,9 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 # vaelab train / evaluate
 # --------------------------------------------------------------------------------------------
 def _train_overrides(args: argparse.Namespace) -> dict:
-    from vaelab.config import ARCHITECTURE_KNOBS
+    from vaelab.sweep import GRID_KEYS  # the train options, the ones a grid may vary
 
-    keys = ["model", "dataset", "latent_dim", "epochs", "batch_size", "lr", "weight_decay",
-            "lr_schedule",
-            "beta_schedule", "warmup_epochs", "beta", "cycles", "free_bits", "likelihood",
-            "seed", "device", "precision", "val_size", "limit", "checkpoint_every", "patience",
-            "objective", "k", "binarize", *ARCHITECTURE_KNOBS]
-    out = {k: getattr(args, k) for k in keys}
+    out = {k: getattr(args, k) for k in GRID_KEYS}
     out["cuda_graphs"] = False if getattr(args, "no_cuda_graphs", False) else None
     return out
 
