@@ -26,6 +26,7 @@ from vaelab.models import ConvVAE
 from vaelab.objectives import (
     QuadratureSums,
     elbo_terms,
+    framed_rule,
     gauss_hermite_rule,
     importance_sampled_log_px,
     in_tiles,
@@ -505,6 +506,30 @@ def _own_rules_pass(
     return out
 
 
+def _framed_pass(
+    decode: _Decoder, x: Tensor, labels: Tensor | None, centre: Tensor, frame: Tensor, *,
+    half: float, intervals: int, likelihood: str, node_budget: int, advance: Callable,
+) -> QuadratureSums:
+    """A rule in each image's own frame (``objectives.framed_rule``: z = centre + F u, u in
+    [-half, half]^d); the sums it returns are in u."""
+    r, d = centre.shape
+    g = (intervals + 1) ** d + intervals ** d
+    per_batch = max(1, node_budget // g)
+    out = QuadratureSums(r, d, x.device)
+    for i in range(0, r, per_batch):
+        sl = slice(i, i + per_batch)
+        rule, z = framed_rule(centre[sl], frame[sl], half, intervals)
+        b = z.shape[0]
+        ys = None if labels is None else labels[sl].repeat_interleave(g)
+        logits = decode(z.reshape(b * g, d), ys).view(b, g, -1)
+        part = QuadratureSums(b, d, x.device)
+        part.add(log_likelihood_matrix(x[sl], logits, likelihood), rule.log_w.to(x.device),
+                 rule.z.to(x.device), rule.midpoint.to(x.device), rule.edge.to(x.device))
+        out.take(part, sl)
+        advance(b * g)
+    return out
+
+
 @torch.inference_mode()
 @fp32_on_model_device
 def exact_log_px_per_image(
@@ -538,7 +563,14 @@ def exact_log_px_per_image(
        is decoded once, if any image still needs it, and the log-likelihood of every such
        image at its nodes is one matrix product (``log_likelihood_matrix``). A CVAE gets its
        rules class by class, each image integrated under its own class's decoder.
-    2. Images still above tolerance get a rule of their own over their posterior's mean +- 6
+    2. Images still above tolerance, largest error first, as many as ``2 * max_shared_nodes``
+       decoder calls allow, get rules in a frame of their own (``objectives.framed_rule``):
+       z = centre + F u over u in [-6, 6]^2, F the square root of the posterior's covariance
+       plus q's, so that a narrow ridge tilted against the axes (a trained decoder's, which
+       q's mean-field boxes fit badly) is a round peak in u; 10, 20 and 40 intervals per axis,
+       the frame growing by what each rule saw, while the image stays above tolerance. Their
+       error is judged in u, with q's width there as the narrowest peak to resolve.
+    3. Images still above tolerance get a rule of their own over their posterior's mean +- 6
        sd (q's sd where larger), with a spacing of q's sd (16 to 128 intervals per axis),
        twice as fine each further round (``max_rounds``), smallest first while this step has
        decoded fewer than ``max_shared_nodes / 4`` nodes. An image that is still above tolerance
@@ -577,10 +609,14 @@ def exact_log_px_per_image(
                            likelihood=likelihood, shared_nodes=shared_nodes,
                            max_shared_nodes=max_shared_nodes, spacing=spacing,
                            node_chunk=node_chunk, image_chunk=image_chunk, advance=advance)
-        refined = _own_rules(decode, est, x, labels if model.conditional else None,
-                             tolerance=tolerance, likelihood=likelihood, max_rounds=max_rounds,
-                             node_budget=node_budget, max_nodes=max_shared_nodes // 4,
-                             advance=advance)
+        own_labels = labels if model.conditional else None
+        framed = _framed_rules(decode, est, x, own_labels, tolerance=tolerance,
+                               likelihood=likelihood, node_budget=node_budget,
+                               max_nodes=2 * max_shared_nodes, advance=advance)
+        own = _own_rules(decode, est, x, own_labels, tolerance=tolerance,
+                         likelihood=likelihood, max_rounds=max_rounds, node_budget=node_budget,
+                         max_nodes=max_shared_nodes // 4, advance=advance)
+        refined = framed | own
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return ExactLogPx(
         log_px=cpu(est.log_px), error=cpu(est.err), refined=cpu(refined),
@@ -611,6 +647,28 @@ class _Estimates:
         self.log_px[sel], self.err[sel] = sums.log_px()[ok], e[ok]
         self.mean[sel], self.cov[sel] = m[ok], cv[ok]
         self.h_used[sel] = h.expand_as(e)[ok]
+
+    def keep_framed(self, idx: Tensor, sums: QuadratureSums, h: float, centre: Tensor,
+                    frame: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Take a framed rule's values (``_framed_pass``, spacing ``h`` in u) for images
+        ``idx`` where its error is smaller than theirs so far. Its error is judged in u, against
+        the ``previous`` estimate (the rule of twice the spacing), with q(z|x) in u as the
+        narrowest peak to resolve. Returns this rule's log p(x), and p(z|x)'s mean and
+        covariance in z."""
+        inv = torch.linalg.inv(frame)
+        q_u = inv @ torch.diag_embed(self.q_sd[idx].pow(2)) @ inv.transpose(-1, -2)
+        q_sd_u = torch.diagonal(q_u, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        spacing = torch.full((len(idx),), h, dtype=torch.float64, device=centre.device)
+        e = sums.error(spacing, narrowest=q_sd_u, previous=previous)
+        mean_u, cov_u = sums.posterior_moments()
+        mean = centre + (frame @ mean_u.unsqueeze(-1)).squeeze(-1)
+        cov = frame @ cov_u @ frame.transpose(-1, -2)
+        ok = e < self.err[idx]
+        sel = idx[ok]
+        self.log_px[sel], self.err[sel] = sums.log_px()[ok], e[ok]
+        self.mean[sel], self.cov[sel] = mean[ok], cov[ok]
+        self.h_used[sel] = (h * torch.linalg.matrix_norm(frame, ord=2))[ok]
+        return sums.log_px(), mean, cov
 
 
 def _shared_levels(
@@ -643,11 +701,62 @@ def _shared_levels(
 MAX_LEVELS = 8  # shared rules per class: the finest has 4^7 = 16,000 x the first's density
 
 
+FRAMED_HALF = 6.0  # a framed rule covers the frame's +-6 (sd, where the frame is a posterior's)
+FRAMED_INTERVALS = (10, 20, 40)  # per axis, round by round: each halves the spacing
+
+
+def _frame(cov: Tensor) -> Tensor:
+    """[R, d, d] square roots F of covariances ``cov`` (F F^T = cov): the principal axes, each
+    scaled by its sd, the smallest floored at 1e-4 of the largest."""
+    val, vec = torch.linalg.eigh(cov)
+    val = torch.maximum(val, 1e-8 * val.amax(-1, keepdim=True)).clamp_min(1e-30)
+    return vec * val.sqrt().unsqueeze(-2)
+
+
+def _framed_rules(
+    decode: _Decoder, est: _Estimates, x: Tensor, labels: Tensor | None, *, tolerance: float,
+    likelihood: str, node_budget: int, max_nodes: int, advance: Callable,
+) -> Tensor:
+    """Step 2 of ``exact_log_px_per_image``: for images above tolerance, largest error first,
+    as many as ``max_nodes`` decodes allow, rules in a frame of their own
+    (``objectives.framed_rule``), ``FRAMED_INTERVALS`` round by round while an image stays
+    above tolerance. The first frame is the square root of the posterior's covariance so far
+    plus q's (q alone can be narrower than the posterior, or off its mass); each next one
+    grows by the posterior's second moment about the centre that the last rule saw (a frame
+    that only grows cannot lose a mode the last one held). Returns which images got one."""
+    refined = torch.zeros(len(est.err), dtype=torch.bool, device=x.device)
+    d = est.mean.shape[1]
+    per_image = sum((k + 1) ** d + k**d for k in FRAMED_INTERVALS)
+    todo = (est.err > tolerance).nonzero().squeeze(1)
+    todo = todo[torch.argsort(est.err[todo], descending=True, stable=True)]
+    todo = todo[: max(0, max_nodes // per_image)]
+    if len(todo) == 0:
+        return refined
+    refined[todo] = True
+    centre = est.mean[todo].clone()
+    cov = est.cov[todo] + torch.diag_embed(est.q_sd[todo].pow(2))
+    previous = est.log_px[todo].clone()
+    for k in FRAMED_INTERVALS:
+        frame = _frame(cov)
+        sums = _framed_pass(decode, x[todo], None if labels is None else labels[todo], centre,
+                            frame, half=FRAMED_HALF, intervals=k, likelihood=likelihood,
+                            node_budget=node_budget, advance=advance)
+        previous, mean, post = est.keep_framed(todo, sums, 2 * FRAMED_HALF / k, centre, frame,
+                                               previous)
+        off = mean - centre
+        cov = frame @ frame.transpose(-1, -2) + post + off.unsqueeze(-1) * off.unsqueeze(-2)
+        left = est.err[todo] > tolerance
+        todo, centre, cov, previous = todo[left], centre[left], cov[left], previous[left]
+        if len(todo) == 0:
+            break
+    return refined
+
+
 def _own_rules(
     decode: _Decoder, est: _Estimates, x: Tensor, labels: Tensor | None, *, tolerance: float,
     likelihood: str, max_rounds: int, node_budget: int, max_nodes: int, advance: Callable,
 ) -> Tensor:
-    """Step 2 of ``exact_log_px_per_image``: a rule of its own for each image still above
+    """Step 3 of ``exact_log_px_per_image``: a rule of its own for each image still above
     tolerance, finer each round, smallest rules first while the step has decoded fewer than
     ``max_nodes`` nodes (the rest keep their estimate and its error). Returns which images got
     one [N] (bool)."""

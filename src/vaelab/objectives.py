@@ -361,36 +361,67 @@ def in_tiles(rule: LatticeRule, lo: Tensor, hi: Tensor, intervals: int, side: in
                        edge=rule.edge[order], spacing=rule.spacing), tile[order]
 
 
-def lattice_rule(lo: Tensor, hi: Tensor, intervals: int) -> LatticeRule:
-    """The trapezoid and midpoint rules (see ``LatticeRule``) with ``intervals`` per axis on the
-    box [lo, hi]: ``lo``, ``hi`` are [d] (one box) or [R, d] (one box per image), float64."""
-    if intervals < 1:
-        raise ConfigError(f"a quadrature rule needs >= 1 interval per axis, got {intervals}")
-    lo, hi = torch.as_tensor(lo, dtype=torch.float64), torch.as_tensor(hi, dtype=torch.float64)
-    d = lo.shape[-1]
+def _unit_rules(d: int, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both rules of ``LatticeRule`` on the unit box [0, 1]^d with n intervals per axis: node
+    coordinates u [G, d], log of each node's weight in units of h^d (the trapezoid's halved
+    ends), and the ``midpoint`` and ``edge`` masks [G]."""
+    if n < 1:
+        raise ConfigError(f"a quadrature rule needs >= 1 interval per axis, got {n}")
     if d not in (1, 2):
         raise ConfigError(f"quadrature rules here are for 1 or 2 latent dimensions, got {d}")
-    if bool((hi <= lo).any()):
-        raise ConfigError("a quadrature box needs hi > lo on every axis")
-    n = intervals
     k = torch.arange(n + 1, dtype=torch.float64)
-    axes_t = [k / n] * d
-    axes_m = [(k[:-1] + 0.5) / n] * d
     end = torch.ones(n + 1, dtype=torch.float64)
     end[0] = end[-1] = 0.5
-    u_t = torch.cartesian_prod(*axes_t).view(-1, d)
-    u_m = torch.cartesian_prod(*axes_m).view(-1, d)
+    u_t = torch.cartesian_prod(*[k / n] * d).view(-1, d)
+    u_m = torch.cartesian_prod(*[(k[:-1] + 0.5) / n] * d).view(-1, d)
     c_t = torch.cartesian_prod(*[end] * d).view(-1, d).log().sum(-1)
     edge_t = torch.cartesian_prod(*[(end < 1).to(torch.float64)] * d).view(-1, d).amax(-1) > 0
-    u = torch.cat([u_t, u_m])  # [G, d] in the unit box
+    u = torch.cat([u_t, u_m])
     log_c = torch.cat([c_t, torch.zeros(len(u_m), dtype=torch.float64)])
     midpoint = torch.cat([torch.zeros(len(u_t), dtype=torch.bool),
                           torch.ones(len(u_m), dtype=torch.bool)])
     edge = torch.cat([edge_t, torch.zeros(len(u_m), dtype=torch.bool)])
-    h = (hi - lo) / n  # [..., d]
+    return u, log_c, midpoint, edge
+
+
+def lattice_rule(lo: Tensor, hi: Tensor, intervals: int) -> LatticeRule:
+    """The trapezoid and midpoint rules (see ``LatticeRule``) with ``intervals`` per axis on the
+    box [lo, hi]: ``lo``, ``hi`` are [d] (one box) or [R, d] (one box per image), float64."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.float64), torch.as_tensor(hi, dtype=torch.float64)
+    u, log_c, midpoint, edge = _unit_rules(lo.shape[-1], intervals)
+    if bool((hi <= lo).any()):
+        raise ConfigError("a quadrature box needs hi > lo on every axis")
+    h = (hi - lo) / intervals  # [..., d]
     z = lo.unsqueeze(-2) + u * (hi - lo).unsqueeze(-2)  # [..., G, d]
     log_w = log_c + h.log().sum(-1, keepdim=True) + log_standard_normal(z)
     return LatticeRule(z=z, log_w=log_w, midpoint=midpoint, edge=edge, spacing=h)
+
+
+def framed_rule(centre: Tensor, frame: Tensor, half: float, intervals: int,
+                ) -> tuple[LatticeRule, Tensor]:
+    """The rules of ``LatticeRule`` in a frame of each image's own: z = centre + F u, with u on
+    the box [-half, half]^d cut into ``intervals`` per axis. ``centre`` [R, d], ``frame`` F
+    [R, d, d] (invertible; its columns the axes, typically a posterior's principal axes
+    scaled by their sd, so that a narrow, tilted peak in z is a round one in u).
+
+    The integral is taken in u, dz = |det F| du: the rule returned is in u (its ``z`` the u
+    nodes [R, G, d], ``spacing`` that of u), with log_w [R, G] = log (h^d c) + log |det F|
+    + log p(z), so that ``QuadratureSums`` reports the moments and the error in u. The second
+    tensor is the z nodes [R, G, d], where the decoder is evaluated."""
+    centre, frame = centre.to(torch.float64), frame.to(torch.float64)
+    r, d = centre.shape
+    if frame.shape != (r, d, d):
+        raise ConfigError(f"a frame per image needs shape {(r, d, d)}, got {tuple(frame.shape)}")
+    if not (math.isfinite(half) and half > 0):
+        raise ConfigError(f"a framed rule needs half > 0, got {half}")
+    unit, log_c, midpoint, edge = _unit_rules(d, intervals)
+    h = 2 * half / intervals
+    u = (unit * 2 * half - half).expand(r, -1, -1)  # [R, G, d]
+    z = centre.unsqueeze(-2) + u @ frame.transpose(-1, -2)
+    log_det = torch.linalg.slogdet(frame).logabsdet  # [R]
+    log_w = log_c + d * math.log(h) + log_det[:, None] + log_standard_normal(z)
+    spacing = torch.full((r, d), h, dtype=torch.float64)
+    return LatticeRule(z=u, log_w=log_w, midpoint=midpoint, edge=edge, spacing=spacing), z
 
 
 def gauss_hermite_rule(mu: Tensor, logvar: Tensor, order: int = 8) -> tuple[Tensor, Tensor]:

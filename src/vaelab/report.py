@@ -1012,8 +1012,9 @@ def evaluation_blocks(
     if exact_rows:
         blocks += [("h3", "Exact log-likelihood (2-D latent: quadrature)"),
                    ("p", "log p(x) = int p(x|z) p(z) dz by a trapezoid and a midpoint rule on "
-                         "a shared lattice of latent nodes, finer rules of their own for images "
-                         "whose posterior is too narrow; reported is their mean, with the mean "
+                         "a shared lattice of latent nodes, finer rules of their own (in the "
+                         "posterior's principal axes) for images whose posterior is too narrow; "
+                         "reported is their mean, with the mean "
                          "over images of |log T - log M| plus the mass at the box's edge as its "
                          "estimated error. gap = log p(x) - ELBO = the mean KL(q(z|x) || p(z|x)) "
                          "over the same images."),
