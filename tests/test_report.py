@@ -240,9 +240,19 @@ def test_ensure_evaluation_is_keyed_by_weights_and_settings(tmp_path) -> None:
     (run_dir / "model.json").write_text(json.dumps({"sha256": "bb"}))
     assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 103.0  # other weights
     assert ev({"num_samples": 6}, force=True)["elbo"]["neg_elbo"] == 104.0
+    import vaelab.report as report
+
+    rules = report.EXACT_RULES  # the quadrature's rules changed: computed again, then reused
+    try:
+        report.EXACT_RULES = rules + 1
+        assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 105.0
+        assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 105.0
+    finally:
+        report.EXACT_RULES = rules
+    calls.append(1)
     (run_dir / "model.json").unlink()  # weights that cannot be identified: never cached
-    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 105.0
-    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 106.0
+    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 107.0
+    assert ev({"num_samples": 6})["elbo"]["neg_elbo"] == 108.0
 
 
 def test_cli_reproduce_refuses_bad_runs_and_foreign_folders(tmp_path, capsys) -> None:

@@ -294,6 +294,24 @@ def test_a_new_is_k_computes_only_the_sampled_cells_it_changes(
     assert cell(result, "conv", 2)["best"] == cell(result_of(table), "conv", 2)["best"]
 
 
+def test_exact_values_of_older_quadrature_rules_are_computed_again(
+    table: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vaelab.evaluate as evaluate
+
+    out = tmp_path / "t"
+    shutil.copytree(table, out)
+    monkeypatch.setattr(evaluate, "EXACT_RULES", evaluate.EXACT_RULES + 1)
+    code, err = cli(table_args(data, out), capsys)
+    assert (code, err) == (0, [])
+    result = result_of(out)
+    exact_runs = sum(len(cell(result, arch, 2)["runs"]) for arch in result["archs"])
+    assert result["computed"] == exact_runs > 0  # the d = 2 runs, and only they
+    code, err = cli(table_args(data, out), capsys)
+    assert result_of(out)["computed"] == 0  # then kept under the new rules' key
+
+
 # --------------------------------------------------------------------------------------------
 # Where the runs train; a run that fails
 # --------------------------------------------------------------------------------------------

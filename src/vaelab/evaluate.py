@@ -286,6 +286,10 @@ def normalise_evaluation(ev: dict[str, Any]) -> dict[str, Any]:
 EXACT_MAX_LATENT = 2
 EXACT_BOX_LIMIT = 10.0  # |z_j| beyond 10 has prior density below e^-50: never in the box
 DEFAULT_TOLERANCE = 0.1  # nats, for every image
+# The quadrature's version, in every cache key of its values (a table's, a report's): bumped
+# whenever the rules change what they compute, so that values of older rules are computed again.
+# 2: rules in each posterior's own frame (``_framed_rules``).
+EXACT_RULES = 2
 
 
 @dataclass
@@ -718,7 +722,8 @@ def _framed_rules(
     likelihood: str, node_budget: int, max_nodes: int, advance: Callable,
 ) -> Tensor:
     """Step 2 of ``exact_log_px_per_image``: for images above tolerance, largest error first,
-    as many as ``max_nodes`` decodes allow, rules in a frame of their own
+    as many as ``max_nodes`` decodes allow (two rules each, a third where it still fits), rules
+    in a frame of their own
     (``objectives.framed_rule``), ``FRAMED_INTERVALS`` round by round while an image stays
     above tolerance. The first frame is the square root of the posterior's covariance so far
     plus q's (q alone can be narrower than the posterior, or off its mass); each next one
@@ -726,17 +731,23 @@ def _framed_rules(
     that only grows cannot lose a mode the last one held). Returns which images got one."""
     refined = torch.zeros(len(est.err), dtype=torch.bool, device=x.device)
     d = est.mean.shape[1]
-    per_image = sum((k + 1) ** d + k**d for k in FRAMED_INTERVALS)
+    nodes = [(k + 1) ** d + k**d for k in FRAMED_INTERVALS]
     todo = (est.err > tolerance).nonzero().squeeze(1)
     todo = todo[torch.argsort(est.err[todo], descending=True, stable=True)]
-    todo = todo[: max(0, max_nodes // per_image)]
+    todo = todo[: max(0, max_nodes // sum(nodes[:2]))]  # two rules each: the error needs both
     if len(todo) == 0:
         return refined
     refined[todo] = True
     centre = est.mean[todo].clone()
     cov = est.cov[todo] + torch.diag_embed(est.q_sd[todo].pow(2))
     previous = est.log_px[todo].clone()
-    for k in FRAMED_INTERVALS:
+    left = max_nodes
+    for k, g in zip(FRAMED_INTERVALS, nodes, strict=True):
+        keep = torch.arange(len(todo), device=x.device) < left // g  # largest errors first
+        todo, centre, cov, previous = todo[keep], centre[keep], cov[keep], previous[keep]
+        if len(todo) == 0:
+            break
+        left -= g * len(todo)
         frame = _frame(cov)
         sums = _framed_pass(decode, x[todo], None if labels is None else labels[todo], centre,
                             frame, half=FRAMED_HALF, intervals=k, likelihood=likelihood,
@@ -745,10 +756,12 @@ def _framed_rules(
                                                previous)
         off = mean - centre
         cov = frame @ frame.transpose(-1, -2) + post + off.unsqueeze(-1) * off.unsqueeze(-2)
-        left = est.err[todo] > tolerance
-        todo, centre, cov, previous = todo[left], centre[left], cov[left], previous[left]
+        above = est.err[todo] > tolerance
+        todo, centre, cov, previous = todo[above], centre[above], cov[above], previous[above]
         if len(todo) == 0:
             break
+        order = torch.argsort(est.err[todo], descending=True, stable=True)
+        todo, centre, cov, previous = todo[order], centre[order], cov[order], previous[order]
     return refined
 
 

@@ -40,7 +40,7 @@ from vaelab.checkpoint import Run, load_run
 from vaelab.config import PRESETS, TrainConfig, canonical_preset, check_seed, resolve_config
 from vaelab.data import Dataset
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
-from vaelab.evaluate import normalise_evaluation
+from vaelab.evaluate import EXACT_RULES, normalise_evaluation
 from vaelab.io import atomic_write_json, atomic_write_text
 from vaelab.literature import STUDY
 from vaelab.locks import FolderLock, is_lock_file
@@ -381,7 +381,8 @@ def ensure_evaluation(
     from vaelab import __version__
 
     sha = _model_sha256(run)
-    key = {"model_sha256": sha, "settings": settings, "vaelab": __version__}
+    key = {"model_sha256": sha, "settings": settings, "vaelab": __version__,
+           "exact_rules": EXACT_RULES}
     if sha is not None and not force:
         try:
             cached = json.loads(path.read_text())
@@ -760,7 +761,8 @@ def evaluate_run(
     # quadrature (minutes on a CPU), also when the evaluation itself is reused
     exact_path = study.out / EVALUATIONS / f"{name}-exact.safetensors"
     exact_key = {"model_sha256": _model_sha256(run), "tolerance": study.tolerance,
-                 "test_images": len(study.test_part_of(run).test), "vaelab": __version__}
+                 "test_images": len(study.test_part_of(run).test), "vaelab": __version__,
+                 "exact_rules": EXACT_RULES}
     wants_exact = study.tolerance is not None and run.model.latent_dim <= EXACT_MAX_LATENT
     exact = ExactLogPx.load(exact_path, exact_key) if wants_exact and not study.force else None
     settings = _evaluation_settings(study, run, classifier_meta)

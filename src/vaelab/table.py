@@ -223,7 +223,9 @@ class Estimator:
     def key(self, images: int) -> str:
         n = images or "all"
         if self.method == "quadrature":
-            return f"quadrature,tolerance={self.tolerance:g},images={n}"
+            from vaelab.evaluate import EXACT_RULES
+
+            return f"quadrature,rules={EXACT_RULES},tolerance={self.tolerance:g},images={n}"
         return f"importance sampling,K={self.k},seed={EVAL_SEED},images={n}"
 
     def label(self) -> str:
