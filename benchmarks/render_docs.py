@@ -583,11 +583,14 @@ def _e2e_again(first: dict) -> str:
             "a slower host that day (the step's code changed only where measured faster).")
 
 
+_GIVEN_RUNS = "results/reproduce-cpu-amd.json"  # a report on given runs, on the AMD EPYC
+
+
 def quickstart_timing() -> str:
     """README: how long `vaelab reproduce` takes: timed end to end (``end_to_end_timing``)
     where measured; the report on given runs (its timings) with the two trainings side by side
     at the rate ``benchmarks/cpu_pair.py`` measured; and one H100."""
-    r = _load("results/reproduce-cpu.json")
+    r = _load(_GIVEN_RUNS)
     t = r["timings"]
     h = _load(_H100_RUNS)["reproduce_timings_s"]["vaelab reproduce --out report"]
     ev = r["evaluations"]
@@ -596,7 +599,8 @@ def quickstart_timing() -> str:
     text += (f"On {_machine(r['machine'])}, `vaelab reproduce` on two finished `study` runs "
             f"(`--runs`) took {t['total'] / 60:.1f} minutes: evaluation "
             f"{t['evaluation']:.0f} s, classifier {t['classifier']:.0f} s, figures "
-            f"{t['figures']:.0f} s (`results/reproduce-cpu.json`).")
+            f"{t['figures']:.0f} s (`{_GIVEN_RUNS}`, with the quadrature of that day, before "
+            "its rules in each posterior's frame, which decode more nodes).")
     if (ROOT / _PAIR).exists():
         p = _load(_PAIR)
         rates = {m: statistics.median(rd["images_per_s"][f"pair-{m}"] for rd in p["rounds"])

@@ -24,6 +24,7 @@ from vaelab.objectives import (
     framed_rule,
     lattice_rule,
     log_likelihood_matrix,
+    log_standard_normal,
 )
 
 SMALL = dict(channels=(4, 8), enc_hidden=16, dec_hidden=16)
@@ -485,3 +486,31 @@ def test_framed_rules_bring_tilted_posteriors_within_tolerance(
                         lambda decode, est, *a, **k: torch.zeros(len(est.err), dtype=torch.bool))
     plain = exact_log_px_per_image(model, split, **budget)
     assert int((plain.error > 0.1).sum()) >= 3
+
+
+def test_a_framed_value_that_misses_a_mode_the_shared_rules_saw_is_not_taken() -> None:
+    from vaelab.evaluate import _Estimates
+
+    # p(x|z) p(z) = an equal mixture of two narrow Gaussians: p(x) = 1 exactly; a frame around
+    # one of them integrates to 1/2 with a tiny error of its own
+    modes, sd = torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=torch.float64), 0.05
+    centre, frame = modes[:1], sd * torch.eye(2, dtype=torch.float64)[None]
+    rule, z = framed_rule(centre, frame, 6.0, 16)
+    log_mix = torch.logsumexp(torch.stack([
+        torch.distributions.MultivariateNormal(m, sd**2 * torch.eye(2, dtype=torch.float64))
+        .log_prob(z) for m in modes]), 0) - math.log(2)
+    sums = QuadratureSums(1, 2)
+    sums.add(log_mix - log_standard_normal(z), rule.log_w, rule.z, rule.midpoint, rule.edge)
+    assert float(sums.log_px()) == pytest.approx(-math.log(2), abs=1e-6)
+    half = sums.log_px()
+
+    def keep(shared: float, err: float) -> float:
+        est = _Estimates(1, 2, torch.full((1, 2), sd, dtype=torch.float64))
+        est.log_px[:], est.err[:] = shared, err
+        est.keep_framed(torch.tensor([0]), sums, 12 / 16, centre, frame, previous=half,
+                        floor=est.log_px - est.err)
+        return float(est.log_px[0])
+
+    assert keep(0.0, 0.2) == 0.0  # below the shared value beyond both errors: a missed mode
+    assert keep(-0.6, 0.2) == pytest.approx(-math.log(2), abs=1e-6)  # within them: taken
+    assert keep(-3.0, 0.2) == pytest.approx(-math.log(2), abs=1e-6)  # above: the shared missed

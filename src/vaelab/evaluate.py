@@ -288,8 +288,9 @@ EXACT_BOX_LIMIT = 10.0  # |z_j| beyond 10 has prior density below e^-50: never i
 DEFAULT_TOLERANCE = 0.1  # nats, for every image
 # The quadrature's version, in every cache key of its values (a table's, a report's): bumped
 # whenever the rules change what they compute, so that values of older rules are computed again.
-# 2: rules in each posterior's own frame (``_framed_rules``).
-EXACT_RULES = 2
+# 2: rules in each posterior's own frame (``_framed_rules``); 3: a framed value below the shared
+# rules' by more than both errors is not taken (a mode outside the frame).
+EXACT_RULES = 3
 
 
 @dataclass
@@ -653,12 +654,16 @@ class _Estimates:
         self.h_used[sel] = h.expand_as(e)[ok]
 
     def keep_framed(self, idx: Tensor, sums: QuadratureSums, h: float, centre: Tensor,
-                    frame: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                    frame: Tensor, previous: Tensor, floor: Tensor,
+                    ) -> tuple[Tensor, Tensor, Tensor]:
         """Take a framed rule's values (``_framed_pass``, spacing ``h`` in u) for images
         ``idx`` where its error is smaller than theirs so far. Its error is judged in u, against
         the ``previous`` estimate (the rule of twice the spacing), with q(z|x) in u as the
-        narrowest peak to resolve. Returns this rule's log p(x), and p(z|x)'s mean and
-        covariance in z."""
+        narrowest peak to resolve. A framed rule integrates over its frame only: a mode outside
+        it is mass it cannot see, and no error term of its own says so. So a value below
+        ``floor`` [len(idx)] (the shared rules' estimate less its error, for the whole box)
+        by more than its own error is not taken. Returns this rule's log p(x), and p(z|x)'s
+        mean and covariance in z."""
         inv = torch.linalg.inv(frame)
         q_u = inv @ torch.diag_embed(self.q_sd[idx].pow(2)) @ inv.transpose(-1, -2)
         q_sd_u = torch.diagonal(q_u, dim1=-2, dim2=-1).clamp_min(0).sqrt()
@@ -667,7 +672,7 @@ class _Estimates:
         mean_u, cov_u = sums.posterior_moments()
         mean = centre + (frame @ mean_u.unsqueeze(-1)).squeeze(-1)
         cov = frame @ cov_u @ frame.transpose(-1, -2)
-        ok = e < self.err[idx]
+        ok = (e < self.err[idx]) & ~(sums.log_px() < floor - e)
         sel = idx[ok]
         self.log_px[sel], self.err[sel] = sums.log_px()[ok], e[ok]
         self.mean[sel], self.cov[sel] = mean[ok], cov[ok]
@@ -741,10 +746,12 @@ def _framed_rules(
     centre = est.mean[todo].clone()
     cov = est.cov[todo] + torch.diag_embed(est.q_sd[todo].pow(2))
     previous = est.log_px[todo].clone()
+    floor = est.log_px[todo] - est.err[todo]  # the shared rules' value, over the whole box
     left = max_nodes
     for k, g in zip(FRAMED_INTERVALS, nodes, strict=True):
         keep = torch.arange(len(todo), device=x.device) < left // g  # largest errors first
-        todo, centre, cov, previous = todo[keep], centre[keep], cov[keep], previous[keep]
+        todo, centre, cov, previous, floor = (t[keep] for t in (todo, centre, cov, previous,
+                                                                 floor))
         if len(todo) == 0:
             break
         left -= g * len(todo)
@@ -753,15 +760,16 @@ def _framed_rules(
                             frame, half=FRAMED_HALF, intervals=k, likelihood=likelihood,
                             node_budget=node_budget, advance=advance)
         previous, mean, post = est.keep_framed(todo, sums, 2 * FRAMED_HALF / k, centre, frame,
-                                               previous)
+                                               previous, floor)
         off = mean - centre
         cov = frame @ frame.transpose(-1, -2) + post + off.unsqueeze(-1) * off.unsqueeze(-2)
         above = est.err[todo] > tolerance
-        todo, centre, cov, previous = todo[above], centre[above], cov[above], previous[above]
+        order = above.nonzero().squeeze(1)
+        order = order[torch.argsort(est.err[todo[order]], descending=True, stable=True)]
+        todo, centre, cov, previous, floor = (t[order] for t in (todo, centre, cov, previous,
+                                                                  floor))
         if len(todo) == 0:
             break
-        order = torch.argsort(est.err[todo], descending=True, stable=True)
-        todo, centre, cov, previous = todo[order], centre[order], cov[order], previous[order]
     return refined
 
 
