@@ -812,7 +812,8 @@ _TABLE_COMMAND = "vaelab table --out tables/binarized --arch-epochs mlp=200 --pr
 # the MLP trained with the paper's own recipe (as a public reproduction reads its Appendix
 # F.1): parts of one grid, each a table folder's table.json, merged
 _LITERATURE_PAPER = ("results/binarized-table-mlp-paper-a.json",
-                     "results/binarized-table-mlp-paper-b.json")
+                     "results/binarized-table-mlp-paper-b.json",
+                     "results/binarized-table-mlp-paper-c.json")
 _PAPER_SUFFIX = ", the paper's recipe"
 _PAPER_COMMAND = ("vaelab table --out tables/mlp-paper --archs mlp --activation relu "
                   "--batch-size 64 --lr 1e-3 --lr-schedule constant --beta-schedule linear-step "
