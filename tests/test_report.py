@@ -636,7 +636,8 @@ def test_the_exact_quadrature_runs_once_per_run_and_is_kept(study, data_dir, tmp
     for kind in ("vae", "cvae"):
         assert ev.ExactLogPx.load(out / "evaluations" / f"{kind}-exact.safetensors",
                                   {"model_sha256": _sha(out, kind), "tolerance": 0.1,
-                                   "test_images": 60, "vaelab": vaelab.__version__}) is not None
+                                   "test_images": 60, "vaelab": vaelab.__version__,
+                                   "exact_rules": ev.EXACT_RULES}) is not None
     calls = []
     real = ev.exact_log_px_per_image
     monkeypatch.setattr(ev, "exact_log_px_per_image",
