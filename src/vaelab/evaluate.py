@@ -482,6 +482,34 @@ def _tiles_met(z: Tensor, tile: Tensor, support: Tensor | None) -> Tensor | None
     return ((support[None, :, 0] <= high[:, None]) & (support[None, :, 1] >= low[:, None])).all(-1)
 
 
+def _per_image_pass(
+    decode: _Decoder, x: Tensor, labels: Tensor | None, rules: Callable[[slice], tuple], *,
+    r: int, d: int, g: int, likelihood: str, node_budget: int, advance: Callable,
+    log_joint: list[Tensor] | None = None,
+) -> QuadratureSums:
+    """Rules of each image's own, ``g`` nodes each, in batches of about ``node_budget`` nodes:
+    ``rules(sl)`` gives the LatticeRule of images ``sl`` (in the variable the sums are in) and
+    its latent nodes z [b, g, d]. Given a list ``log_joint``, each batch's
+    log p(x|z) + log p(z) at its nodes [b, g] is appended."""
+    per_batch = max(1, node_budget // g)
+    out = QuadratureSums(r, d, x.device)
+    for i in range(0, r, per_batch):
+        sl = slice(i, i + per_batch)
+        rule, z = rules(sl)
+        b = z.shape[0]
+        ys = None if labels is None else labels[sl].repeat_interleave(g)
+        logits = decode(z.reshape(b * g, d), ys).view(b, g, -1)
+        ll = log_likelihood_matrix(x[sl], logits, likelihood)
+        if log_joint is not None:
+            log_joint.append((ll.double() + log_standard_normal(z.to(x.device))).cpu())
+        part = QuadratureSums(b, d, x.device)
+        part.add(ll, rule.log_w.to(x.device), rule.z.to(x.device), rule.midpoint.to(x.device),
+                 rule.edge.to(x.device))
+        out.take(part, sl)
+        advance(b * g)
+    return out
+
+
 def _own_rules_pass(
     decode: _Decoder, x: Tensor, labels: Tensor | None, centre: Tensor, half: Tensor, *,
     likelihood: str, intervals: int, node_budget: int, advance: Callable,
@@ -489,26 +517,14 @@ def _own_rules_pass(
 ) -> QuadratureSums:
     """A lattice rule of its own for each image: the box centre +- half ([R, d] each). Given a
     list ``log_joint``, each batch's log p(x|z) + log p(z) at its nodes [b, G] is appended."""
-    r, d = centre.shape
-    g = (intervals + 1) ** d + intervals ** d
-    per_batch = max(1, node_budget // g)
-    out = QuadratureSums(r, d, x.device)
-    for i in range(0, r, per_batch):
-        sl = slice(i, i + per_batch)
+    def rules(sl: slice) -> tuple:
         rule = lattice_rule(centre[sl] - half[sl], centre[sl] + half[sl], intervals)
-        b = rule.z.shape[0]
-        ys = None if labels is None else labels[sl].repeat_interleave(g)
-        logits = decode(rule.z.reshape(b * g, d), ys).view(b, g, -1)
-        ll = log_likelihood_matrix(x[sl], logits, likelihood)
-        z = rule.z.to(x.device)
-        if log_joint is not None:
-            log_joint.append((ll.double() + log_standard_normal(z)).cpu())
-        part = QuadratureSums(b, d, x.device)
-        part.add(ll, rule.log_w.to(x.device), z, rule.midpoint.to(x.device),
-                 rule.edge.to(x.device))
-        out.take(part, sl)
-        advance(b * g)
-    return out
+        return rule, rule.z
+
+    r, d = centre.shape
+    return _per_image_pass(decode, x, labels, rules, r=r, d=d,
+                           g=(intervals + 1) ** d + intervals ** d, likelihood=likelihood,
+                           node_budget=node_budget, advance=advance, log_joint=log_joint)
 
 
 def _framed_pass(
@@ -518,21 +534,10 @@ def _framed_pass(
     """A rule in each image's own frame (``objectives.framed_rule``: z = centre + F u, u in
     [-half, half]^d); the sums it returns are in u."""
     r, d = centre.shape
-    g = (intervals + 1) ** d + intervals ** d
-    per_batch = max(1, node_budget // g)
-    out = QuadratureSums(r, d, x.device)
-    for i in range(0, r, per_batch):
-        sl = slice(i, i + per_batch)
-        rule, z = framed_rule(centre[sl], frame[sl], half, intervals)
-        b = z.shape[0]
-        ys = None if labels is None else labels[sl].repeat_interleave(g)
-        logits = decode(z.reshape(b * g, d), ys).view(b, g, -1)
-        part = QuadratureSums(b, d, x.device)
-        part.add(log_likelihood_matrix(x[sl], logits, likelihood), rule.log_w.to(x.device),
-                 rule.z.to(x.device), rule.midpoint.to(x.device), rule.edge.to(x.device))
-        out.take(part, sl)
-        advance(b * g)
-    return out
+    return _per_image_pass(decode, x, labels,
+                           lambda sl: framed_rule(centre[sl], frame[sl], half, intervals),
+                           r=r, d=d, g=(intervals + 1) ** d + intervals ** d,
+                           likelihood=likelihood, node_budget=node_budget, advance=advance)
 
 
 @torch.inference_mode()
