@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -44,9 +43,12 @@ def _evaluations(r: dict) -> dict:
     return {name: normalise_evaluation(ev) for name, ev in r["evaluations"].items()}
 
 
+_RESULTS = "results/reproduce-cpu.json"  # the README's results: `vaelab reproduce` end to end
+
+
 def exact_results() -> str:
     """The main results table: ELBO terms, exact log p(x), and IS against it."""
-    r = _load("results/reproduce-cpu.json")
+    r = _load(_RESULTS)
     ev = _evaluations(r)
     k = r["settings"]["num_samples"]
     lines = ["| model | recon | KL | -ELBO | -log p(x), exact | est. error | gap | "
@@ -73,8 +75,9 @@ def exact_results() -> str:
               f"{n_ex:,} test "
               f"images; the IS columns on the first {n_is:,}, with the exact value on those "
               f"same images. Evaluation took {t['evaluation']:.0f} s of the report's "
-              f"{t['total']:.0f} s on {_machine(r.get('machine', {}))} (the runs were given, "
-              "not trained). " + _network_of(ev)]
+              f"{t['total']:.0f} s on {_machine(r.get('machine', {}))} ("
+              + ("the runs were given, not trained" if "--runs" in r["command"].split()
+                 else f"training {t['training']:.0f} s of it") + "). " + _network_of(ev)]
     return "\n".join(lines)
 
 
@@ -524,23 +527,12 @@ def h100_logpx() -> str:
 
 # --- README -------------------------------------------------------------------------------------
 
-_PAIR = "benchmarks/cpu-pair.json"
-
-
 _E2E = "results/reproduce-cpu-e2e.json"
-MNIST_TRAIN = 60_000  # MNIST's training images, before the validation split is cut off
 
 
-def _images_trained(cfg: dict) -> int:
-    """The images a run's training reads: its epochs x its training split (MNIST's training
-    images, cut to ``limit``, less the validation split)."""
-    split = MNIST_TRAIN - cfg["val_size"]
-    return cfg["epochs"] * (split if cfg.get("limit") is None else min(cfg["limit"], split))
-
-
-def end_to_end_timing() -> str:
-    """README: the quick start's command timed end to end (its own ``timings``)."""
-    r = _load(_E2E)
+def _e2e(path: str, lead: str) -> str:
+    """One timing of the quick start's command end to end (the report's own ``timings``)."""
+    r = _load(path)
     t, ev = r["timings"], r["evaluations"]
     precision = ", ".join(sorted({ev[m]["train_summary"]["precision"] for m in ("vae", "cvae")}))
     load = (r.get("load_average") or {}).get("start")
@@ -553,14 +545,20 @@ def end_to_end_timing() -> str:
     steps = (f"of which the classifier {clf:.0f} s on the core the first run to finish "
              "left idle beside the other's training)," if clf is not None else
              f"), classifier {t['classifier']:.0f} s,")
-    return (f"On {_machine(m)} ({unit}), the quick start's `{cmd}` took "
+    return (f"On {_machine(m)} ({unit}), {lead} `{cmd}` took "
             f"{t['total'] / 60:.1f} minutes end to end"
             f": training {t['training'] / 60:.1f} min (the VAE and the CVAE side by side, "
             f"{precision}" + ("; " if clf is not None else "") + f"{steps} evaluation "
-            f"{t['evaluation']:.0f} s, figures {t['figures']:.0f} s (`{_E2E}`"
+            f"{t['evaluation']:.0f} s, figures {t['figures']:.0f} s (`{path}`"
             + (f", load average {load[0]:.1f} at the start" if load else "") + "). The "
             "15-minute goal is " + ("met" if t["total"] <= 15 * 60 else "not met")
-            + " on this CPU." + _e2e_again(r))
+            + " on this CPU.")
+
+
+def end_to_end_timing() -> str:
+    """README: the quick start's command timed end to end, on each kind of CPU measured."""
+    return (_e2e(_E2E, "the quick start's") + _e2e_again(_load(_E2E)) + " "
+            + _e2e(_RESULTS, "the same"))
 
 
 _E2E_AGAIN = "results/reproduce-cpu-e2e-again.json"
@@ -583,38 +581,11 @@ def _e2e_again(first: dict) -> str:
             "a slower host that day (the step's code changed only where measured faster).")
 
 
-_GIVEN_RUNS = "results/reproduce-cpu-amd.json"  # a report on given runs, on the AMD EPYC
-
-
 def quickstart_timing() -> str:
-    """README: how long `vaelab reproduce` takes: timed end to end (``end_to_end_timing``)
-    where measured; the report on given runs (its timings) with the two trainings side by side
-    at the rate ``benchmarks/cpu_pair.py`` measured; and one H100."""
-    r = _load(_GIVEN_RUNS)
-    t = r["timings"]
+    """README: how long `vaelab reproduce` takes, end to end (``end_to_end_timing``) on each
+    kind of CPU measured and on one H100."""
     h = _load(_H100_RUNS)["reproduce_timings_s"]["vaelab reproduce --out report"]
-    ev = r["evaluations"]
-    seen = {m: _images_trained(ev[m]["config"]) for m in ("vae", "cvae")}
-    text = end_to_end_timing() + " " if (ROOT / _E2E).exists() else ""
-    text += (f"On {_machine(r['machine'])}, `vaelab reproduce` on two finished `study` runs "
-            f"(`--runs`) took {t['total'] / 60:.1f} minutes: evaluation "
-            f"{t['evaluation']:.0f} s, classifier {t['classifier']:.0f} s, figures "
-            f"{t['figures']:.0f} s (`{_GIVEN_RUNS}`, with the quadrature of that day, before "
-            "its rules in each posterior's frame, which decode more nodes).")
-    if (ROOT / _PAIR).exists():
-        p = _load(_PAIR)
-        rates = {m: statistics.median(rd["images_per_s"][f"pair-{m}"] for rd in p["rounds"])
-                 for m in ("vae", "cvae")}
-        train = max(seen[m] / rates[m] for m in rates)
-        text += (f" Its two trainings, side by side on one thread each, train "
-                 f"{rates['vae']:,.0f} (VAE) and {rates['cvae']:,.0f} (CVAE) images/s there "
-                 f"(`{_PAIR}`, {p['resolved'][0]['precision']}, load average "
-                 f"{p['load_average'][0]:.1f}), so the {seen['cvae']:,} images of the slower "
-                 f"take {train / 60:.0f} minutes: about {(train + t['total']) / 60:.0f} minutes "
-                 "end to end, estimated from these two measurements, not timed as one run. "
-                 "The 15-minute goal is "
-                 + ("met" if train + t["total"] <= 15 * 60 else "not met") + " on this CPU.")
-    return (text + f" On one H100 the whole command took {h['total']:.0f} s, "
+    return (end_to_end_timing() + f" On one H100 the whole command took {h['total']:.0f} s, "
             f"{h['training']:.0f} s of it the two trainings side by side (`{_H100_RUNS}`; see "
             "[BENCHMARKS.md](BENCHMARKS.md)). `vaelab reproduce --out report --quick` is a first "
             "look (below).")
