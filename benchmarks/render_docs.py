@@ -98,7 +98,8 @@ def exact_timing() -> str:
     m = r["machine"]
     lines = [f"Measured with `python benchmarks/exact_logpx.py RUN ... --out "
              f"benchmarks/exact-logpx-cpu.json` on {_machine(m)}, {m['torch_threads']} torch "
-             f"threads, tolerance {r['tolerance']} nats per image.", "",
+             f"thread{'' if m['torch_threads'] == 1 else 's'}, tolerance {r['tolerance']} "
+             "nats per image.", "",
              "| run | model | images | seconds | load average before | decoder calls | own "
              "rules | above the tolerance | -log p(x) | est. error |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -784,7 +785,8 @@ _TABLE_COMMAND = "vaelab table --out tables/binarized --arch-epochs mlp=200 --pr
 # F.1): parts of one grid, each a table folder's table.json, merged
 _LITERATURE_PAPER = ("results/binarized-table-mlp-paper-a.json",
                      "results/binarized-table-mlp-paper-b.json",
-                     "results/binarized-table-mlp-paper-c.json")
+                     "results/binarized-table-mlp-paper-c.json",
+                     "results/binarized-table-mlp-paper-d.json")
 _PAPER_SUFFIX = ", the paper's recipe"
 _PAPER_COMMAND = ("vaelab table --out tables/mlp-paper --archs mlp --activation relu "
                   "--batch-size 64 --lr 1e-3 --lr-schedule constant --beta-schedule linear-step "
@@ -866,7 +868,10 @@ def literature_table() -> str:
             "`benchmarks/render_docs.py` puts them into one table (`vaelab.table.merge_tables`),"
             f" in {spent} all told.{todo}")
     if paper is not None:
-        cost = paper["compute_seconds"]
+        cost = dict(paper["compute_seconds"])
+        stopped = sum(_load(f).get("stopped_seconds", 0) for f in paper_files)
+        cost["total"] -= stopped  # a run stopped by hand: its seconds include the stop
+        cost["train"] -= stopped
         parts = "; ".join(source(src, f) for src, f in
                           zip(paper["sources"], paper_files, strict=True) if src["cells"])
         text += (f"\n\nThe rows ending \"{_PAPER_SUFFIX.lstrip(', ')}\" train the paper's MLP "
@@ -877,7 +882,9 @@ def literature_table() -> str:
                  "epochs on the validation split, at most 500 epochs (the reproduction's "
                  f"cap). Cells: {parts}; {cost['total'] / 60:.0f} minutes of compute "
                  f"({cost['train'] / 60:.0f} training, {cost['evaluate'] / 60:.0f} "
-                 "evaluating).")
+                 "evaluating)" + (f", not counting the {stopped / 60:.0f} minutes a run was "
+                                 "stopped by hand (its JSON's `stopped_seconds`)" if stopped
+                                 else "") + ".")
         text += " " + _against_n_vae(paper)
         left = [d for d in r["latent_dims"] if d not in paper["latent_dims"]]
         if left:
