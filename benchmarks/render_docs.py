@@ -860,7 +860,8 @@ def literature_table() -> str:
     sources = "; ".join(source(src, f) for src, f in zip(r["sources"], files, strict=True)
                         if src["cells"])
     paper_files = [f for f in _LITERATURE_PAPER if (ROOT / f).exists()]
-    paper = merge_tables(*(_load(f) for f in paper_files)) if paper_files else None
+    papers = [_load(f) for f in paper_files]
+    paper = merge_tables(*papers) if papers else None
     more = [(_PAPER_SUFFIX, paper)] if paper is not None else []
     text = (render_markdown(r, heading=False, more=more).rstrip("\n") + "\n\n"
             + f"The cells come from {len(files)} tables: {sources}. Each JSON is a `vaelab "
@@ -869,7 +870,7 @@ def literature_table() -> str:
             f" in {spent} all told.{todo}")
     if paper is not None:
         cost = dict(paper["compute_seconds"])
-        stopped = sum(_load(f).get("stopped_seconds", 0) for f in paper_files)
+        stopped = sum(t.get("stopped_seconds", 0) for t in papers)
         cost["total"] -= stopped  # a run stopped by hand: its seconds include the stop
         cost["train"] -= stopped
         parts = "; ".join(source(src, f) for src, f in

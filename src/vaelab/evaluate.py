@@ -31,6 +31,7 @@ from vaelab.objectives import (
     importance_sampled_log_px,
     in_tiles,
     kl_normal_std,
+    lattice_nodes,
     lattice_rule,
     log_likelihood_matrix,
     log_standard_normal,
@@ -484,13 +485,14 @@ def _tiles_met(z: Tensor, tile: Tensor, support: Tensor | None) -> Tensor | None
 
 def _per_image_pass(
     decode: _Decoder, x: Tensor, labels: Tensor | None, rules: Callable[[slice], tuple], *,
-    r: int, d: int, g: int, likelihood: str, node_budget: int, advance: Callable,
+    d: int, intervals: int, likelihood: str, node_budget: int, advance: Callable,
     log_joint: list[Tensor] | None = None,
 ) -> QuadratureSums:
-    """Rules of each image's own, ``g`` nodes each, in batches of about ``node_budget`` nodes:
-    ``rules(sl)`` gives the LatticeRule of images ``sl`` (in the variable the sums are in) and
-    its latent nodes z [b, g, d]. Given a list ``log_joint``, each batch's
-    log p(x|z) + log p(z) at its nodes [b, g] is appended."""
+    """Rules of each image's own, ``intervals`` per axis of a ``d``-dimensional box (g nodes
+    each), in batches of about ``node_budget`` nodes: ``rules(sl)`` gives the LatticeRule of
+    images ``sl`` (in the variable the sums are in) and its latent nodes z [b, g, d]. Given a
+    list ``log_joint``, each batch's log p(x|z) + log p(z) at its nodes [b, g] is appended."""
+    r, g = len(x), lattice_nodes(intervals, d)
     per_batch = max(1, node_budget // g)
     out = QuadratureSums(r, d, x.device)
     for i in range(0, r, per_batch):
@@ -521,10 +523,9 @@ def _own_rules_pass(
         rule = lattice_rule(centre[sl] - half[sl], centre[sl] + half[sl], intervals)
         return rule, rule.z
 
-    r, d = centre.shape
-    return _per_image_pass(decode, x, labels, rules, r=r, d=d,
-                           g=(intervals + 1) ** d + intervals ** d, likelihood=likelihood,
-                           node_budget=node_budget, advance=advance, log_joint=log_joint)
+    return _per_image_pass(decode, x, labels, rules, d=centre.shape[1], intervals=intervals,
+                           likelihood=likelihood, node_budget=node_budget, advance=advance,
+                           log_joint=log_joint)
 
 
 def _framed_pass(
@@ -533,11 +534,10 @@ def _framed_pass(
 ) -> QuadratureSums:
     """A rule in each image's own frame (``objectives.framed_rule``: z = centre + F u, u in
     [-half, half]^d); the sums it returns are in u."""
-    r, d = centre.shape
     return _per_image_pass(decode, x, labels,
                            lambda sl: framed_rule(centre[sl], frame[sl], half, intervals),
-                           r=r, d=d, g=(intervals + 1) ** d + intervals ** d,
-                           likelihood=likelihood, node_budget=node_budget, advance=advance)
+                           d=centre.shape[1], intervals=intervals, likelihood=likelihood,
+                           node_budget=node_budget, advance=advance)
 
 
 @torch.inference_mode()
@@ -741,7 +741,7 @@ def _framed_rules(
     that only grows cannot lose a mode the last one held). Returns which images got one."""
     refined = torch.zeros(len(est.err), dtype=torch.bool, device=x.device)
     d = est.mean.shape[1]
-    nodes = [(k + 1) ** d + k**d for k in FRAMED_INTERVALS]
+    nodes = [lattice_nodes(k, d) for k in FRAMED_INTERVALS]
     todo = (est.err > tolerance).nonzero().squeeze(1)
     todo = todo[torch.argsort(est.err[todo], descending=True, stable=True)]
     todo = todo[: max(0, max_nodes // sum(nodes[:2]))]  # two rules each: the error needs both
@@ -796,7 +796,7 @@ def _own_rules(
         want = (2 * half / q_sd).amax(1) * 2**round_  # a spacing of q's sd
         intervals = (2 ** torch.log2(want.clamp(16, OWN_RULE_MAX)).ceil()).long()  # a power of 2
         order = torch.argsort(intervals, stable=True)
-        fits = (((intervals + 1) ** d + intervals**d)[order].cumsum(0) <= left)
+        fits = lattice_nodes(intervals, d)[order].cumsum(0) <= left
         todo, half, intervals = todo[order][fits], half[order][fits], intervals[order][fits]
         if len(todo) == 0:
             break

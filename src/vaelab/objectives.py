@@ -384,6 +384,12 @@ def _unit_rules(d: int, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return u, log_c, midpoint, edge
 
 
+def lattice_nodes(intervals: int | Tensor, d: int) -> int | Tensor:
+    """How many nodes the trapezoid and midpoint rules of ``lattice_rule`` have together, with
+    ``intervals`` per axis in ``d`` dimensions (an int, or a tensor of them)."""
+    return (intervals + 1) ** d + intervals**d
+
+
 def lattice_rule(lo: Tensor, hi: Tensor, intervals: int) -> LatticeRule:
     """The trapezoid and midpoint rules (see ``LatticeRule``) with ``intervals`` per axis on the
     box [lo, hi]: ``lo``, ``hi`` are [d] (one box) or [R, d] (one box per image), float64."""
